@@ -1,0 +1,3 @@
+"""CLI commands: agent."""
+
+from steptune.cli.app import app  # noqa: F401

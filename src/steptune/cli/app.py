@@ -1,0 +1,8 @@
+import typer
+
+app = typer.Typer(
+    name="steptune",
+    help="Train small LLM agents that catch and repair their own mistakes (STeP).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)

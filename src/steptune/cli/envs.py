@@ -1,0 +1,3 @@
+"""CLI commands: envs."""
+
+from steptune.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands: pipeline."""
+
+from steptune.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands: train."""
+
+from steptune.cli.app import app  # noqa: F401

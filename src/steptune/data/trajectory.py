@@ -1,0 +1,239 @@
+"""The trajectory: the one data structure every stage reads and writes.
+
+A trajectory is a task (instruction + task text) followed by agent steps. Each step carries its own
+`weight` — 1: trained, 0: kept in context but never trained — so STeP's partial masking is a property of
+the data, not of the trainer (as torchtune's `Message.masked`). Trajectories live in JSONL, one per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+StepKind = Literal["expert", "student", "error", "reflection"]
+Role = Literal["system", "user", "assistant"]
+
+
+class Critique(BaseModel):
+    """A teacher's judgement of one step (kept on the erroneous step it judged)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    is_error: bool
+    error: str = ""  # what went wrong
+    reason: str = ""  # why it is wrong
+    reflection: str = ""  # first-person text the agent could have thought on noticing the mistake
+    corrected_thought: str = ""
+    corrected_action: str = ""
+    teacher: str = ""  # which teacher produced it
+
+
+class Step(BaseModel):
+    """One ReAct step: the agent's thought and action, and the observation that followed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thought: str = ""
+    action: str
+    observation: str | None = None
+    weight: int = 1
+    kind: StepKind = "expert"
+    critique: Critique | None = None
+
+    @field_validator("weight")
+    @classmethod
+    def _binary_weight(cls, w: int) -> int:
+        if w not in (0, 1):
+            raise ValueError(f"weight must be 0 (in context, not trained) or 1 (trained), got {w}")
+        return w
+
+    @model_validator(mode="after")
+    def _errors_are_not_trained(self) -> Step:
+        if self.kind == "error" and self.weight != 0:
+            raise ValueError("a step of kind 'error' must have weight 0 (partial masking)")
+        return self
+
+    def text(self) -> str:
+        """The assistant turn as the agent writes it."""
+        return format_react(self.thought, self.action)
+
+
+class Message(BaseModel):
+    """A chat message; `weight` only matters for assistant messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+    weight: int = 0
+    kind: StepKind | None = None
+
+
+class Trajectory(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    env: str
+    task_id: str
+    split: str | None = None
+    instruction: str = ""  # the environment's prompt: action list, format rules, optional example
+    task: str  # the task description (and first observation) shown to the agent
+    steps: list[Step] = Field(default_factory=list)
+    reward: float = 0.0
+    success: bool = False
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_in_range(cls, r: float) -> float:
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"reward must be in 0..1, got {r}")
+        return r
+
+    @property
+    def n_errors(self) -> int:
+        return sum(s.kind == "error" for s in self.steps)
+
+    def messages(self, include_final_observation: bool = False) -> list[Message]:
+        """ReAct conversation: user(instruction + task), then assistant step / user observation pairs.
+
+        The instruction goes into the first user turn rather than a system turn because several chat
+        templates (Gemma, older Mistral) reject a system role. The final observation carries no loss and
+        nothing follows it, so it is left out of training renders by default.
+        """
+        head = f"{self.instruction}\n\n{self.task}" if self.instruction else self.task
+        msgs = [Message(role="user", content=head)]
+        for i, step in enumerate(self.steps):
+            msgs.append(Message(role="assistant", content=step.text(), weight=step.weight, kind=step.kind))
+            last = i == len(self.steps) - 1
+            if step.observation is not None and (include_final_observation or not last):
+                msgs.append(Message(role="user", content=format_observation(step.observation)))
+        return msgs
+
+
+def format_react(thought: str, action: str) -> str:
+    return f"Thought: {thought}\nAction: {action}" if thought else f"Action: {action}"
+
+
+def format_observation(observation: str) -> str:
+    return f"Observation: {observation}"
+
+
+# ---------------------------------------------------------------------------------------------- JSONL I/O
+
+
+@dataclass
+class RecordError:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+class TrajectoryFileError(ValueError):
+    """Raised when a trajectory file has malformed records; lists every one of them."""
+
+    def __init__(self, errors: list[RecordError]):
+        self.errors = errors
+        shown = "\n".join(f"  {e}" for e in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        super().__init__(f"{len(errors)} malformed trajectory record(s):\n{shown}{more}")
+
+
+def _describe(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<record>'}: {e['msg']}" for e in err.errors())
+
+
+def iter_trajectories(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[Trajectory]:
+    """Yield trajectories; malformed records go to `errors` if given, else raise after reading all lines."""
+    path = Path(path)
+    collected: list[RecordError] = [] if errors is None else errors
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield Trajectory.model_validate_json(line)
+            except ValidationError as e:
+                collected.append(RecordError(str(path), lineno, _describe(e)))
+    if errors is None and collected:
+        raise TrajectoryFileError(collected)
+
+
+def load_trajectories(path: str | Path) -> list[Trajectory]:
+    """Load a JSONL file; raises TrajectoryFileError naming the file and line of every bad record."""
+    errors: list[RecordError] = []
+    trajs = list(iter_trajectories(path, errors))
+    if errors:
+        raise TrajectoryFileError(errors)
+    return trajs
+
+
+def save_trajectories(trajs: Iterable[Trajectory], path: str | Path) -> int:
+    """Write atomically (tmp file + rename) so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for t in trajs:
+            fh.write(t.model_dump_json(exclude_none=True) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+class TrajectoryWriter:
+    """Append-only JSONL writer for long runs: each record is flushed and fsynced as it is produced,
+    and a torn last line (from kill -9) is dropped on reopen, so resumed runs neither lose nor duplicate."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done_ids = self._repair_and_index()
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def _repair_and_index(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        ids: set[str] = set()
+        good: list[str] = []
+        torn = False
+        for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                ids.add(json.loads(line)["id"])
+                good.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                torn = True
+        if torn:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text("".join(good), encoding="utf-8")
+            tmp.replace(self.path)
+        return ids
+
+    def write(self, record: BaseModel | dict) -> None:
+        line = record.model_dump_json(exclude_none=True) if isinstance(record, BaseModel) else json.dumps(record)
+        rid = json.loads(line)["id"]
+        if rid in self.done_ids:
+            return
+        self._fh.write(line + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.done_ids.add(rid)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> TrajectoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

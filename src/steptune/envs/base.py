@@ -1,0 +1,78 @@
+"""The environment interface everything else is written against (in the spirit of Gymnasium).
+
+An environment lists the tasks of a split, resets to one task (→ instruction-free task text + first
+observation), steps an action (→ observation, reward, done, info) and, where it has one, names the
+expert's next action. Reward is always in 0..1 (ScienceWorld: best score so far / 100).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One episode of an environment: e.g. ('sciworld', 'task-1-boil', 21, 'seen')."""
+
+    env: str
+    name: str  # task type / game name
+    variation: int | str  # variation, seed or game file
+    split: str = "train"
+
+    @property
+    def id(self) -> str:
+        return f"{self.env}/{self.name}/{self.variation}"
+
+
+@dataclass
+class Reset:
+    task: str  # the task description shown to the agent (goal + first observation)
+    observation: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    observation: str
+    reward: float  # 0..1, cumulative episode score so far (not a delta)
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. {"invalid": True, "won": True}
+
+
+class Env(ABC):
+    name: str = ""
+    max_steps_default: int = 30
+
+    @abstractmethod
+    def tasks(self, split: str) -> list[TaskRef]: ...
+
+    @abstractmethod
+    def reset(self, task: TaskRef) -> Reset: ...
+
+    @abstractmethod
+    def step(self, action: str) -> StepResult: ...
+
+    def instruction(self) -> str:
+        """The prompt that explains the environment to the agent (action list, format rules)."""
+        from steptune.envs.prompts import instruction_for
+
+        return instruction_for(self.name)
+
+    def max_steps(self, task: TaskRef) -> int:
+        return self.max_steps_default
+
+    def expert_actions(self) -> list[str] | None:
+        """The expert's remaining plan from the current state (first = next action), or None if the env
+        has no expert here. Used by expert trajectories and the expert-grounded teacher."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Env:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
