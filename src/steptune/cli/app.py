@@ -6,3 +6,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@app.command()
+def version() -> None:
+    """Print the steptune version."""
+    from steptune import __version__
+
+    print(__version__)
