@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 StepKind = Literal["expert", "student", "error", "reflection"]
 Role = Literal["system", "user", "assistant"]
@@ -42,7 +42,7 @@ class Step(BaseModel):
     thought: str = ""
     action: str
     observation: str | None = None
-    weight: int = 1
+    weight: int = 1  # STeP gives error steps 0; the "no masking" ablation trains them (weight 1, kind kept)
     kind: StepKind = "expert"
     critique: Critique | None = None
 
@@ -52,12 +52,6 @@ class Step(BaseModel):
         if w not in (0, 1):
             raise ValueError(f"weight must be 0 (in context, not trained) or 1 (trained), got {w}")
         return w
-
-    @model_validator(mode="after")
-    def _errors_are_not_trained(self) -> Step:
-        if self.kind == "error" and self.weight != 0:
-            raise ValueError("a step of kind 'error' must have weight 0 (partial masking)")
-        return self
 
     def text(self) -> str:
         """The assistant turn as the agent writes it."""

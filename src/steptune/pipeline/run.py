@@ -1,0 +1,166 @@
+"""`steptune run`: STeP end to end, one stage after another, in one run directory.
+
+    golden → split → [init_model] → train:golden_d1 (base agent) → synthesize → filter
+           → train:<other methods> → eval:<method> → report
+
+Each stage writes under the run directory and is recorded in manifest.json; a finished stage whose key
+(its config + its inputs) is unchanged is skipped, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from steptune.data.trajectory import Trajectory, load_trajectories, save_trajectories
+from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
+from steptune.pipeline.manifest import Manifest, library_versions, stage_key
+from steptune.pipeline.split import split_by_task
+
+console = Console()
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: list[Path]
+    outputs: list[Path]
+    config: object
+    fn: Callable[[], dict | None]
+
+
+@dataclass
+class Run:
+    cfg: PipelineConfig
+    dir: Path
+    manifest: Manifest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.dir)
+        self.manifest.data["config"] = self.cfg.model_dump(mode="json")
+        self.manifest.data["versions"] = library_versions()
+        self.manifest.save()
+
+    # paths ---------------------------------------------------------------------------------------
+    @property
+    def golden(self) -> Path:
+        return self.dir / "data" / "golden.jsonl"
+
+    @property
+    def d1(self) -> Path:
+        return self.dir / "data" / "d1.jsonl"
+
+    @property
+    def d2(self) -> Path:
+        return self.dir / "data" / "d2.jsonl"
+
+    @property
+    def synthesized(self) -> Path:
+        return self.dir / "data" / "synthesized.jsonl"
+
+    @property
+    def dr(self) -> Path:
+        return self.dir / "data" / "dr.jsonl"
+
+    @property
+    def base_model(self) -> Path | str:
+        return self.dir / "models" / "init" if self.cfg.model.init else self.cfg.model.base  # type: ignore[return-value]
+
+    def model_dir(self, method: str) -> Path:
+        return self.dir / "models" / method
+
+    def eval_dir(self, method: str) -> Path:
+        return self.dir / "eval" / method
+
+    @property
+    def report_dir(self) -> Path:
+        return self.dir / "report"
+
+    # stages --------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        cfg = self.cfg
+        out: list[Stage] = [
+            Stage("golden", [], [self.golden], cfg.golden.model_dump() | {"env": cfg.env.model_dump()}, self._golden),
+            Stage("split", [self.golden], [self.d1, self.d2], cfg.split.model_dump() | {"seed": cfg.seed}, self._split),
+        ]
+        if cfg.model.init:
+            out.append(Stage("init_model", [self.golden], [self.model_dir("init")], cfg.model.init.model_dump(),
+                             self._init_model))
+        out.append(self._train_stage("golden_d1", [self.d1]))
+        out += [
+            Stage("synthesize", [self.model_dir("golden_d1"), self.d2], [self.synthesized],
+                  cfg.synthesis.model_dump() | {"env": cfg.env.model_dump()}, self._synthesize),
+            Stage("filter", [self.synthesized], [self.dr], cfg.synthesis.model_dump(), self._filter),
+        ]
+        data_of = {"golden_all": [self.d1, self.d2], "step": [self.d1, self.dr], "step_unmasked": [self.d1, self.dr],
+                   "sequential": [self.dr]}
+        for method in cfg.methods:
+            if method != "golden_d1":
+                out.append(self._train_stage(method, data_of[method]))
+        for method in cfg.methods:
+            out.append(Stage(f"eval:{method}", [self.model_dir(method)], [self.eval_dir(method) / "summary.json"],
+                             cfg.eval.model_dump() | {"env": cfg.env.model_dump()},
+                             lambda m=method: self._evaluate(m)))
+        out.append(Stage("report", [self.eval_dir(m) / "summary.json" for m in cfg.methods],
+                         [self.report_dir / "report.md", self.report_dir / "report.html"], {}, self._report))
+        return out
+
+    def _split(self) -> dict:
+        golden = load_trajectories(self.golden)
+        d1, d2 = split_by_task(golden, self.cfg.split.d1_fraction, self.cfg.seed, self.cfg.split.stratify)
+        save_trajectories(d1, self.d1)
+        save_trajectories(d2, self.d2)
+        return {"d1": len(d1), "d2": len(d2), "u1_tasks": len({t.task_id for t in d1}),
+                "u2_tasks": len({t.task_id for t in d2})}
+
+    def _init_model(self) -> dict:
+        from steptune.models.tiny import build_tiny_model
+
+        texts = [m.content for t in load_trajectories(self.golden) for m in t.messages(include_final_observation=True)]
+        build_tiny_model(texts, self.model_dir("init"), self.cfg.model.init)
+        return {"corpus_messages": len(texts)}
+
+    def _evaluate(self, method: str) -> dict:
+        from steptune.evaluation.eval import EvalConfig, evaluate
+
+        cfg = self.cfg
+        summary = evaluate(EvalConfig(
+            model=f"{cfg.env.rollout_backend}:{self.model_dir(method)}", env=cfg.env.name, splits=cfg.eval.splits,
+            limit=cfg.eval.limit, workers=cfg.env.workers, out=str(self.eval_dir(method)), name=method,
+            max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs))
+        return {"splits": summary["splits"]}
+
+    def _train_stage(self, method: str, data: list[Path]) -> Stage:
+        inputs = list(data) + ([self.model_dir("golden_d1")] if method == "sequential" else [])
+        if self.cfg.model.init:
+            inputs.append(self.model_dir("init"))
+        return Stage(f"train:{method}", inputs, [self.model_dir(method)], self.cfg.train | {"method": method},
+                     lambda: self._train(method, data))
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None) -> Path:
+    run = Run(cfg, Path(run_dir or cfg.output_dir))
+    stages = run.stages()
+    names = [s.name for s in stages]
+    if from_stage:
+        run.manifest.invalidate_from(names, from_stage)
+    t_start = time.perf_counter()
+    for stage in stages:
+        key = stage_key(stage.config, [p for p in stage.inputs if p.exists()])
+        if run.manifest.is_done(stage.name, key, stage.outputs):
+            console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+            continue
+        console.rule(f"[bold]{stage.name}")
+        t0 = run.manifest.start(stage.name, key)
+        info = stage.fn()
+        run.manifest.finish(stage.name, t0, stage.outputs, info)
+        console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+    run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    run.manifest.save()
+    return run.dir
