@@ -142,7 +142,7 @@ class TrajectoryFileError(ValueError):
         super().__init__(f"{len(errors)} malformed trajectory record(s):\n{shown}{more}")
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<record>'}: {e['msg']}" for e in err.errors())
 
 
@@ -157,7 +157,7 @@ def iter_trajectories(path: str | Path, errors: list[RecordError] | None = None)
             try:
                 yield Trajectory.model_validate_json(line)
             except ValidationError as e:
-                collected.append(RecordError(str(path), lineno, _describe(e)))
+                collected.append(RecordError(str(path), lineno, describe_validation_error(e)))
     if errors is None and collected:
         raise TrajectoryFileError(collected)
 
