@@ -136,6 +136,12 @@ class Run:
             max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs))
         return {"splits": summary["splits"]}
 
+    def _report(self) -> dict:
+        from steptune.pipeline.report import write_run_report
+
+        paths = write_run_report(self.dir)
+        return {k: str(v) for k, v in paths.items()}
+
     def _train_stage(self, method: str, data: list[Path]) -> Stage:
         inputs = list(data) + ([self.model_dir("golden_d1")] if method == "sequential" else [])
         if self.cfg.model.init:

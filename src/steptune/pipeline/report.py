@@ -1,0 +1,150 @@
+"""The report of a whole run: method × split table, plots (reward by method and split, per task type, training
+loss curves, synthesis statistics), as markdown and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from steptune.evaluation.report import _block_to_html, _blocks, markdown_table, plot_rewards, task_type_table
+from steptune.pipeline.config import METHOD_TITLES
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def method_summaries(run_dir: Path) -> list[dict]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    out = []
+    for method in manifest["config"]["methods"]:
+        path = run_dir / "eval" / method / "summary.json"
+        if path.exists():
+            s = json.loads(path.read_text())
+            s["name"] = METHOD_TITLES.get(method, method)
+            s["method"] = method
+            out.append(s)
+    return out
+
+
+def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for log in sorted((run_dir / "models").glob(f"*/{TRAIN_LOG}")):
+        points = []
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                points.append((int(rec["step"]), float(rec["loss"])))
+        if points:
+            curves[log.parent.name] = points
+    return curves
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=METHOD_TITLES.get(name, name))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked SFT loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_task_type(summaries: list[dict], split: str, path: Path) -> Path:
+    plt = _plt()
+    types = sorted({t for s in summaries for t in s["task_types"].get(split, {})})
+    width = 0.8 / max(1, len(summaries))
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(types) + 2), 3.2))
+    for i, s in enumerate(summaries):
+        vals = [s["task_types"].get(split, {}).get(t, {}).get("avg_reward", 0.0) for t in types]
+        ax.bar([j + i * width for j in range(len(types))], vals, width, label=s["name"])
+    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(types))], types, rotation=20, fontsize=7)
+    ax.set_ylabel(f"{split}: average reward (x100)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_synthesis(stats: dict, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    items = {"synthesized": stats.get("total", 0), "kept": stats.get("kept", 0),
+             **{f"dropped: {k}": v for k, v in stats.get("dropped", {}).items()}}
+    ax.barh(list(items), list(items.values()), color=["#888", "#2a2"] + ["#c55"] * (len(items) - 2))
+    ax.invert_yaxis()
+    ax.set_xlabel("trajectories")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_run_report(run_dir: Path) -> dict[str, Path]:
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = method_summaries(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    md = [f"# STeP run: {manifest['config']['name']}", "",
+          f"Environment `{manifest['config']['env']['name']}`; average reward ×100 and success rate (%) per split.",
+          "", markdown_table(summaries), ""]
+    images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]
+    for split in sorted({sp for s in summaries for sp in s["task_types"]}):
+        md += [f"## {split}: average reward by task type (episodes)", "", task_type_table(summaries, split), ""]
+        images.append((f"{split}: reward per task type", plot_per_task_type(summaries, split, out / f"types_{split}.png")))
+    curves = loss_curves(run_dir)
+    if curves:
+        images.append(("training loss", plot_losses(curves, out / "loss.png")))
+    synth = run_dir / "data" / "filter_stats.json"
+    if synth.exists():
+        stats = json.loads(synth.read_text())
+        md += ["## Synthesis (stage 2)", "", "| statistic | value |", "|---|---:|"]
+        md += [f"| {k} | {v} |" for k, v in stats.items() if not isinstance(v, dict)]
+        md += [f"| dropped: {k} | {v} |" for k, v in stats.get("dropped", {}).items()] + [""]
+        images.append(("synthesis: kept and dropped trajectories", plot_synthesis(stats, out / "synthesis.png")))
+    stage_rows = [f"| {name} | {rec.get('seconds', '–')} |" for name, rec in manifest["stages"].items()]
+    md += ["## Stages", "", "| stage | seconds |", "|---|---:|", *stage_rows, ""]
+    md_text = "\n".join(md + [f"![{title}]({p.name})" for title, p in images]) + "\n"
+    (out / "report.md").write_text(md_text)
+    body = "\n".join(_block_to_html(b) for b in _blocks(md))
+    imgs = "".join(f"<figure><img alt='{t}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+                   f"<figcaption>{t}</figcaption></figure>" for t, p in images)
+    (out / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>steptune run report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+        f"</head><body>{body}{imgs}</body></html>")
+    return {"markdown": out / "report.md", "html": out / "report.html"}
+
+
+def print_summary(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summaries = method_summaries(run_dir)
+    splits = sorted({sp for s in summaries for sp in s["splits"]})
+    table = Table(title="STeP: average reward ×100 (success %)")
+    table.add_column("method")
+    for sp in splits:
+        table.add_column(sp, justify="right")
+    for s in summaries:
+        table.add_row(s["name"], *(f"{s['splits'][sp]['avg_reward']:.1f} ({s['splits'][sp]['success_rate']:.0f}%)"
+                                   if sp in s["splits"] else "–" for sp in splits))
+    console = Console()
+    console.print(table)
+    console.print(f"report: {run_dir / 'report' / 'report.html'}")

@@ -1,0 +1,62 @@
+"""Pipeline building blocks: the U1/U2 split, config validation, the manifest's stage keys."""
+
+from pathlib import Path
+
+import pytest
+
+from steptune.data.trajectory import Step, Trajectory
+from steptune.pipeline.config import ConfigError, load_config
+from steptune.pipeline.manifest import Manifest, stage_key
+from steptune.pipeline.split import split_by_task
+
+
+def traj(task_type: str, i: int, sample: int = 0) -> Trajectory:
+    return Trajectory(id=f"{task_type}/{i}#{sample}", env="sciworld", task_id=f"{task_type}/{i}", task="t",
+                      steps=[Step(action="look around")], meta={"task_type": task_type})
+
+
+def test_split_is_by_task_stratified_and_seeded():
+    trajs = [traj(tt, i, s) for tt, n in (("boil", 10), ("melt", 4), ("find", 1)) for i in range(n) for s in range(2)]
+    d1, d2 = split_by_task(trajs, 0.5, seed=3)
+    assert len(d1) + len(d2) == len(trajs)
+    u1, u2 = {t.task_id for t in d1}, {t.task_id for t in d2}
+    assert not u1 & u2  # both samples of a task land on the same side
+    for tt, n1 in (("boil", 5), ("melt", 2), ("find", 1)):
+        assert sum(t.startswith(tt) for t in u1) == n1
+    assert split_by_task(trajs, 0.5, seed=3) == (d1, d2)
+    assert split_by_task(trajs, 0.5, seed=4)[0] != d1
+    with pytest.raises(ValueError):
+        split_by_task(trajs, 1.0)
+
+
+def test_config_errors_name_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {base: x}\nenv: {name: twx, workerz: 2}\nsynthesis: {max_errors: two}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "bad.yaml" in str(err.value) and "env.workerz" in str(err.value) and "synthesis.max_errors" in str(err.value)
+    (tmp_path / "none.yaml").write_text("env: {name: twx}\n")
+    with pytest.raises(ConfigError, match="model"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "notyaml.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "notyaml.yaml")
+
+
+def test_overrides_and_manifest_keys(tmp_path):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("model: {base: some/model}\n")
+    cfg = load_config(cfg_path, {"synthesis.max_errors": 1, "env.workers": 3})
+    assert cfg.synthesis.max_errors == 1 and cfg.env.workers == 3
+    data = tmp_path / "d.jsonl"
+    data.write_text("a\n")
+    k1 = stage_key({"x": 1}, [data])
+    data.write_text("b\n")
+    assert stage_key({"x": 1}, [data]) != k1 and stage_key({"x": 2}, [data]) != stage_key({"x": 1}, [data])
+    m = Manifest(tmp_path)
+    t0 = m.start("golden", "k")
+    assert not m.is_done("golden", "k", [data])
+    m.finish("golden", t0, [data])
+    assert Manifest(tmp_path).is_done("golden", "k", [data])
+    assert not Manifest(tmp_path).is_done("golden", "other", [data])
+    assert not Manifest(tmp_path).is_done("golden", "k", [data, Path(tmp_path / "missing")])
