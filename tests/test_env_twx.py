@@ -1,0 +1,114 @@
+"""TextWorldExpress adapter and the environment worker pool, on the real simulator."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steptune.envs.base import TaskRef
+from steptune.envs.pool import EnvFailure, EnvPool
+from steptune.envs.twx import TextWorldExpressEnv
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = TextWorldExpressEnv(game="twc")
+    yield e
+    e.close()
+
+
+def test_gold_paths_replay_to_success(env):
+    for split in ("train", "seen", "unseen"):
+        for task in env.tasks(split)[:4]:
+            env.reset(task)
+            plan = env.expert_actions()
+            assert plan
+            for action in plan:
+                res = env.step(action)
+                assert not res.info["invalid"], action
+            assert res.done and res.info["won"] and res.reward == 1.0
+
+
+def test_invalid_action_and_replanning_after_a_wrong_put(env):
+    env.reset(TaskRef("twx", "twc", 0, "train"))
+    res = env.step("dance with the wardrobe")
+    assert res.info["invalid"] and not res.done and res.reward == 0.0
+    gold = env.expert_actions()
+    item = next(a for a in gold if a.startswith("take ")).removeprefix("take ")
+    env.step(f"take {item}")
+    wrong = next(a for a in env._valid if a.startswith(f"put {item} in ") and f"put {item} in" not in " ".join(gold)
+                 or a.startswith("open ") and a.removeprefix("open ") not in " ".join(gold))
+    if wrong.startswith("open "):
+        env.step(wrong)
+        wrong = f"put {item} in {wrong.removeprefix('open ')}"
+    assert not env.step(wrong).info["invalid"]
+    plan = env.expert_actions()  # re-planned from the state, not the stale gold path
+    assert plan[0] == f"take {item}"
+    for action in plan:
+        res = env.step(action)
+    assert res.info["won"]
+
+
+def test_splits_are_distinct_folds(env):
+    seen = env.reset(TaskRef("twx", "twc", 1, "seen")).task
+    unseen = env.reset(TaskRef("twx", "twc", 1, "unseen")).task
+    assert seen != unseen
+    with pytest.raises(ValueError, match="unknown split"):
+        env.tasks("validation")
+
+
+def java_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "textworld"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind():
+    before = java_pids()
+    with EnvPool("twx", 2) as pool:
+        tasks = pool.tasks("train")[:2]
+        assert all(pool.reset(i, t).task for i, t in enumerate(tasks))
+        res = pool.step_many([(0, "look around"), (1, "inventory")])
+        assert all(not isinstance(r, EnvFailure) for r in res)
+        group = subprocess.run(["pgrep", "-g", str(pool.worker_pids()[0])], capture_output=True, text=True).stdout
+        jvm = [int(p) for p in group.split() if "java" in open(f"/proc/{p}/cmdline").read()]
+        assert jvm, "the worker's JVM lives in the worker's process group"
+        os.kill(jvm[0], signal.SIGKILL)
+        time.sleep(0.3)
+        res = pool.step_many([(0, "look around"), (1, "look around")])
+        assert isinstance(res[0], EnvFailure) and not isinstance(res[1], EnvFailure)
+        assert pool.restarts == 1
+        assert pool.reset(0, tasks[0]).task  # the restarted worker serves again
+    time.sleep(1.0)
+    assert java_pids() <= before
+
+
+KILLED_PARENT = """
+import sys, time
+from steptune.envs.pool import EnvPool
+pool = EnvPool("twx", 2)
+for i, t in enumerate(pool.tasks("train")[:2]):
+    pool.reset(i, t)
+print("ready", flush=True)
+if sys.argv[1] == "raise":
+    raise RuntimeError("boom")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "sigterm", "sigkill"])
+def test_no_process_left_after_error_or_kill(how):
+    before = java_pids()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, how], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    if how != "raise":
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    proc.wait(timeout=30)
+    for _ in range(50):
+        if java_pids() <= before:
+            break
+        time.sleep(0.2)
+    assert java_pids() <= before
