@@ -33,6 +33,13 @@ class TinyModelConfig(BaseModel):
     seed: int = 0
 
 
+SIZES = {
+    "tiny": TinyModelConfig(),
+    "small": TinyModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                             num_attention_heads=8, num_key_value_heads=4),
+}
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
     """Byte-level BPE trained on `texts`, wrapped as a fast HF tokenizer with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

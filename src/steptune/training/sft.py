@@ -1,0 +1,206 @@
+"""Masked SFT — STeP stage 1 (golden D1) and stage 3 (D1 ∪ Dr with partial masking) share this entry point.
+
+Trajectories are encoded with their per-step weights (steptune.data.tokenize) into `input_ids` + `labels`, and
+handed pre-tokenized to TRL's SFTTrainer, which packs them padding-free (best-fit decreasing, position ids
+restart per sample, no token attends across samples) and computes the loss over labelled tokens only. Runs
+as is on one CPU or GPU, and under `accelerate launch` (DDP, DeepSpeed, FSDP) for several:
+
+    accelerate launch --num_processes 8 -m steptune.training.sft train.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+TRAIN_LOG = "train_log.jsonl"
+SUMMARY = "train_summary.json"
+
+
+class LoraSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = True  # save the merged model (loads like any model) rather than the adapter alone
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # hub id or local path, exactly as transformers takes it
+    data: list[str]  # trajectory files (our JSONL or any format `steptune convert` reads)
+    output_dir: str
+    chat_template: str | None = None  # override the model's template (chatml, llama2, llama3, mistral, gemma)
+    max_length: int = 4096  # longer trajectories are cut at a step boundary, never mid-step
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 4  # per device: packed rows of max_length tokens when packing, else samples
+    grad_accum: int = 1
+    packing: bool = True
+    lora: LoraSection | None = None
+    unmask_errors: bool = False  # ablation "STeP without masking": train the erroneous steps too
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    gradient_checkpointing: bool = False
+    report_to: list[str] = Field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
+    num_threads: int | None = None  # CPU torch threads (None: torch's default)
+    progress: bool = True
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    return TrainConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def _precision(choice: str) -> str:
+    import torch
+
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def build_dataset(cfg: TrainConfig, tokenizer):
+    """Encode every trajectory with its partial mask; returns (datasets.Dataset, stats)."""
+    from datasets import Dataset
+
+    from steptune.data.formats import read_any
+    from steptune.data.tokenize import encode_trajectory
+
+    rows: dict[str, list] = {"input_ids": [], "labels": []}
+    stats = {"trajectories": 0, "untrainable": 0, "dropped_steps": 0, "tokens": 0, "trained_tokens": 0,
+             "masked_error_steps": 0}
+    for path in cfg.data:
+        for traj in read_any(path):
+            stats["trajectories"] += 1
+            if cfg.unmask_errors:
+                traj = traj.model_copy(update={"steps": [s.model_copy(update={"weight": 1}) for s in traj.steps]})
+            stats["masked_error_steps"] += sum(s.weight == 0 for s in traj.steps)
+            enc = encode_trajectory(traj, tokenizer, cfg.max_length)
+            stats["dropped_steps"] += enc.n_dropped_steps
+            if not enc.trainable:
+                stats["untrainable"] += 1
+                continue
+            rows["input_ids"].append(enc.input_ids)
+            rows["labels"].append(enc.labels)
+            stats["tokens"] += len(enc.input_ids)
+            stats["trained_tokens"] += enc.n_trained_tokens
+    if not rows["input_ids"]:
+        raise ValueError(f"no trainable trajectory in {cfg.data} (all empty or longer than max_length={cfg.max_length})")
+    return Dataset.from_dict(rows), stats
+
+
+def _log_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with path.open("a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return JsonlLog()
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def train(cfg: TrainConfig) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from steptune.data.templates import apply_chat_template_override
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = apply_chat_template_override(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset, stats = build_dataset(cfg, tokenizer)
+    precision = _precision(cfg.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",  # whole samples only: a trajectory is never split across rows
+        padding_free=cfg.packing,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the run
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        report_to=cfg.report_to or "none",
+        dataset_num_proc=None,
+        save_only_model=False,
+        disable_tqdm=not cfg.progress,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
+    resume = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    if trainer.is_world_process_zero():
+        final = trainer.model
+        if cfg.lora and cfg.lora.merge:
+            final = final.merge_and_unload()
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        summary = {**stats, "train_loss": result.training_loss, "steps": result.global_step,
+                   "seconds": round(seconds, 2), "precision": precision, "resumed_from": resume,
+                   "lora": cfg.lora is not None, "world_size": trainer.accelerator.num_processes}
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m steptune.training.sft CONFIG.yaml` — the entry point `accelerate launch` runs."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m steptune.training.sft CONFIG.yaml")
+    train(load_train_config(argv[0]))
+
+
+if __name__ == "__main__":
+    main()

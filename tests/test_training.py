@@ -1,0 +1,173 @@
+"""Masked SFT with real transformers / TRL / peft on a tiny Llama: masks, loss, packing, learning, LoRA, resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
+from steptune.data.trajectory import Step, Trajectory, save_trajectories
+from steptune.training.sft import TrainConfig, build_dataset, train
+
+ITEMS = [("red shirt", "wardrobe"), ("blue mug", "cupboard"), ("old book", "shelf"), ("green sock", "drawer"),
+         ("toy car", "toy box"), ("white plate", "dish rack")]
+
+
+def tidy_trajectory(i: int, with_error: bool = False) -> Trajectory:
+    item, box = ITEMS[i % len(ITEMS)]
+    steps = [Step(thought=f"The {item} is out of place.", action=f"take {item}", observation=f"You take the {item}.")]
+    if with_error:
+        steps.append(Step(thought="Maybe the bed.", action=f"put {item} on bed", observation="Done.", kind="error",
+                          weight=0))
+        steps.append(Step(thought=f"Wrong: it belongs in the {box}.", action=f"take {item}",
+                          observation="Taken.", kind="reflection"))
+    steps.append(Step(thought=f"A {item} goes in the {box}.", action=f"put {item} in {box}", observation="You win."))
+    return Trajectory(id=f"t{i}{with_error}", env="twx", task_id=f"twc/{i}", task=f"Tidy up: you see a {item}.",
+                      steps=steps, reward=1.0, success=True)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    save_trajectories([tidy_trajectory(i, with_error=i % 2 == 1) for i in range(12)], path)
+    return path
+
+
+def base_cfg(model_dir, data_file, out, **kw) -> TrainConfig:
+    defaults = dict(model=str(model_dir), data=[str(data_file)], output_dir=str(out), max_length=512, max_steps=4,
+                    learning_rate=3e-3, batch_size=2, logging_steps=1, save_steps=1000, num_threads=1,
+                    warmup_ratio=0.0, lr_scheduler="constant", progress=False)
+    return TrainConfig(**(defaults | kw))
+
+
+def test_weight0_steps_carry_exactly_zero_loss_and_gradient(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    enc = encode_trajectory(tidy_trajectory(1, with_error=True), tok)
+    ids = torch.tensor([enc.input_ids])
+    err_start, err_end, _ = enc.step_spans[1]
+    assert all(label == IGNORE_INDEX for label in enc.labels[err_start:err_end])
+
+    def loss_and_grads(labels):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=torch.tensor([labels])).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss_a, grads_a = loss_and_grads(enc.labels)
+    # a different target for every position of the wrong step changes nothing — it is not in the loss
+    tampered = list(enc.labels)
+    tampered[err_start:err_end] = [IGNORE_INDEX] * (err_end - err_start)
+    loss_b, grads_b = loss_and_grads(tampered)
+    assert loss_a == loss_b and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    # ... whereas training that step (the "no masking" ablation) does change the gradient
+    unmasked = list(enc.labels)
+    unmasked[err_start:err_end] = enc.input_ids[err_start:err_end]
+    loss_c, grads_c = loss_and_grads(unmasked)
+    assert loss_c != loss_a and not all(torch.equal(a, c) for a, c in zip(grads_a, grads_c))
+
+
+def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_dir, data_file, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = base_cfg(tiny_model_dir, data_file, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dataset, stats = build_dataset(cfg, tok)
+    assert stats["masked_error_steps"] == 6 and stats["untrainable"] == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=dataset, args=SFTConfig(
+        output_dir=str(tmp_path / "ck"), max_length=512, packing=True, packing_strategy="bfd", padding_free=True,
+        per_device_train_batch_size=4, report_to="none", bf16=False))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1  # padding-free: one row holding several samples
+    pos = batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+    assert len(starts) > 2
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(model, dict(batch)).item()
+        # by hand: each sample on its own (no packing, no attention across samples), summed token CE / tokens
+        total, count = 0.0, 0
+        for a, b in zip(starts, starts[1:]):
+            ids = batch["input_ids"][:, a:b]
+            labels = batch["labels"][:, a:b]
+            logits = model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            keep = target != IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert trainer_loss == pytest.approx(total / count, rel=1e-4)
+    # the first token of every packed sample is never a target (no prediction across the boundary)
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts[:-1])
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_trained_actions_and_not_the_errors(data_file, tmp_path):
+    from steptune.data.trajectory import load_trajectories
+    from steptune.models.tiny import TinyModelConfig, build_tiny_model
+
+    texts = [m.content for t in load_trajectories(data_file) for m in t.messages(include_final_observation=True)]
+    model_dir = build_tiny_model(texts, tmp_path / "init", TinyModelConfig(num_hidden_layers=2, vocab_size=600))
+    out = train(base_cfg(model_dir, data_file, tmp_path / "m", max_steps=300, batch_size=1, learning_rate=5e-3))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < 0.1 < losses[0]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for i in (0, 1, 2, 3):
+        traj = tidy_trajectory(i, with_error=i % 2 == 1)  # exactly as trained
+        msgs = [{"role": m.role, "content": m.content} for m in traj.messages()]
+        for k, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+            ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id)
+            text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            step = traj.steps[[j for j, mm in enumerate(msgs) if mm["role"] == "assistant"].index(k)]
+            if step.weight:
+                assert text == m["content"], (k, text)
+            else:
+                assert "on bed" not in text  # the masked wrong step was never learned
+
+
+def test_lora_adapter_and_merged_model_reload(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+
+    adapter = train(base_cfg(tiny_model_dir, data_file, tmp_path / "a", lora={"merge": False, "r": 4, "alpha": 8}))
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, adapter)
+    merged_dir = train(base_cfg(tiny_model_dir, data_file, tmp_path / "b", lora={"r": 4, "alpha": 8}))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base(ids).logits)  # LoRA changed the weights
+        assert peft_model(ids).logits.shape == merged(ids).logits.shape
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "r"
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    assert (out / "checkpoints" / "checkpoint-4").exists()
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=6, save_steps=2))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps"] == 6
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, data_file, tmp_path):
+    cfg = base_cfg(tiny_model_dir, data_file, tmp_path / "ddp", max_steps=3)
+    path = tmp_path / "train.yaml"
+    path.write_text(json.dumps(cfg.model_dump()))  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "steptune.training.sft", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["world_size"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp") is not None
