@@ -162,7 +162,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, data_file, tmp
     cfg = base_cfg(tiny_model_dir, data_file, tmp_path / "ddp", max_steps=3)
     path = tmp_path / "train.yaml"
     path.write_text(json.dumps(cfg.model_dump()))  # JSON is YAML
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "steptune.training.sft", str(path)],
                           capture_output=True, text=True, timeout=300)

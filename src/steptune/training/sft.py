@@ -11,6 +11,7 @@ as is on one CPU or GPU, and under `accelerate launch` (DDP, DeepSpeed, FSDP) fo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,7 @@ def train(cfg: TrainConfig) -> Path:
 
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         max_length=cfg.max_length,
@@ -173,6 +175,9 @@ def train(cfg: TrainConfig) -> Path:
         dataset_num_proc=None,
         save_only_model=False,
         disable_tqdm=not cfg.progress,
+        # several CPU processes (under accelerate launch / torchrun) need gloo; GPUs keep NCCL
+        use_cpu=cpu_ddp,
+        ddp_backend="gloo" if cpu_ddp else None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
