@@ -1,3 +1,74 @@
-"""CLI commands: agent."""
+"""CLI commands: agent (`eval`, `report`, `serve`)."""
 
-from steptune.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steptune.cli.app import app
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str | None, typer.Option(help="Model path, or backend spec (local:PATH, openai:MODEL@URL, vllm:PATH).")] = None,
+    env: Annotated[str | None, typer.Option(help="Environment: sciworld, twx, alfworld, ...")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to evaluate (repeatable; default unseen).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each split.")] = None,
+    workers: Annotated[int, typer.Option(help="Concurrent episodes (environment processes).")] = 4,
+    out: Annotated[Path | None, typer.Option(help="Run directory (episodes.jsonl, summary.json); reruns resume.")] = None,
+    config: Annotated[Path | None, typer.Option(help="EvalConfig JSON file; command-line options override it.")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    name: Annotated[str | None, typer.Option(help="Label for reports.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json."""
+    from steptune.evaluation.eval import EvalConfig, evaluate
+
+    base = json.loads(config.read_text()) if config else {}
+    overrides = {"model": model, "env": env, "out": str(out) if out else None, "limit": limit, "name": name}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if split or not config:
+        base["splits"] = split or ["unseen"]
+    if not config or workers != 4:
+        base["workers"] = workers
+    if not config or max_new_tokens != 128:
+        base["max_new_tokens"] = max_new_tokens
+    if not config or temperature != 0.0:
+        base["temperature"] = temperature
+    missing = [k for k in ("model", "env", "out") if not base.get(k)]
+    if missing:
+        raise typer.BadParameter(f"missing {', '.join('--' + m for m in missing)} (or give them in --config)")
+    summary = evaluate(EvalConfig(**base), progress=not quiet)
+    for sp, agg in summary["splits"].items():
+        typer.echo(f"{sp}: reward {agg['avg_reward']:.1f}  success {agg['success_rate']:.1f}%  "
+                   f"({agg['episodes']} episodes, {agg['failures']} failed)")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Eval run directories to compare.")],
+    out: Annotated[Path, typer.Option(help="Where report.md, report.html and rewards.png go.")],
+) -> None:
+    """Compare eval runs side by side: markdown table + HTML with plots."""
+    from steptune.evaluation.report import write_report
+
+    paths = write_report(run_dirs, out)
+    typer.echo(paths["markdown"].read_text())
+    typer.echo(f"wrote {paths['markdown']}, {paths['html']}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Local model directory (transformers, safetensors).")],
+    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    served_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the path).")] = None,
+) -> None:
+    """Serve a local model over an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    from steptune.agent.serve import serve as run_server
+
+    run_server(model, host=host, port=port, model_name=served_name)

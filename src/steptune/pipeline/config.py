@@ -55,7 +55,7 @@ class ModelSection(_Strict):
 
 
 class SynthesisSection(_Strict):
-    teacher: Literal["expert", "llm", "self", "hybrid"] = "expert"
+    teacher: Literal["expert", "llm", "self"] = "expert"
     teacher_model: str | None = None  # llm/hybrid: model name at the OpenAI-compatible server, or a local path
     teacher_base_url: str | None = None  # e.g. http://localhost:8000/v1 (vLLM / SGLang / TGI / OpenAI)
     teacher_api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable; keys never go in configs

@@ -111,6 +111,21 @@ class Run:
                          [self.report_dir / "report.md", self.report_dir / "report.html"], {}, self._report))
         return out
 
+    def _golden(self) -> dict:
+        g = self.cfg.golden
+        if g.source == "file":
+            from steptune.data.formats import read_any
+
+            if not g.path:
+                raise ValueError("golden.source is 'file' but golden.path is not set")
+            trajs = read_any(g.path, env=self.cfg.env.name)[: g.limit]
+            return {"trajectories": save_trajectories(trajs, self.golden)}
+        from steptune.envs.expert import write_expert_trajectories
+
+        stats = write_expert_trajectories(self.cfg.env.name, g.split, self.golden, limit=g.limit,
+                                          env_kwargs=self.cfg.env.kwargs, workers=self.cfg.env.workers)
+        return {"written": stats.written, "dropped": stats.dropped, "reasons": stats.reasons}
+
     def _split(self) -> dict:
         golden = load_trajectories(self.golden)
         d1, d2 = split_by_task(golden, self.cfg.split.d1_fraction, self.cfg.seed, self.cfg.split.stratify)
@@ -125,6 +140,46 @@ class Run:
         texts = [m.content for t in load_trajectories(self.golden) for m in t.messages(include_final_observation=True)]
         build_tiny_model(texts, self.model_dir("init"), self.cfg.model.init)
         return {"corpus_messages": len(texts)}
+
+    def _train(self, method: str, data: list[Path]) -> dict:
+        from steptune.training.sft import TrainConfig, train
+
+        start = self.model_dir("golden_d1") if method == "sequential" else self.base_model
+        cfg = TrainConfig.model_validate({**self.cfg.train, "model": str(start), "data": [str(p) for p in data],
+                                          "output_dir": str(self.model_dir(method)), "seed": self.cfg.seed,
+                                          "unmask_errors": method == "step_unmasked"})
+        out = train(cfg)
+        return json.loads((out / "train_summary.json").read_text())
+
+    def _synthesize(self) -> dict:
+        from steptune.synthesis.synthesize import SynthesisConfig, synthesize
+
+        s, env = self.cfg.synthesis, self.cfg.env
+        u2 = sorted({t.meta.get("task_ref_id", t.id) for t in load_trajectories(self.d2)})
+        teacher_model = None
+        if s.teacher == "llm":
+            teacher_model = f"openai:{s.teacher_model}@{s.teacher_base_url}" if s.teacher_base_url else s.teacher_model
+        stats = synthesize(SynthesisConfig(
+            student=f"{env.rollout_backend}:{self.model_dir('golden_d1')}", env=env.name, env_kwargs=env.kwargs,
+            split=self.cfg.golden.split, tasks=u2, limit=s.limit, samples_per_task=s.samples_per_task,
+            temperature=s.temperature, max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers,
+            teacher=s.teacher,
+            teacher_model=teacher_model, golden=str(self.d2) if s.use_golden_reference else None,
+            out=str(self.synthesized), seed=self.cfg.seed))
+        return stats
+
+    def _filter(self) -> dict:
+        from steptune.synthesis.filtering import FilterConfig, filter_trajectories
+        from steptune.synthesis.synthesize import synthesis_stats
+
+        s = self.cfg.synthesis
+        trajs = load_trajectories(self.synthesized)
+        kept, report = filter_trajectories(trajs, FilterConfig(max_errors=s.max_errors,
+                                                               keep_error_free=s.keep_error_free))
+        save_trajectories(kept, self.dr)
+        report = {**synthesis_stats(trajs), **report}
+        (self.dir / "data" / "filter_stats.json").write_text(json.dumps(report, indent=2))
+        return report
 
     def _evaluate(self, method: str) -> dict:
         from steptune.evaluation.eval import EvalConfig, evaluate

@@ -1,0 +1,68 @@
+"""Backends and the factory that builds one from a spec string or a config.
+
+Spec strings: `local:PATH`, `vllm:PATH`, `openai:MODEL@BASE_URL` (e.g. `openai:teacher@http://127.0.0.1:8000/v1`);
+a bare path means `local:PATH`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from steptune.agent.backends.base import (
+    BackendError,
+    ChatBackend,
+    Conversation,
+    GenerationConfig,
+)
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "vllm", "openai"] = "local"
+    model: str  # a path (local, vllm) or the served model name (openai)
+    base_url: str | None = None  # openai only
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name; the key itself never enters a config file
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    max_batch_size: int = 32
+    device: str | None = None
+    adapter: str | None = None  # a LoRA adapter directory (local only)
+
+
+def parse_backend_spec(spec: str) -> BackendConfig:
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("local", "vllm", "openai"):
+        return BackendConfig(kind="local", model=spec)
+    if kind == "openai":
+        model, at, url = rest.partition("@")
+        if not at or not model or not url:
+            raise ValueError(f"openai backend spec must be 'openai:MODEL@BASE_URL', got {spec!r}")
+        return BackendConfig(kind="openai", model=model, base_url=url)
+    return BackendConfig(kind=kind, model=rest)
+
+
+def make_backend(spec: str | BackendConfig) -> ChatBackend:
+    cfg = parse_backend_spec(spec) if isinstance(spec, str) else spec
+    if cfg.kind == "local":
+        from steptune.agent.backends.local import LocalBackend
+
+        return LocalBackend(cfg.model, device=cfg.device, max_batch_size=cfg.max_batch_size, adapter=cfg.adapter)
+    if cfg.kind == "vllm":
+        from steptune.agent.backends.vllm import VLLMBackend
+
+        return VLLMBackend(cfg.model)
+    from steptune.agent.backends.openai_compat import OpenAICompatBackend
+
+    if not cfg.base_url:
+        raise ValueError("the openai backend needs base_url")
+    return OpenAICompatBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                               max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s,
+                               max_retries=cfg.max_retries)
+
+
+__all__ = ["BackendConfig", "BackendError", "ChatBackend", "Conversation", "GenerationConfig", "make_backend",
+           "parse_backend_spec"]

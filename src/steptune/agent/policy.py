@@ -1,0 +1,83 @@
+"""The ReAct policy's text side: build the prompt from a trajectory in progress, parse the model's reply.
+
+Prompts follow ETO: the first user turn holds the environment instruction (action list, format rules),
+an optional worked example, then the task; after that the turns alternate between the agent's
+`Thought: ...\nAction: ...` and the environment's `Observation: ...`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from steptune.data.trajectory import Trajectory
+
+# ETO's answer to a reply without an action (kept verbatim so scores stay comparable).
+INVALID_FORMAT_OBSERVATION = "Invalid format. The input must contain 'Action: '"
+
+# A ReAct turn ends with its Action line. A model that keeps going writes the environment's reply or its next
+# thought, so stopping at either ends the turn at the Action line (and stays within OpenAI's limit of 4 stops).
+REACT_STOP = ["\nObservation", "\nThought:", "\n\n"]
+
+_ACTION_RE = re.compile(r"^\s*action\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+_THOUGHT_RE = re.compile(r"^\s*thought\s*:\s*", re.IGNORECASE)
+
+
+@dataclass
+class ParsedStep:
+    thought: str
+    action: str
+
+
+def parse_react(text: str) -> ParsedStep | None:
+    """Parse `Thought: ...\\nAction: ...` (any casing and spacing). None when there is not exactly one
+    non-empty action line: guessing which of two actions the model meant would train on noise."""
+    matches = list(_ACTION_RE.finditer(text))
+    if len(matches) != 1:
+        return None
+    action = matches[0].group(1).strip()
+    if not action:
+        return None
+    thought = _THOUGHT_RE.sub("", text[: matches[0].start()].strip(), count=1).strip()
+    return ParsedStep(thought=thought, action=action)
+
+
+def approx_token_count(conversation: list[dict[str, str]]) -> int:
+    """~4 characters per token: the fallback when the backend has no tokenizer to count with."""
+    return sum(len(m["content"]) for m in conversation) // 4 + 4 * len(conversation)
+
+
+def build_conversation(
+    traj: Trajectory,
+    example: str | None = None,
+    max_context_tokens: int | None = None,
+    count_tokens: Callable[[list[dict[str, str]]], int] = approx_token_count,
+) -> tuple[list[dict[str, str]], bool]:
+    """The chat for the agent's next turn, and whether it had to be truncated.
+
+    Too long for the window: keep the first user turn (instruction + example + task) and the most recent
+    steps, dropping the oldest whole step pairs. The first kept turn after the head is always an assistant
+    turn, so roles keep alternating as chat templates require.
+    """
+    msgs = [{"role": m.role, "content": m.content} for m in traj.messages(include_final_observation=True)]
+    if example:
+        msgs[0]["content"] = _with_example(traj, example)
+    if max_context_tokens is None or _token_upper_bound(msgs) <= max_context_tokens:
+        return msgs, False  # cheap: no tokenizer call while the chat is surely short enough
+    if count_tokens(msgs) <= max_context_tokens:
+        return msgs, False
+    head, rest = msgs[:1], msgs[1:]
+    while rest and count_tokens(head + rest) > max_context_tokens:
+        rest = rest[2:]  # drop one (assistant, observation) pair
+    return head + rest, True
+
+
+def _token_upper_bound(conversation: list[dict[str, str]]) -> int:
+    """Byte-level tokenizers never make more tokens than UTF-8 bytes; 16 per message covers chat markup."""
+    return sum(len(m["content"].encode()) + 16 for m in conversation)
+
+
+def _with_example(traj: Trajectory, example: str) -> str:
+    parts = [p for p in (traj.instruction, f"Here is an example:\n{example}", f"Now, it's your turn.\n{traj.task}") if p]
+    return "\n\n".join(parts)

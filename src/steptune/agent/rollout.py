@@ -1,0 +1,289 @@
+"""The rollout loop shared by evaluation and self-reflected synthesis.
+
+One episode per pool slot; every round the pending turns of all active episodes go to the model in one
+`backend.complete` call and all their actions to the environments in one `step_many` call. Finished
+episodes leave, queued tasks take their slots. With a `judge`, each student step is judged as soon as it
+has been executed: a wrong step is kept (kind "error", weight 0, critique attached) and followed by the
+teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env; then the
+student carries on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
+from steptune.agent.policy import (
+    INVALID_FORMAT_OBSERVATION,
+    REACT_STOP,
+    approx_token_count,
+    build_conversation,
+    parse_react,
+)
+from steptune.data.trajectory import Critique, Step, Trajectory
+from steptune.envs.base import Reset, StepResult, TaskRef
+
+if TYPE_CHECKING:  # the pool lives in steptune.envs.pool; only its interface is used here
+    from steptune.envs.pool import EnvPool
+
+
+@dataclass
+class Episode:
+    task: TaskRef
+    trajectory: Trajectory
+    steps_taken: int = 0  # env steps, reflection steps included
+    done: bool = False  # the env said the episode is over (won or lost), as opposed to running out of steps
+    failure: str | None = None  # env or backend failure; the episode is recorded, not retried
+    invalid_actions: int = 0
+    truncations: int = 0  # turns whose context was cut to fit the window
+    model_seconds: float = 0.0  # this episode's share of batched generation time
+    env_seconds: float = 0.0
+    judge_seconds: float = 0.0
+    # the expert's plan from the state AFTER the step just executed, for judges that set wants_plan_after
+    # (an expert-grounded teacher must correct from where the wrong step left the world)
+    expert_plan_after: list[str] | None = None
+    reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
+
+    @property
+    def reward(self) -> float:
+        return self.trajectory.reward
+
+    @property
+    def success(self) -> bool:
+        return self.trajectory.success
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps_taken": self.steps_taken, "done": self.done, "failure": self.failure,
+                "invalid_actions": self.invalid_actions, "truncations": self.truncations,
+                "n_errors": self.trajectory.n_errors, "model_seconds": round(self.model_seconds, 4),
+                "env_seconds": round(self.env_seconds, 4), "judge_seconds": round(self.judge_seconds, 4)}
+
+
+# Called after every round with (episode, the student step just executed incl. its observation, the expert's
+# remaining plan from BEFORE the step or None); returns one Critique or None per item, in order. A judge object
+# with `wants_expert_plan = False` spares the pool the expert_actions calls. A BackendError from the model
+# fails the episodes of that round; they are recorded with failure "backend: ..." and counted, not retried.
+JudgeFn = Callable[[list[tuple[Episode, Step, "list[str] | None"]]], "list[Critique | None]"]
+
+
+@dataclass
+class RolloutTotals:
+    """Where the time went, over the whole call (used by the throughput benchmark)."""
+
+    model_seconds: float = 0.0
+    env_seconds: float = 0.0  # resets included
+    judge_seconds: float = 0.0
+    model_calls: int = 0
+    agent_steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
+                 judge: JudgeFn | None = None, on_episode_end: Callable[[Episode], None] | None = None,
+                 max_context_tokens: int | None = None, progress: bool = True, example: str | None = None,
+                 totals: RolloutTotals | None = None) -> list[Episode]:
+    """Run every task to the end; returns the episodes in the order of `tasks`.
+
+    `gen.stop` defaults to the ReAct stops (end of the Action line). `max_context_tokens` defaults to the
+    backend's window (`backend.context_window`) minus `gen.max_new_tokens`, when the backend knows it.
+    """
+    totals = totals if totals is not None else RolloutTotals()
+    if not gen.stop:
+        gen = GenerationConfig(**{**gen.__dict__, "stop": list(REACT_STOP)})
+    window = getattr(backend, "context_window", None)
+    if max_context_tokens is None and window:
+        max_context_tokens = window - gen.max_new_tokens
+    count_tokens = getattr(backend, "count_tokens", approx_token_count)
+    wants_plan = judge is not None and getattr(judge, "wants_expert_plan", True)
+    instruction = pool.instruction()
+
+    queue = list(enumerate(tasks))
+    queue.reverse()  # pop() from the end takes tasks in order
+    results: dict[int, Episode] = {}
+    active: dict[int, tuple[int, Episode]] = {}  # slot -> (task index, episode)
+    bar = _Progress(len(tasks), enabled=progress)
+
+    def finish(slot: int) -> None:
+        idx, ep = active.pop(slot)
+        ep.trajectory.meta.update(ep.stats())
+        results[idx] = ep
+        bar.advance(ep)
+        if on_episode_end is not None:
+            on_episode_end(ep)
+
+    def fill_free_slots() -> None:
+        for slot in range(pool.size):
+            while slot not in active and queue:
+                idx, task = queue.pop()
+                ep = _start_episode(pool, slot, task, instruction, totals)
+                active[slot] = (idx, ep)
+                if ep.failure is not None:
+                    finish(slot)
+
+    try:
+        fill_free_slots()
+        while active:
+            slots = sorted(active)
+            episodes = [active[s][1] for s in slots]
+            convs = []
+            for ep in episodes:
+                conv, cut = build_conversation(ep.trajectory, example, max_context_tokens, count_tokens)
+                ep.truncations += cut
+                convs.append(conv)
+
+            t0 = time.perf_counter()
+            try:
+                replies = backend.complete(convs, gen)
+            except BackendError as e:
+                for s, ep in zip(slots, episodes):
+                    ep.failure = f"backend: {e}"
+                    finish(s)
+                fill_free_slots()
+                continue
+            dt = time.perf_counter() - t0
+            totals.model_seconds += dt
+            totals.model_calls += 1
+            for ep in episodes:
+                ep.model_seconds += dt / len(episodes)
+
+            plans = [pool.expert_actions(s) if wants_plan else None for s in slots]
+            steps = [_student_step(reply) for reply in replies]
+            _execute(pool, slots, episodes, steps, totals)
+
+            if judge is not None:
+                _judge_and_correct(pool, slots, episodes, steps, plans, judge, totals)
+
+            for s, ep in zip(slots, episodes):
+                if ep.done or ep.failure is not None or ep.steps_taken >= pool.max_steps(ep.task):
+                    finish(s)
+            fill_free_slots()
+    finally:
+        bar.close()
+    return [results[i] for i in range(len(tasks))]
+
+
+def _start_episode(pool: EnvPool, slot: int, task: TaskRef, instruction: str, totals: RolloutTotals) -> Episode:
+    traj = Trajectory(id=f"{task.split}:{task.id}", env=task.env, task_id=task.id, split=task.split,
+                      instruction=instruction, task="", meta={"task_type": task.name})
+    ep = Episode(task=task, trajectory=traj)
+    t0 = time.perf_counter()
+    reset = pool.reset(slot, task)
+    ep.env_seconds += time.perf_counter() - t0
+    totals.env_seconds += time.perf_counter() - t0
+    if isinstance(reset, Reset):
+        traj.task = reset.task
+    else:
+        ep.failure = f"env reset: {reset.reason}"
+    return ep
+
+
+def _student_step(reply: str) -> Step:
+    parsed = parse_react(reply)
+    if parsed is None:  # kept as written so the trajectory shows what the model produced
+        return Step(thought=reply.strip(), action="", kind="student", weight=1)
+    return Step(thought=parsed.thought, action=parsed.action, kind="student", weight=1)
+
+
+def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: list[Step],
+             totals: RolloutTotals) -> None:
+    """Append each step to its episode and run its action; an invalid step gets the format observation."""
+    calls = [(s, st.action) for s, st in zip(slots, steps) if st.action]
+    t0 = time.perf_counter()
+    outcomes = iter(pool.step_many(calls)) if calls else iter(())
+    dt = time.perf_counter() - t0
+    totals.env_seconds += dt
+    for ep, st in zip(episodes, steps):
+        ep.trajectory.steps.append(st)
+        ep.steps_taken += 1
+        totals.agent_steps += 1
+        if not st.action:
+            ep.invalid_actions += 1
+            st.observation = INVALID_FORMAT_OBSERVATION
+            continue
+        ep.env_seconds += dt / max(1, len(calls))
+        _apply(ep, st, next(outcomes))
+
+
+def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
+    if not isinstance(outcome, StepResult):
+        st.observation = ""
+        ep.failure = f"env step: {getattr(outcome, 'reason', outcome)}"
+        return
+    st.observation = outcome.observation
+    ep.reward_before = ep.trajectory.reward
+    if outcome.info.get("invalid"):
+        ep.invalid_actions += 1
+    ep.trajectory.reward = min(1.0, max(0.0, float(outcome.reward)))
+    ep.trajectory.success = ep.trajectory.reward >= 1.0 or bool(outcome.info.get("won"))
+    ep.done = bool(outcome.done)
+
+
+def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: list[Step],
+                       plans: list[list[str] | None], judge: JudgeFn, totals: RolloutTotals) -> None:
+    # Only steps that were really executed are judged: a failed env step has nothing to judge.
+    batch = [(i, (ep, st, plan)) for i, (ep, st, plan) in enumerate(zip(episodes, steps, plans))
+             if ep.failure is None]
+    if not batch:
+        return
+    t0 = time.perf_counter()
+    if getattr(judge, "wants_plan_after", False):
+        for i, (ep, _, _) in batch:
+            ep.expert_plan_after = pool.expert_actions(slots[i])
+    critiques = judge([item for _, item in batch])
+    dt = time.perf_counter() - t0
+    totals.judge_seconds += dt
+    if len(critiques) != len(batch):
+        raise ValueError(f"judge returned {len(critiques)} critiques for {len(batch)} steps")
+
+    fix_slots, fix_eps, fixes = [], [], []
+    for (i, (ep, st, _)), crit in zip(batch, critiques):
+        ep.judge_seconds += dt / len(batch)
+        if crit is None or not crit.is_error:
+            continue
+        st.kind, st.weight, st.critique = "error", 0, crit
+        if ep.done or ep.steps_taken >= pool.max_steps(ep.task) or not crit.corrected_action.strip():
+            continue  # nothing left to correct in, or the teacher gave no corrected action
+        thought = " ".join(p for p in (crit.reflection.strip(), crit.corrected_thought.strip()) if p)
+        fix_slots.append(slots[i])
+        fix_eps.append(ep)
+        fixes.append(Step(thought=thought, action=crit.corrected_action.strip(), kind="reflection", weight=1))
+    if fixes:
+        _execute(pool, fix_slots, fix_eps, fixes, totals)
+
+
+class _Progress:
+    """Rich progress bar with episodes/s and the running mean reward."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled and total > 0
+        self.n = 0
+        self.reward_sum = 0.0
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(TextColumn("episodes"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]:.2f} ep/s  reward {task.fields[reward]:.1f}"),
+                                     TimeElapsedColumn())
+            self.task = self.progress.add_task("rollout", total=total, rate=0.0, reward=0.0)
+            self.start = time.perf_counter()
+            self.progress.start()
+
+    def advance(self, ep: Episode) -> None:
+        self.n += 1
+        self.reward_sum += ep.reward
+        if self.enabled:
+            rate = self.n / max(1e-9, time.perf_counter() - self.start)
+            self.progress.update(self.task, advance=1, rate=rate, reward=100 * self.reward_sum / self.n)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()

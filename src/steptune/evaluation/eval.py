@@ -1,0 +1,114 @@
+"""Evaluate an agent on an environment split: episodes to JSONL (resumable), a summary JSON.
+
+Layout of an eval run directory:
+  episodes.jsonl   one Trajectory per finished episode (meta: steps, invalid actions, truncations, failure)
+  summary.json     average reward x100 and success rate, overall, per split and per task type
+  config.json      the EvalConfig it ran with
+A rerun with the same --out skips episodes already in episodes.jsonl, so a killed run loses at most the
+episodes that were in flight and never duplicates one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
+from steptune.agent.backends.base import GenerationConfig
+from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
+
+EPISODES_FILE = "episodes.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | BackendConfig  # a backend spec string (see steptune.agent.backends) or a full config
+    env: str
+    splits: list[str] = Field(default_factory=lambda: ["unseen"])
+    limit: int | None = None  # first N tasks of each split
+    workers: int = 4  # concurrent episodes (env pool size)
+    out: str
+    name: str | None = None  # label in reports; defaults to the out directory's name
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_context_tokens: int | None = None
+    example: str | None = None  # one in-context example (text of a golden trajectory)
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool = True) -> dict:
+    """Run the not-yet-finished episodes of every split, then (re)write and return the summary."""
+    from steptune.agent.rollout import run_episodes
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if pool_factory is None:
+        from steptune.envs.pool import EnvPool as pool_factory
+    backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=cfg.seed)
+
+    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
+    backend = None
+    try:
+        with TrajectoryWriter(out / EPISODES_FILE) as writer:
+            todo = []
+            for split in cfg.splits:
+                tasks = pool.tasks(split)[: cfg.limit]
+                todo += [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
+            if todo:
+                backend = make_backend(backend_cfg)
+                run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
+                             example=cfg.example, progress=progress,
+                             on_episode_end=lambda ep: writer.write(ep.trajectory))
+    finally:
+        pool.close()
+        if backend is not None:
+            backend.close()
+    summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_episodes(run_dir: str | Path) -> list[Trajectory]:
+    path = Path(run_dir) / EPISODES_FILE
+    return list(iter_trajectories(path)) if path.exists() else []
+
+
+def _aggregate(trajs: list[Trajectory]) -> dict[str, float | int]:
+    n = len(trajs)
+    return {
+        "episodes": n,
+        "avg_reward": round(100 * sum(t.reward for t in trajs) / n, 2) if n else 0.0,
+        "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
+        "avg_steps": round(sum(t.meta.get("steps_taken", len(t.steps)) for t in trajs) / n, 2) if n else 0.0,
+        "invalid_actions": sum(t.meta.get("invalid_actions", 0) for t in trajs),
+        "truncations": sum(t.meta.get("truncations", 0) for t in trajs),
+        "failures": sum(t.meta.get("failure") is not None for t in trajs),
+    }
+
+
+def summarize(trajs: list[Trajectory], **header: Any) -> dict:
+    """Average reward (x100) and success rate (%) overall, per split and per (split, task type)."""
+    by_split: dict[str, list[Trajectory]] = defaultdict(list)
+    by_type: dict[str, dict[str, list[Trajectory]]] = defaultdict(lambda: defaultdict(list))
+    for t in trajs:
+        split = t.split or "unknown"
+        by_split[split].append(t)
+        by_type[split][t.meta.get("task_type", t.task_id.split("/")[1] if "/" in t.task_id else t.task_id)].append(t)
+    return {
+        **header,
+        "overall": _aggregate(trajs),
+        "splits": {s: _aggregate(v) for s, v in sorted(by_split.items())},
+        "task_types": {s: {k: _aggregate(v) for k, v in sorted(types.items())} for s, types in sorted(by_type.items())},
+    }

@@ -1,0 +1,126 @@
+"""Compare evaluation runs side by side: a markdown table (for papers) and an HTML page with plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from steptune.evaluation.eval import SUMMARY_FILE
+
+
+def load_summaries(run_dirs: list[str | Path]) -> list[dict]:
+    summaries = []
+    for d in run_dirs:
+        path = Path(d) / SUMMARY_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: is {d} an eval run directory (steptune eval --out)?")
+        s = json.loads(path.read_text())
+        s.setdefault("name", Path(d).name)
+        summaries.append(s)
+    return summaries
+
+
+def _splits(summaries: list[dict]) -> list[str]:
+    return sorted({sp for s in summaries for sp in s["splits"]})
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """One row per run; per split its average reward (x100) and success rate (%), as papers report them."""
+    splits = _splits(summaries)
+    head = "| Run | " + " | ".join(f"{sp} reward | {sp} success %" for sp in splits) + " | Episodes |"
+    rule = "|---|" + "---:|---:|" * len(splits) + "---:|"
+    rows = []
+    for s in summaries:
+        cells = []
+        for sp in splits:
+            a = s["splits"].get(sp)
+            cells += [f"{a['avg_reward']:.1f}", f"{a['success_rate']:.1f}"] if a else ["–", "–"]
+        rows.append(f"| {s['name']} | " + " | ".join(cells) + f" | {s['overall']['episodes']} |")
+    return "\n".join([head, rule, *rows])
+
+
+def task_type_table(summaries: list[dict], split: str) -> str:
+    types = sorted({t for s in summaries for t in s["task_types"].get(split, {})})
+    head = "| Task type | " + " | ".join(s["name"] for s in summaries) + " |"
+    rule = "|---|" + "---:|" * len(summaries)
+    rows = []
+    for t in types:
+        cells = []
+        for s in summaries:
+            a = s["task_types"].get(split, {}).get(t)
+            cells.append(f"{a['avg_reward']:.1f} ({a['episodes']})" if a else "–")
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
+
+
+def plot_rewards(summaries: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = _splits(summaries)
+    width = 0.8 / max(1, len(summaries))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits) * max(1, len(summaries)) / 2, 3.2))
+    for i, s in enumerate(summaries):
+        vals = [s["splits"].get(sp, {}).get("avg_reward", 0.0) for sp in splits]
+        ax.bar([j + i * width for j in range(len(splits))], vals, width, label=s["name"])
+    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(splits))], splits)
+    ax.set_ylabel("average reward (x100)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.html (plot embedded) and rewards.png (alongside) to `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = load_summaries(run_dirs)
+    md = ["# Evaluation report", "", markdown_table(summaries), ""]
+    for sp in _splits(summaries):
+        md += [f"## {sp}: average reward by task type (episodes)", "", task_type_table(summaries, sp), ""]
+    md += ["![average reward](rewards.png)", ""]
+    png = plot_rewards(summaries, out / "rewards.png")
+    (out / "report.md").write_text("\n".join(md))
+    img = base64.b64encode(png.read_bytes()).decode()
+    body = "\n".join(_block_to_html(block) for block in _blocks(md[:-2]))
+    (out / "report.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>steptune report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+        f"</head><body>{body}<img alt='average reward' src='data:image/png;base64,{img}'></body></html>")
+    return {"markdown": out / "report.md", "html": out / "report.html", "plot": png}
+
+
+def _blocks(lines: list[str]) -> list[str]:
+    blocks, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            blocks.append("\n".join(cur))
+            cur = []
+    return blocks + (["\n".join(cur)] if cur else [])
+
+
+def _block_to_html(block: str) -> str:
+    if block.startswith("|"):
+        return _md_table_to_html(block)
+    if block.startswith("#"):
+        level = min(3, len(block) - len(block.lstrip("#")))
+        return f"<h{level}>{html.escape(block.lstrip('# '))}</h{level}>"
+    return f"<p>{html.escape(block)}</p>"
+
+
+def _md_table_to_html(block: str) -> str:
+    lines = block.splitlines()
+    cells = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+    head, rows = cells[0], cells[1:]
+    return ("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>")

@@ -1,0 +1,84 @@
+"""Local transformers backend and the backend factory."""
+
+import pytest
+from _react_model import react_model_fixture, varied_prompts
+
+from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
+from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.backends.local import LocalBackend, cut_at_stop
+from steptune.agent.policy import REACT_STOP, parse_react
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    return LocalBackend(react_model_fixture(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return varied_prompts()
+
+
+def test_batched_generation_equals_one_at_a_time(backend, prompts):
+    gen = GenerationConfig(max_new_tokens=30)
+    assert len({backend.count_tokens(c) for c in prompts}) > 1
+    assert backend.complete(prompts, gen) == [backend.complete([c], gen)[0] for c in prompts]
+
+
+def test_react_stops_end_turn_at_action_line(backend, prompts):
+    out = backend.complete(prompts, GenerationConfig(max_new_tokens=60, stop=REACT_STOP))
+    assert [parse_react(o).action for o in out[::2]] == ["take coin", "take coin"]  # first turns
+    assert all(o.rstrip().splitlines()[-1].startswith("Action:") for o in out[::2])
+    assert not any(stop in o for o in out for stop in REACT_STOP)
+
+
+def test_stop_only_matches_generated_text(backend, prompts):
+    # The prompt ends "assistant\n" and the reply starts "Thought:"; a "\nThought:" stop must not fire there.
+    out = backend.complete(prompts[:1], GenerationConfig(max_new_tokens=30, stop=["\nThought:"]))[0]
+    assert out.startswith("Thought: I should") and "Action:" in out
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(backend, prompts):
+    gen = GenerationConfig(max_new_tokens=20, temperature=5.0, seed=7)
+    a, b = backend.complete(prompts, gen), backend.complete(prompts, gen)
+    assert a == b
+    assert a != backend.complete(prompts, GenerationConfig(max_new_tokens=20))
+
+
+def test_max_batch_size_splits_batches_without_changing_output(backend, prompts):
+    gen = GenerationConfig(max_new_tokens=16)
+    full = backend.complete(prompts, gen)
+    backend.max_batch_size = 3
+    try:
+        assert backend.complete(prompts, gen) == full
+    finally:
+        backend.max_batch_size = 32
+
+
+def test_cut_at_stop_uses_earliest_stop():
+    assert cut_at_stop("a\nAction: x\nObservation: y\n\nz", REACT_STOP) == "a\nAction: x"
+    assert cut_at_stop("no stops", ["\n"]) == "no stops"
+
+
+def test_backend_specs():
+    assert parse_backend_spec("runs/base") == BackendConfig(kind="local", model="runs/base")
+    assert parse_backend_spec("local:/m") == BackendConfig(kind="local", model="/m")
+    cfg = parse_backend_spec("openai:teacher@http://127.0.0.1:9/v1")
+    assert (cfg.kind, cfg.model, cfg.base_url) == ("openai", "teacher", "http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match="openai:MODEL@BASE_URL"):
+        parse_backend_spec("openai:teacher")
+    with pytest.raises(ValueError, match="base_url"):
+        make_backend(BackendConfig(kind="openai", model="x"))
+
+
+def test_make_backend_builds_local(tiny_model_dir):
+    b = make_backend(f"local:{tiny_model_dir}")
+    assert isinstance(b, LocalBackend) and len(b.complete([[{"role": "user", "content": "hi"}]],
+                                                           GenerationConfig(max_new_tokens=3))) == 1
+
+
+def test_per_row_prefill_equals_padded_batch_prefill(backend, prompts):
+    assert backend.prefill_per_row  # the CPU default for Llama-family models
+    padded = LocalBackend(backend.model.name_or_path, prefill_per_row=False)
+    for gen in (GenerationConfig(max_new_tokens=30), GenerationConfig(max_new_tokens=30, temperature=2.0, seed=3)):
+        assert backend.complete(prompts, gen) == padded.complete(prompts, gen)

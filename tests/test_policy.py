@@ -1,0 +1,165 @@
+"""Policy text handling and the batched rollout loop, on real TextWorldExpress with real tiny models."""
+
+import pytest
+from _react_model import react_model_fixture
+from _twx_pool import twx_pool
+
+from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.backends.local import LocalBackend
+from steptune.agent.policy import (
+    INVALID_FORMAT_OBSERVATION,
+    build_conversation,
+    parse_react,
+)
+from steptune.agent.rollout import RolloutTotals, run_episodes
+from steptune.data.trajectory import Critique, Step, Trajectory
+from steptune.envs.base import TaskRef
+
+
+@pytest.fixture(scope="module")
+def react_model_dir(tmp_path_factory):
+    return react_model_fixture(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = twx_pool(4)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("text, thought, action", [
+    ("Thought: go get it\nAction: take coin", "go get it", "take coin"),
+    ("  thought:  go\n  ACTION :   open fridge  \n", "go", "open fridge"),
+    ("Action: look around", "", "look around"),
+    ("I think so.\nAction: take coin", "I think so.", "take coin"),
+])
+def test_parse_react_tolerates_casing_and_spacing(text, thought, action):
+    parsed = parse_react(text)
+    assert parsed is not None and (parsed.thought, parsed.action) == (thought, action)
+
+
+@pytest.mark.parametrize("text", ["Thought: hmm", "", "Action:   ", "Action: a\nAction: b", "Actions: a"])
+def test_parse_react_rejects_missing_or_multiple_actions(text):
+    assert parse_react(text) is None
+
+
+def _traj(n_steps: int) -> Trajectory:
+    steps = [Step(thought=f"thought {i} " * 10, action=f"act {i}", observation=f"obs {i} " * 10, kind="student")
+             for i in range(n_steps)]
+    return Trajectory(id="t", env="twx", task_id="twx/coin/0", instruction="INSTR", task="TASK", steps=steps)
+
+
+def test_conversation_alternates_and_ends_with_last_observation():
+    conv, cut = build_conversation(_traj(3), example="EXAMPLE")
+    assert not cut
+    assert [m["role"] for m in conv] == ["user"] + ["assistant", "user"] * 3
+    assert conv[0]["content"].startswith("INSTR") and "EXAMPLE" in conv[0]["content"] and "TASK" in conv[0]["content"]
+    assert conv[1]["content"] == "Thought: " + "thought 0 " * 10 + "\nAction: act 0"
+    assert conv[-1]["content"].startswith("Observation: obs 2")
+
+
+def test_truncation_keeps_head_and_most_recent_steps():
+    full, _ = build_conversation(_traj(10))
+    conv, cut = build_conversation(_traj(10), max_context_tokens=150)
+    assert cut and len(conv) < len(full)
+    assert conv[0] == full[0] and conv[-1] == full[-1] and conv[1]["role"] == "assistant"
+    from steptune.agent.policy import approx_token_count
+
+    assert approx_token_count(conv) <= 150
+
+
+def test_rollout_solves_games_and_records_trajectories(react_model_dir, pool):
+    backend = LocalBackend(react_model_dir)
+    totals = RolloutTotals()
+    finished = []
+    tasks = pool.tasks("unseen")[:6]
+    eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=40), progress=False,
+                       on_episode_end=finished.append, totals=totals)
+    assert [e.task for e in eps] == tasks and len(finished) == 6
+    assert sum(e.success for e in eps) >= 4  # the trained policy plays coin: look around, take coin
+    for e in eps:
+        assert e.trajectory.id == f"unseen:{e.task.id}" and e.trajectory.meta["steps_taken"] == e.steps_taken
+        assert all(s.kind == "student" and s.observation is not None for s in e.trajectory.steps)
+        assert e.steps_taken <= pool.max_steps(e.task)
+    assert totals.agent_steps == sum(e.steps_taken for e in eps) and totals.model_calls >= 2
+
+
+def test_batched_rollout_matches_one_at_a_time(tiny_model_dir, react_model_dir):
+    """Left padding + batching must not change greedy decisions."""
+    tasks = [TaskRef("twx", "coin", seed, "unseen") for seed in range(4)]
+    gen = GenerationConfig(max_new_tokens=24)
+    for model in (react_model_dir, tiny_model_dir):
+        backend = LocalBackend(model)
+        batched_pool, single_pool = twx_pool(4), twx_pool(1)
+        try:
+            batched = run_episodes(batched_pool, tasks, backend, gen, progress=False)
+            single = run_episodes(single_pool, tasks, backend, gen, progress=False)
+        finally:
+            batched_pool.close()
+            single_pool.close()
+        for b, s in zip(batched, single):
+            assert b.trajectory.steps == s.trajectory.steps and b.reward == s.reward
+
+
+def test_invalid_outputs_get_format_observation_and_are_counted(tiny_model_dir, pool):
+    # A random-init model writes no "Action:" line: every turn is invalid, none crashes the loop.
+    eps = run_episodes(pool, pool.tasks("seen")[:2], LocalBackend(tiny_model_dir), GenerationConfig(max_new_tokens=8),
+                       progress=False)
+    for e in eps:
+        assert e.steps_taken == pool.max_steps(e.task) and e.invalid_actions == e.steps_taken
+        assert all(s.observation == INVALID_FORMAT_OBSERVATION for s in e.trajectory.steps)
+        assert e.trajectory.meta["invalid_actions"] == e.steps_taken and not e.success
+
+
+def test_env_failure_is_recorded_and_other_episodes_continue(react_model_dir, pool):
+    tasks = [TaskRef("twx", "coin", "broken", "seen"), *pool.tasks("seen")[:2]]
+    eps = run_episodes(pool, tasks, LocalBackend(react_model_dir), GenerationConfig(max_new_tokens=40), progress=False)
+    assert eps[0].failure.startswith("env reset: ") and "broken" in eps[0].failure and eps[0].trajectory.meta["failure"] == eps[0].failure
+    assert all(e.failure is None and e.steps_taken > 0 for e in eps[1:])
+
+
+def test_judge_turns_wrong_steps_into_error_plus_executed_reflection(react_model_dir):
+    seen = []
+
+    def judge(batch):
+        out = []
+        for ep, step, plan in batch:
+            seen.append((ep.task, step.action, plan))
+            if ep.steps_taken == 1 and not ep.done:  # call every first move wrong, whatever it was
+                out.append(Critique(is_error=True, error="wasted a move", reflection="I should follow the plan.",
+                                    corrected_thought="Next is the expert's step.", corrected_action=plan[0]))
+            else:
+                out.append(None)
+        return out
+
+    # Four rooms: the coin is usually out of sight, so a first move rarely ends the game.
+    pool = twx_pool(3, max_steps=6, game_params="numLocations=4,includeDoors=0")
+    try:
+        eps = run_episodes(pool, pool.tasks("seen")[:3], LocalBackend(react_model_dir),
+                           GenerationConfig(max_new_tokens=40), judge=judge, progress=False)
+    finally:
+        pool.close()
+    assert seen and all(plan for _, _, plan in seen)  # expert plans were fetched before stepping
+    corrected = [e for e in eps if e.trajectory.steps[0].kind == "error"]
+    assert corrected, "no first move was left open to correct"
+    for e in corrected:
+        kinds = [(s.kind, s.weight) for s in e.trajectory.steps]
+        assert kinds[:2] == [("error", 0), ("reflection", 1)] and all(k == ("student", 1) for k in kinds[2:])
+        err, fix = e.trajectory.steps[:2]
+        assert err.critique.error == "wasted a move" and err.observation  # the wrong step keeps its observation
+        first_plan = next(plan for task, _, plan in seen if task == e.task)
+        assert fix.thought == "I should follow the plan. Next is the expert's step." and fix.action == first_plan[0]
+        assert fix.observation and e.trajectory.n_errors == 1 and e.steps_taken == len(e.trajectory.steps)
+
+
+def test_long_episodes_are_truncated_and_counted(react_model_dir):
+    pool = twx_pool(2, max_steps=5, game_params="numLocations=4,includeDoors=0")
+    backend = LocalBackend(react_model_dir)
+    try:
+        eps = run_episodes(pool, pool.tasks("seen")[:2], backend, GenerationConfig(max_new_tokens=40),
+                           max_context_tokens=400, progress=False)
+    finally:
+        pool.close()
+    for e in eps:
+        assert e.steps_taken == 5 and e.truncations > 0 and e.trajectory.meta["truncations"] == e.truncations
