@@ -10,6 +10,7 @@ Each stage writes under the run directory and is recorded in manifest.json; a fi
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,14 @@ class Run:
         from steptune.training.sft import TrainConfig, train
 
         start = self.model_dir("golden_d1") if method == "sequential" else self.base_model
+        if not any(load_trajectories(p) for p in data):
+            # nothing survived filtering: sequential training has no data, so its model is the base agent
+            target = self.model_dir(method)
+            if target.is_symlink() or target.exists():
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            target.symlink_to(Path(start).resolve(), target_is_directory=True)
+            console.print(f"[yellow]{method}: no training data (Dr is empty); using {start} as is[/yellow]")
+            return {"skipped": "no training data", "model": str(start)}
         cfg = TrainConfig.model_validate({**self.cfg.train, "model": str(start), "data": [str(p) for p in data],
                                           "output_dir": str(self.model_dir(method)), "seed": self.cfg.seed,
                                           "unmask_errors": method == "step_unmasked"})

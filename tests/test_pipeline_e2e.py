@@ -1,0 +1,101 @@
+"""The whole STeP pipeline, through the real CLI, on the smoke preset (real TextWorldExpress, tiny Llama)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
+from steptune.data.trajectory import load_trajectories
+from steptune.pipeline.config import METHOD_TITLES
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-c", "from steptune.cli import app; app()"]
+METHODS = ["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
+
+
+def quickstart(out: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*CLI, "quickstart", "--preset", "smoke", "--output", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = quickstart(out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    return out, log
+
+
+def episodes(run: Path, method: str) -> dict[str, tuple]:
+    trajs = load_trajectories(run / "eval" / method / "episodes.jsonl")
+    ids = [t.id for t in trajs]
+    assert len(ids) == len(set(ids)), "an evaluation episode was duplicated"
+    return {t.id: (t.reward, tuple(s.action for s in t.steps)) for t in trajs}
+
+
+def test_smoke_pipeline_produces_every_artifact(smoke_run):
+    run, log = smoke_run
+    golden = load_trajectories(run / "data" / "golden.jsonl")
+    assert len(golden) == 24 and all(t.success for t in golden)
+    d1, d2 = (load_trajectories(run / "data" / f"{n}.jsonl") for n in ("d1", "d2"))
+    assert not {t.task_id for t in d1} & {t.task_id for t in d2} and len(d1) + len(d2) == 24
+    dr = load_trajectories(run / "data" / "dr.jsonl")
+    assert dr and all(t.success for t in dr)
+    tok = AutoTokenizer.from_pretrained(run / "models" / "init")
+    for t in dr:  # wrong steps stay in context untrained, each followed by a trained correction
+        enc = encode_trajectory(t, tok)
+        for (start, end, _), step, nxt in zip(enc.step_spans, t.steps, t.steps[1:] + [None]):
+            trained = any(label != IGNORE_INDEX for label in enc.labels[start:end])
+            assert trained == (step.weight == 1)
+            if step.kind == "error":
+                assert step.weight == 0 and nxt is not None and nxt.kind == "reflection"
+    for m in METHODS:
+        model = run / "models" / m
+        assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
+        summary = json.loads((run / "eval" / m / "summary.json").read_text())
+        assert set(summary["splits"]) == {"seen", "unseen"}
+        assert all(s["episodes"] == 8 for s in summary["splits"].values())
+    assert json.loads((run / "models" / "step_unmasked" / "train_summary.json").read_text())["masked_error_steps"] == 0
+    assert json.loads((run / "models" / "step" / "train_summary.json").read_text())["masked_error_steps"] > 0
+    report = (run / "report" / "report.md").read_text()
+    assert all(METHOD_TITLES[m] in report for m in METHODS) and "Synthesis" in report
+    assert (run / "report" / "report.html").stat().st_size > 10_000  # plots embedded
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert "STeP (D1 ∪ Dr, partial masking)" in log and "report.html" in log
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    run, _ = smoke_run
+    t0 = time.perf_counter()
+    proc = quickstart(run)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert log.count("up to date, skipped") >= 15 and time.perf_counter() - t0 < 60
+
+
+def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
+    clean, _ = smoke_run
+    run = tmp_path / "killed"
+    proc = quickstart(run, start_new_session=True)
+    target = run / "eval" / "golden_d1" / "episodes.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (target.exists() and target.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and everything it started
+    proc.wait()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["eval:golden_d1"]["status"] == "running"
+    proc = quickstart(run)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    for m in METHODS:
+        assert episodes(run, m) == episodes(clean, m)
