@@ -55,26 +55,32 @@ def task_type_table(summaries: list[dict], split: str) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def plot_rewards(summaries: list[dict], path: Path) -> Path:
+def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, ylabel: str) -> Path:
+    """One bar per series in each group (e.g. methods within splits); values on a 0-100 scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = _splits(summaries)
-    width = 0.8 / max(1, len(summaries))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(splits) * max(1, len(summaries)) / 2, 3.2))
-    for i, s in enumerate(summaries):
-        vals = [s["splits"].get(sp, {}).get("avg_reward", 0.0) for sp in splits]
-        ax.bar([j + i * width for j in range(len(splits))], vals, width, label=s["name"])
-    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(splits))], splits)
-    ax.set_ylabel("average reward (x100)")
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 + 0.8 * len(groups) * max(1, len(series))), 3.2))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], groups,
+                  rotation=20 if len(groups) > 4 else 0, fontsize=8)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_rewards(summaries: list[dict], path: Path) -> Path:
+    splits = _splits(summaries)
+    series = {s["name"]: [s["splits"].get(sp, {}).get("avg_reward", 0.0) for sp in splits] for s in summaries}
+    return grouped_bars(splits, series, path, "average reward (x100)")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:

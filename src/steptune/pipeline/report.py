@@ -7,7 +7,14 @@ import base64
 import json
 from pathlib import Path
 
-from steptune.evaluation.report import _block_to_html, _blocks, markdown_table, plot_rewards, task_type_table
+from steptune.evaluation.report import (
+    _block_to_html,
+    _blocks,
+    grouped_bars,
+    markdown_table,
+    plot_rewards,
+    task_type_table,
+)
 from steptune.pipeline.config import METHOD_TITLES
 
 TRAIN_LOG = "train_log.jsonl"
@@ -64,21 +71,10 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
 
 
 def plot_per_task_type(summaries: list[dict], split: str, path: Path) -> Path:
-    plt = _plt()
     types = sorted({t for s in summaries for t in s["task_types"].get(split, {})})
-    width = 0.8 / max(1, len(summaries))
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(types) + 2), 3.2))
-    for i, s in enumerate(summaries):
-        vals = [s["task_types"].get(split, {}).get(t, {}).get("avg_reward", 0.0) for t in types]
-        ax.bar([j + i * width for j in range(len(types))], vals, width, label=s["name"])
-    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(types))], types, rotation=20, fontsize=7)
-    ax.set_ylabel(f"{split}: average reward (x100)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series = {s["name"]: [s["task_types"].get(split, {}).get(t, {}).get("avg_reward", 0.0) for t in types]
+              for s in summaries}
+    return grouped_bars(types, series, path, f"{split}: average reward (x100)")
 
 
 def plot_synthesis(stats: dict, path: Path) -> Path:
