@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def _find_task(env, split="seen", prefix="task-3-find"):
 
 
 def _java_children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=,ppid=,comm=", "-e"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-o", "pid=,ppid=,comm=", "-e"], capture_output=True, text=True, check=False).stdout
     rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
     kids, frontier = [], [pid]
     while frontier:
@@ -35,10 +36,16 @@ def _java_children(pid: int) -> list[int]:
 def test_splits_match_eto_files():
     env = ScienceWorldEnv()
     assert [len(env.tasks(s)) for s in ("train", "seen", "unseen")] == [1483, 194, 211]
-    if ETO.exists():  # packaged copy equals the shared ETO files
-        pairs = json.loads((ETO / "test_indices.json").read_text())
-        assert [[t.name, t.variation] for t in env.tasks("unseen")] == pairs
-    assert env.max_steps(_find_task(env)) == 15
+    if ETO.exists():  # packaged copy equals the shared ETO files, names and variations in order
+        for split, f in (("train", "train_indices"), ("seen", "dev_indices"), ("unseen", "test_indices")):
+            pairs = json.loads((ETO / f"{f}.json").read_text())
+            assert [[t.name, t.variation] for t in env.tasks(split)] == pairs
+    assert all(t.split == "seen" and t.env == "sciworld" for t in env.tasks("seen"))
+    limits = json.loads((ETO / "max_steps.json").read_text()) if ETO.exists() else {"task-3-find-animal": 15}
+    task = _find_task(env)
+    assert env.max_steps(task) == limits[task.name] == 15
+    assert ScienceWorldEnv(max_steps=7).max_steps(task) == 7
+    assert env._sw is None  # listing tasks starts no JVM
     with pytest.raises(ValueError):
         env.tasks("nope")
 
@@ -56,15 +63,29 @@ def test_gold_replay_invalid_action_and_expert():
             result = env.step(action)
         assert result.done and result.info["won"] and result.reward == 1.0
 
-        # fresh episode: an invalid action is answered as the benchmark does, and the expert can't tell anymore
+        # fresh episode: an invalid action is answered as the benchmark does, rewards nothing, keeps the expert
         env.reset(task)
+        gold = env.expert_actions()  # regenerated at load; find-animal tasks may pick another animal
+        before = env.step("look around")
+        assert not before.info["invalid"] and env.expert_actions() == gold  # a no-op keeps the gold prefix
         bad = env.step("fly to the moon")
         assert bad.observation.strip() == INVALID_MARK and bad.info["invalid"] and not bad.done
-        assert bad.reward < 1.0  # a task may start with a small partial score; an invalid action adds none
-        assert env.expert_actions() is None
+        assert bad.reward == before.reward < 1.0
+        assert env.expert_actions() == gold
+
+        # divergence: follow one gold step, then go somewhere else; the expert re-plans from the gold remainder
+        env.step(gold[0])
+        detour = next(a for a in ("teleport to bathroom", "teleport to workshop") if a not in gold)
+        assert not env.step(detour).info["invalid"]
+        plan = env.expert_actions()  # best effort: the unexecuted gold actions from the first one valid now
+        assert plan and plan[-1] == gold[-1] and gold[0] not in plan
+        assert plan == [a for a in gold[1:] if a in plan] and gold[1:].index(plan[0]) + len(plan) == len(gold) - 1
+        assert plan[0] in set(env._sw.get_valid_action_object_combinations())
+        assert not env.step(plan[0]).info["invalid"]
 
 
 def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
+    before = _scienceworld_jvms()
     pool = EnvPool("sciworld", size=1)
     try:
         task = _find_task(pool.spec)
@@ -85,6 +106,13 @@ def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
     alive = [p for p in pids + jvms if Path(f"/proc/{p}").exists()
              and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
     assert not alive
+    time.sleep(0.5)
+    assert _scienceworld_jvms() <= before, "a ScienceWorld JVM was left behind"
+
+
+def _scienceworld_jvms() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "scienceworld"], capture_output=True, text=True, check=False).stdout
+    return {int(p) for p in out.split()} - {os.getpid()}
 
 
 def test_expert_trajectories_replay_to_success_and_resume(tmp_path):
@@ -100,3 +128,14 @@ def test_expert_trajectories_replay_to_success_and_resume(tmp_path):
     assert all(thoughts) and len(set(thoughts)) > len(thoughts) // 2  # informative, not one fixed template
     again = write_expert_trajectories("sciworld", "seen", out, limit=2, workers=1)
     assert again.written == 0 and again.skipped_done == 2
+
+
+def test_short_gold_paths_replay_to_success_across_task_types():
+    with ScienceWorldEnv() as env:
+        picks = [next(t for t in env.tasks("unseen") if t.name.startswith(p)) for p in ("task-6-lifespan", "task-3-find")]
+        for task in picks:
+            env.reset(task)
+            for action in env.expert_actions():
+                result = env.step(action)
+                assert not result.info["invalid"], action
+            assert result.done and result.info["won"] and result.reward == 1.0, task

@@ -1,22 +1,21 @@
 """ScienceWorld with the ETO split (train 1,483 / seen 194 / unseen 211 `[task_name, variation]` pairs).
 
-Speed: `ScienceWorldEnv.step` of the library also asks the JVM for look/inventory/task text and enumerates every
-valid action-object combination (~100-140 ms a step); we call the server's `step`, `getScore` and
+Speed: the library's `ScienceWorldEnv.step` also asks the JVM for look/inventory/task text and enumerates every
+valid action-object combination (~100-140 ms a step); our `step` calls the server's `step`, `getScore` and
 `getCompleted` only (~7 ms). The gold path is generated at `load` (generateGoldPath=True), and we never call the
 library's `reset()` afterwards, because a reset after a gold-path load regenerates the gold path (up to 25 s):
 each episode is a fresh `load`, which already puts the world at its first move.
 
-Reward = best score reached so far / 100; negative scores (a failed task) count as 0 and end the episode.
-Invalid actions get the simulator's own answer ("No known action matches that input.") and `info["invalid"]`.
-
-Expert: `expert_actions()` is the rest of the gold path while the agent has followed it exactly; once the agent
-took any other action the expert can no longer tell (None). Mendelian tasks draw random seeds, so a gold path
-may not replay to success: `replay_gold` re-loads (regenerating it) up to `retries` times.
+Reward = best score reached so far / 100, clipped to 0..1; a negative score (a failed task) counts as 0 and ends
+the episode. Invalid actions get the simulator's own answer ("No known action matches that input.") and
+`info["invalid"] = True`. The ETO data files ship inside the package (resources/eto_sciworld).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from functools import cache
 from importlib import resources
 
@@ -25,6 +24,7 @@ from steptune.envs.base import Env, Reset, StepResult, TaskRef
 SPLIT_FILES = {"train": "train_indices.json", "seen": "dev_indices.json", "dev": "dev_indices.json",
                "unseen": "test_indices.json", "test": "test_indices.json"}
 INVALID_MARK = "No known action matches that input."
+NO_OPS = frozenset({"look around", "look", "inventory"})  # change nothing, so they never break the gold prefix
 
 
 @cache
@@ -32,16 +32,23 @@ def _eto_file(name: str):
     return json.loads(resources.files("steptune").joinpath("resources/eto_sciworld/" + name).read_text())
 
 
+def _norm(action: str) -> str:
+    return " ".join(action.strip().split())
+
+
 class ScienceWorldEnv(Env):
     name = "sciworld"
 
-    def __init__(self, simplifications: str = "easy", heap: str = "512m", step_limit: int = 1000):
-        self.simplifications = simplifications
+    def __init__(self, simplification: str = "easy", max_steps: int | None = None, jar: str | None = None,
+                 heap: str = "512m", step_limit: int = 10_000, simplifications: str | None = None):
+        self.simplification = simplifications if simplifications is not None else simplification
+        self.max_steps_override = max_steps  # None: ETO's per-task limit
+        self.jar = jar  # None: the JAR inside the scienceworld wheel
         self.heap = heap
         self.step_limit = step_limit
         self._sw = None  # the JVM starts on the first reset, so listing tasks is free
         self._gold: list[str] = []
-        self._taken: list[str] = []
+        self._done_actions: list[str] = []  # valid, state-changing actions taken this episode
         self._best = 0.0
 
     def tasks(self, split: str) -> list[TaskRef]:
@@ -50,54 +57,78 @@ class ScienceWorldEnv(Env):
         return [TaskRef(self.name, name, int(var), split) for name, var in _eto_file(SPLIT_FILES[split])]
 
     def max_steps(self, task: TaskRef) -> int:
+        if self.max_steps_override is not None:
+            return int(self.max_steps_override)
         return int(_eto_file("max_steps.json").get(task.name, 30))
 
     def _server(self):
         if self._sw is None:
-            import os
-
             # the library launches java itself; the heap flag travels through JAVA_TOOL_OPTIONS
             opts = os.environ.get("JAVA_TOOL_OPTIONS", "")
-            if "-Xmx" not in opts:
+            if "-Xmx" not in opts and self.heap:
                 os.environ["JAVA_TOOL_OPTIONS"] = f"{opts} -Xmx{self.heap}".strip()
             from scienceworld import ScienceWorldEnv as _Lib
 
-            self._sw = _Lib("", envStepLimit=self.step_limit)
+            self._sw = _Lib("", serverPath=self.jar, envStepLimit=self.step_limit)
         return self._sw
 
     def reset(self, task: TaskRef) -> Reset:
         sw = self._server()
-        sw.load(task.name, int(task.variation), self.simplifications, generateGoldPath=True)
-        self._gold = [a for a in sw.get_gold_action_sequence() if not a.startswith("ERROR")]
-        self._taken = []
+        sw.load(task.name, int(task.variation), self.simplification, generateGoldPath=True)
+        self._gold = [_norm(a) for a in sw.get_gold_action_sequence() if not a.startswith("ERROR")]
+        self._done_actions = []
         self._best = 0.0
         description = str(sw.server.getTaskDescription())
         first = str(sw.server.step("look around"))
-        return Reset(task=description, observation=first, info={"task_id": task.id})
+        return Reset(task=f"{description}\n{first}", observation=first,
+                     info={"task_id": task.id, "task_type": task.name})
 
     def step(self, action: str) -> StepResult:
         if self._sw is None:
             raise RuntimeError("step() before reset()")
+        action = _norm(action)
         server = self._sw.server
-        observation = str(server.step(action.strip()))
-        score = float(server.getScore())
+        observation = str(server.step(action))  # the raw server step: no valid-action enumeration
+        score = float(server.getScore())  # 0..1 (the library's step multiplies by 100)
+        invalid = observation.strip() == INVALID_MARK
+        if not invalid and action not in NO_OPS:
+            self._done_actions.append(action)
         failed = score < 0
-        self._best = max(self._best, max(score, 0.0))
-        self._taken.append(action.strip())
-        won = bool(server.getCompleted()) and not failed and score >= 1.0
-        done = bool(server.getCompleted()) or failed
-        info = {"won": won}
-        if observation.strip() == INVALID_MARK:
-            info["invalid"] = True
-        return StepResult(observation=observation, reward=min(self._best, 1.0), done=done, info=info)
+        self._best = min(1.0, max(self._best, score, 0.0))
+        won = not failed and score >= 1.0
+        done = bool(server.getCompleted()) or failed or won
+        return StepResult(observation=observation, reward=self._best, done=done,
+                          info={"invalid": invalid, "won": won, "lost": failed})
 
     def gold_path(self) -> list[str]:
         return list(self._gold)
 
     def expert_actions(self) -> list[str] | None:
-        if self._taken != self._gold[:len(self._taken)]:
-            return None  # the agent left the gold path; a gold path can't be recomputed mid-episode
-        return self._gold[len(self._taken):]
+        """The expert's remaining plan (first = next action), or None.
+
+        1. On the gold path: if the valid, non-no-op actions taken so far (`look around`, `look` and
+           `inventory` ignored, invalid actions ignored) are a prefix of the gold path with the same actions
+           removed, the rest of that gold path.
+        2. Off the gold path (best effort, not a true re-plan: ScienceWorld cannot plan mid-episode): the gold
+           actions not yet executed (multiset difference, gold order kept), starting from the first one that is
+           a currently valid action (asks the JVM for the valid-action list, ~100 ms, only here); None when no
+           remaining gold action is valid now.
+        """
+        gold = [a for a in self._gold if a not in NO_OPS]
+        taken = self._done_actions
+        if taken == gold[:len(taken)]:
+            return gold[len(taken):]
+        left, remaining = Counter(taken), []
+        for a in gold:
+            if left[a] > 0:
+                left[a] -= 1
+            else:
+                remaining.append(a)
+        if not remaining or self._sw is None:
+            return None
+        valid = {_norm(a) for a in self._sw.get_valid_action_object_combinations()}
+        start = next((i for i, a in enumerate(remaining) if a in valid), None)
+        return None if start is None else remaining[start:]
 
     def close(self) -> None:
         if self._sw is not None:
