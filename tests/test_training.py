@@ -110,13 +110,15 @@ def test_tiny_model_learns_the_trained_actions_and_not_the_errors(data_file, tmp
 
     texts = [m.content for t in load_trajectories(data_file) for m in t.messages(include_final_observation=True)]
     model_dir = build_tiny_model(texts, tmp_path / "init", TinyModelConfig(num_hidden_layers=2, vocab_size=600))
-    out = train(base_cfg(model_dir, data_file, tmp_path / "m", max_steps=300, batch_size=1, learning_rate=5e-3))
+    # cosine decay: at a constant 5e-3 the loss keeps bouncing around 0.1-0.2 and greedy copies can miss
+    out = train(base_cfg(model_dir, data_file, tmp_path / "m", max_steps=300, batch_size=1, learning_rate=5e-3,
+                         lr_scheduler="cosine"))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
-    assert losses[-1] < 0.1 < losses[0]
+    assert losses[0] > 1.0 and max(losses[-10:]) < 0.05
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    for i in (0, 1, 2, 3):
+    for i in range(12):
         traj = tidy_trajectory(i, with_error=i % 2 == 1)  # exactly as trained
         msgs = [{"role": m.role, "content": m.content} for m in traj.messages()]
         for k, m in enumerate(msgs):
@@ -171,3 +173,41 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, data_file, tmp
     assert summary["steps"] == 3
     assert summary["world_size"] == 2
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ddp") is not None
+
+
+def test_packed_batches_keep_every_mask_exact(tiny_model_dir, data_file, tmp_path):
+    """After TRL's padding-free packing, every sample in the row still trains exactly its weight-1 steps."""
+    from trl import SFTConfig, SFTTrainer
+
+    from steptune.data.trajectory import load_trajectories
+
+    cfg = base_cfg(tiny_model_dir, data_file, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dataset, _ = build_dataset(cfg, tok)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), processing_class=tok,
+                         train_dataset=dataset, args=SFTConfig(
+                             output_dir=str(tmp_path / "ck"), max_length=512, packing=True, packing_strategy="bfd",
+                             padding_free=True, per_device_train_batch_size=2, report_to="none", bf16=False))
+    expected = {}
+    trajs = load_trajectories(data_file)
+    for t in trajs:
+        ids = tuple(encode_trajectory(t, tok).input_ids)
+        expected[ids] = [s.text() + tok.eos_token for s in t.steps if s.weight]
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        pos = batch["position_ids"][0].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:]):
+            ids = tuple(batch["input_ids"][0, a:b].tolist())
+            labels = batch["labels"][0, a:b].tolist()
+            runs, cur = [], []
+            for tok_id, lab in zip(ids, labels):
+                if lab != IGNORE_INDEX:
+                    cur.append(tok_id)
+                elif cur:
+                    runs.append(cur)
+                    cur = []
+            runs += [cur] if cur else []
+            assert [tok.decode(r) for r in runs] == expected[ids]  # the sample is found whole, masks intact
+            seen += 1
+    assert seen == len(trajs)  # every sample, once
