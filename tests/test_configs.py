@@ -18,6 +18,10 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "src/steptu
 def test_config_loads_and_its_files_exist(path):
     cfg = load_config(path)
     assert cfg.env.name in ENVS
+    if cfg.env.name in ("twx", "sciworld"):  # its env kwargs are real constructor arguments and name real tasks
+        from steptune.envs.registry import make_env
+
+        assert make_env(cfg.env.name, **cfg.env.kwargs).tasks(cfg.golden.split)
     # the shared training options are valid TrainConfig fields
     TrainConfig.model_validate({**cfg.train, "model": "m", "data": ["d"], "output_dir": "o"})
     if cfg.launcher and cfg.launcher.accelerate_config:
@@ -31,7 +35,7 @@ def test_config_loads_and_its_files_exist(path):
 
 def test_there_is_a_config_for_each_paper_benchmark_and_the_cpu_model():
     names = {p.stem for p in CONFIGS}
-    assert {"sciworld-llama2-7b", "alfworld-llama2-7b", "webshop-llama2-7b", "smollm2-cpu", "quickstart",
+    assert {"sciworld-llama2-7b", "sciworld-tiny-cpu", "alfworld-llama2-7b", "webshop-llama2-7b", "smollm2-cpu", "quickstart",
             "smoke"} <= names
 
 

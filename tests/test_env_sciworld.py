@@ -12,7 +12,7 @@ import pytest
 from steptune.envs.pool import EnvFailure, EnvPool
 from steptune.envs.sciworld import INVALID_MARK, ScienceWorldEnv
 
-ETO = Path("/work/shared/data/eto-sciworld")
+ETO = Path(__file__).resolve().parents[2] / "shared" / "data" / "eto-sciworld"  # shared/ beside the clone
 
 
 def _find_task(env, split="seen", prefix="task-3-find"):
@@ -48,6 +48,12 @@ def test_splits_match_eto_files():
     assert env._sw is None  # listing tasks starts no JVM
     with pytest.raises(ValueError):
         env.tasks("nope")
+    lifespan = ["task-6-lifespan-(longest-lived)", "task-6-lifespan-(shortest-lived)"]
+    short = ScienceWorldEnv(task_types=lifespan).tasks("train")
+    assert len(short) == 166 and {t.name for t in short} == set(lifespan)
+    assert short == [t for t in env.tasks("train") if t.name in lifespan]  # ETO order kept
+    with pytest.raises(ValueError, match="task-6-lifespan"):
+        ScienceWorldEnv(task_types=["task-6-lifespan"]).tasks("train")
 
 
 def test_gold_replay_invalid_action_and_expert():

@@ -60,3 +60,21 @@ def test_overrides_and_manifest_keys(tmp_path):
     assert Manifest(tmp_path).is_done("golden", "k", [data])
     assert not Manifest(tmp_path).is_done("golden", "other", [data])
     assert not Manifest(tmp_path).is_done("golden", "k", [data, Path(tmp_path / "missing")])
+
+
+def test_run_until_a_stage_stops_there_and_says_so(tmp_path):
+    """`steptune run --until split` on the smoke preset: real TextWorldExpress golden trajectories, no model."""
+    import json
+    import subprocess
+    import sys
+
+    preset = Path(__file__).resolve().parents[1] / "src/steptune/resources/presets/smoke.yaml"
+    cli = [sys.executable, "-c", "from steptune.cli import app; app()", "run", str(preset), "--output", str(tmp_path)]
+    proc = subprocess.run([*cli, "--until", "split"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]
+    assert list(stages) == ["golden", "split"] and all(s["status"] == "done" for s in stages.values())
+    assert (tmp_path / "data" / "d1.jsonl").exists() and not (tmp_path / "models").exists()
+    assert "no evaluation yet" in proc.stdout
+    proc = subprocess.run([*cli, "--until", "nope"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr and "train:golden_d1" in proc.stderr

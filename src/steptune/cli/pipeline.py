@@ -12,7 +12,8 @@ from steptune.cli.app import app
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "resources" / "presets"
 
 
-def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overrides: list[str]) -> Path:
+def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overrides: list[str],
+         until_stage: Optional[str] = None) -> Path:
     import yaml
 
     from steptune.pipeline.config import ConfigError, load_config
@@ -30,7 +31,13 @@ def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overri
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from e
-    run_dir = run_pipeline(cfg, output, from_stage)
+    try:
+        run_dir = run_pipeline(cfg, output, from_stage, until_stage)
+    except ValueError as e:  # an unknown stage name
+        if "unknown stage" not in str(e):
+            raise
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from e
     print_summary(run_dir)
     return run_dir
 
@@ -41,11 +48,12 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: config's output_dir)."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on (e.g. synthesize)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set train.max_steps=100"),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (e.g. filter)."),
 ) -> None:
     """Run STeP end to end: golden → split → base agent → synthesis → filter → training → evaluation → report.
 
     Finished stages are skipped, so rerunning a killed run continues where it stopped."""
-    _run(config, output, from_stage, set_)
+    _run(config, output, from_stage, set_, until)
 
 
 @app.command()

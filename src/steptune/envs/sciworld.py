@@ -40,8 +40,10 @@ class ScienceWorldEnv(Env):
     name = "sciworld"
 
     def __init__(self, simplification: str = "easy", max_steps: int | None = None, jar: str | None = None,
-                 heap: str = "512m", step_limit: int = 10_000, simplifications: str | None = None):
+                 heap: str = "512m", step_limit: int = 10_000, simplifications: str | None = None,
+                 task_types: list[str] | None = None):
         self.simplification = simplifications if simplifications is not None else simplification
+        self.task_types = task_types  # None: every task type; else keep these (e.g. the short lifespan tasks)
         self.max_steps_override = max_steps  # None: ETO's per-task limit
         self.jar = jar  # None: the JAR inside the scienceworld wheel
         self.heap = heap
@@ -54,7 +56,14 @@ class ScienceWorldEnv(Env):
     def tasks(self, split: str) -> list[TaskRef]:
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r} for sciworld; use train, seen or unseen")
-        return [TaskRef(self.name, name, int(var), split) for name, var in _eto_file(SPLIT_FILES[split])]
+        pairs = _eto_file(SPLIT_FILES[split])
+        if self.task_types is not None:
+            known = {name for name, _ in pairs}
+            if unknown := sorted(set(self.task_types) - known):
+                raise ValueError(f"unknown ScienceWorld task type(s) {unknown} for split {split!r}; "
+                                 f"known: {', '.join(sorted(known))}")
+            pairs = [(name, var) for name, var in pairs if name in self.task_types]
+        return [TaskRef(self.name, name, int(var), split) for name, var in pairs]
 
     def max_steps(self, task: TaskRef) -> int:
         if self.max_steps_override is not None:

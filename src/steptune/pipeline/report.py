@@ -129,10 +129,18 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
 
 
 def print_summary(run_dir: Path) -> None:
+    """The method × split table (or, for a run stopped before evaluation, what its stages produced)."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     summaries = method_summaries(run_dir)
+    if not summaries:
+        stats = run_dir / "data" / "filter_stats.json"
+        if stats.exists():
+            console.print("synthesis and filtering (stage 2):", json.loads(stats.read_text()))
+        console.print(f"run directory: {run_dir} (no evaluation yet, so no report)")
+        return
     splits = sorted({sp for s in summaries for sp in s["splits"]})
     table = Table(title="STeP: average reward ×100 (success %)")
     table.add_column("method")
@@ -141,6 +149,5 @@ def print_summary(run_dir: Path) -> None:
     for s in summaries:
         table.add_row(s["name"], *(f"{s['splits'][sp]['avg_reward']:.1f} ({s['splits'][sp]['success_rate']:.0f}%)"
                                    if sp in s["splits"] else "–" for sp in splits))
-    console = Console()
     console.print(table)
     console.print(f"report: {run_dir / 'report' / 'report.html'}")

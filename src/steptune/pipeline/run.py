@@ -238,10 +238,16 @@ class Run:
                      lambda: self._train(method, data))
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None) -> Path:
+def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,
+                 until_stage: str | None = None) -> Path:
+    """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones."""
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
+    if until_stage:
+        if until_stage not in names:
+            raise ValueError(f"unknown stage {until_stage!r}; stages are: {', '.join(names)}")
+        stages = stages[: names.index(until_stage) + 1]
     if from_stage:
         run.manifest.invalidate_from(names, from_stage)
     t_start = time.perf_counter()
