@@ -2,7 +2,9 @@
 
 Synthetic trajectories with ScienceWorld-like lengths (a long instruction, 3-60 steps: a few hundred to a few
 thousand tokens) and a small Llama on the CPU (fp32). Both modes run through steptune's real training path (TRL
-SFTTrainer); the bare loop runs forward/backward/AdamW on the very batches the trainer's dataloader yields.
+SFTTrainer, with the loss steptune uses on a CPU); the bare loop runs forward/backward/AdamW on the very batches
+the trainer's dataloader yields. A third run shows TRL's fused LM head (steptune's default on a GPU) on the CPU.
+overhead_vs_torch = trainer seconds / bare-loop seconds - 1 (0.10 = 10% slower).
 
     python benchmarks/train_throughput.py [--quick]
 
@@ -55,16 +57,20 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def make_trainer(cfg: TrainConfig, tokenizer, dataset, model):
-    from trl import SFTConfig, SFTTrainer
+def make_trainer(cfg: TrainConfig, tokenizer, dataset, model, fused: bool):
+    from trl import SFTConfig
+
+    from steptune.training.sft import masked_sft_trainer
 
     args = SFTConfig(output_dir=cfg.output_dir, max_length=cfg.max_length, packing=cfg.packing,
                      packing_strategy="bfd", padding_free=cfg.packing, per_device_train_batch_size=cfg.batch_size,
                      learning_rate=1e-3, max_steps=cfg.max_steps, logging_steps=10_000, save_strategy="no",
-                     report_to="none", bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                     report_to="none", bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                     activation_checkpointing=False)  # as steptune trains (TRL defaults it on)
     clock = StepClock()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[clock])
+    trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   callbacks=[clock])
+    trainer.fused_lm_head = fused
     return trainer, clock
 
 
@@ -74,14 +80,15 @@ def real_tokens(batch) -> int:
     return int(batch["input_ids"].numel())
 
 
-def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, steps: int, warm: int, tmp: Path):
+def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, steps: int, warm: int, tmp: Path,
+                fused: bool = False):
     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}"),
                       max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dataset, _ = build_dataset(cfg, tok)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    trainer, clock = make_trainer(cfg, tok, dataset, model)
+    trainer, clock = make_trainer(cfg, tok, dataset, model, fused)
     # the batches the trainer will see (same seed → same order), for token counts and the bare loop
     batches = []
     for b in trainer.get_train_dataloader():
@@ -132,10 +139,12 @@ def main() -> None:
         lengths = sorted(len(encode_trajectory(t, tok).input_ids) for t in trajs)
         packed_tps, packed_s, packed_batches = run_trainer(model_dir, data, True, 1, steps, warm, tmp)
         padded_tps, padded_s, _ = run_trainer(model_dir, data, False, 4, steps, warm, tmp)
+        fused_tps, fused_s, _ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, fused=True)
         bare_s = run_bare(model_dir, packed_batches[:steps], warm)
     overhead = packed_s / bare_s - 1
     rows = [("padded (4 samples/step)", padded_tps, padded_s), ("packed, padding-free (1 row of 4096)", packed_tps,
                                                                  packed_s),
+            ("packed, TRL's fused LM head", fused_tps, fused_s),
             ("bare PyTorch loop, same packed batches", None, bare_s)]
     print(f"trajectory lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
           f"{steps - warm} timed steps after {warm} warm-up; {a.threads} torch threads; fp32 CPU")
@@ -143,6 +152,7 @@ def main() -> None:
     for name, tps, s in rows:
         print(f"{name:42} {'-' if tps is None else round(tps):>10} {s:9.2f}")
     print(json.dumps({"packed_vs_padded": round(packed_tps / padded_tps, 2), "overhead_vs_torch": round(overhead, 3),
+                      "fused_lm_head_overhead_vs_torch": round(fused_s / bare_s - 1, 3),
                       "packed_tokens_per_s": round(packed_tps), "padded_tokens_per_s": round(padded_tps)}))
 
 

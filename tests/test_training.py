@@ -70,17 +70,21 @@ def test_weight0_steps_carry_exactly_zero_loss_and_gradient(tiny_model_dir):
     assert loss_c != loss_a and not all(torch.equal(a, c) for a, c in zip(grads_a, grads_c))
 
 
-def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_dir, data_file, tmp_path):
-    from trl import SFTConfig, SFTTrainer
+@pytest.mark.parametrize("fused", [True, False], ids=["trl-fused-lm-head", "model-loss"])
+def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_dir, data_file, tmp_path, fused):
+    from trl import SFTConfig
+
+    from steptune.training.sft import masked_sft_trainer
 
     cfg = base_cfg(tiny_model_dir, data_file, tmp_path)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     dataset, stats = build_dataset(cfg, tok)
     assert stats["masked_error_steps"] == 6 and stats["untrainable"] == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=dataset, args=SFTConfig(
+    trainer = masked_sft_trainer()(model=model, processing_class=tok, train_dataset=dataset, args=SFTConfig(
         output_dir=str(tmp_path / "ck"), max_length=512, packing=True, packing_strategy="bfd", padding_free=True,
         per_device_train_batch_size=4, report_to="none", bf16=False))
+    trainer.fused_lm_head = fused
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1  # padding-free: one row holding several samples
     pos = batch["position_ids"][0]

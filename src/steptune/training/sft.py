@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,9 @@ class TrainConfig(BaseModel):
     report_to: list[str] = Field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
     num_threads: int | None = None  # CPU torch threads (None: torch's default)
     progress: bool = True
+    # TRL's fused LM head never builds the full logits (saves GPU memory on large vocabularies) but makes a CPU
+    # step ~1.9x slower (benchmarks/train_throughput.py); None: fused on a GPU, the model's own loss on a CPU
+    fused_lm_head: bool | None = None
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -75,6 +79,24 @@ def _precision(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+@cache
+def masked_sft_trainer():
+    """TRL's SFTTrainer; with `fused_lm_head = False` the loss is the model's own masked cross-entropy (the
+    labels already carry the partial mask), computed as transformers' Trainer does."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class MaskedSFTTrainer(SFTTrainer):
+        fused_lm_head = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fused_lm_head:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return MaskedSFTTrainer
 
 
 def build_dataset(cfg: TrainConfig, tokenizer):
@@ -128,7 +150,7 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 def train(cfg: TrainConfig) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from steptune.data.templates import apply_chat_template_override
 
@@ -179,8 +201,9 @@ def train(cfg: TrainConfig) -> Path:
         use_cpu=cpu_ddp,
         ddp_backend="gloo" if cpu_ddp else None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
+    trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
+    trainer.fused_lm_head = torch.cuda.is_available() if cfg.fused_lm_head is None else cfg.fused_lm_head
     resume = _last_checkpoint(out / "checkpoints") if cfg.resume else None
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
