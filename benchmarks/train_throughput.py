@@ -58,15 +58,9 @@ class StepClock(TrainerCallback):
 
 
 def make_trainer(cfg: TrainConfig, tokenizer, dataset, model, fused: bool):
-    from trl import SFTConfig
+    from steptune.training.sft import masked_sft_trainer, sft_args
 
-    from steptune.training.sft import masked_sft_trainer
-
-    args = SFTConfig(output_dir=cfg.output_dir, max_length=cfg.max_length, packing=cfg.packing,
-                     packing_strategy="bfd", padding_free=cfg.packing, per_device_train_batch_size=cfg.batch_size,
-                     learning_rate=1e-3, max_steps=cfg.max_steps, logging_steps=10_000, save_strategy="no",
-                     report_to="none", bf16=False, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                     activation_checkpointing=False)  # as steptune trains (TRL defaults it on)
+    args = sft_args(cfg, precision="fp32")  # exactly the arguments `steptune train` uses
     clock = StepClock()
     trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    callbacks=[clock])
@@ -82,8 +76,9 @@ def real_tokens(batch) -> int:
 
 def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, steps: int, warm: int, tmp: Path,
                 fused: bool = False):
-    cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}"),
-                      max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False)
+    cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}{fused}"),
+                      max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False,
+                      learning_rate=1e-3, logging_steps=10_000, save_steps=10_000)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dataset, _ = build_dataset(cfg, tok)
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overri
     import yaml
 
     from steptune.pipeline.config import ConfigError, load_config
+    from steptune.pipeline.manifest import UnknownStageError
     from steptune.pipeline.report import print_summary
     from steptune.pipeline.run import run_pipeline
 
@@ -33,9 +34,7 @@ def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overri
         raise typer.Exit(2) from e
     try:
         run_dir = run_pipeline(cfg, output, from_stage, until_stage)
-    except ValueError as e:  # an unknown stage name
-        if "unknown stage" not in str(e):
-            raise
+    except UnknownStageError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from e
     print_summary(run_dir)

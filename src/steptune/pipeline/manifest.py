@@ -51,6 +51,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class UnknownStageError(ValueError):
+    """A stage name (--from / --until) that the run does not have."""
+
+
+def check_stage(stages: list[str], name: str) -> None:
+    if name not in stages:
+        raise UnknownStageError(f"unknown stage {name!r}; stages are: {', '.join(stages)}")
+
+
 class Manifest:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "manifest.json"
@@ -77,8 +86,7 @@ class Manifest:
         self.save()
 
     def invalidate_from(self, stages: list[str], first: str) -> None:
-        if first not in stages:
-            raise ValueError(f"unknown stage {first!r}; stages are: {', '.join(stages)}")
+        check_stage(stages, first)
         for s in stages[stages.index(first):]:
             self.data["stages"].pop(s, None)
         self.save()

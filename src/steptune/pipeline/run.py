@@ -20,7 +20,7 @@ from rich.console import Console
 
 from steptune.data.trajectory import Trajectory, load_trajectories, save_trajectories
 from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
-from steptune.pipeline.manifest import Manifest, library_versions, stage_key
+from steptune.pipeline.manifest import Manifest, check_stage, library_versions, stage_key
 from steptune.pipeline.split import split_by_task
 
 console = Console()
@@ -245,8 +245,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     stages = run.stages()
     names = [s.name for s in stages]
     if until_stage:
-        if until_stage not in names:
-            raise ValueError(f"unknown stage {until_stage!r}; stages are: {', '.join(names)}")
+        check_stage(names, until_stage)
         stages = stages[: names.index(until_stage) + 1]
     if from_stage:
         run.manifest.invalidate_from(names, from_stage)

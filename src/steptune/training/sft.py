@@ -64,8 +64,8 @@ class TrainConfig(BaseModel):
     report_to: list[str] = Field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
     num_threads: int | None = None  # CPU torch threads (None: torch's default)
     progress: bool = True
-    # TRL's fused LM head never builds the full logits (saves GPU memory on large vocabularies) but makes a CPU
-    # step ~1.9x slower (benchmarks/train_throughput.py); None: fused on a GPU, the model's own loss on a CPU
+    # TRL's fused LM head never builds the full logits (saves GPU memory on large vocabularies) but is slower on a
+    # CPU (benchmarks/train_throughput.py); None: fused on a GPU, the model's own loss on a CPU
     fused_lm_head: bool | None = None
 
 
@@ -147,33 +147,14 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def train(cfg: TrainConfig) -> Path:
+def sft_args(cfg: TrainConfig, precision: str):
+    """The TRL SFTConfig steptune trains with (the throughput benchmark uses it too)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
-    from steptune.data.templates import apply_chat_template_override
-
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = apply_chat_template_override(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset, stats = build_dataset(cfg, tokenizer)
-    precision = _precision(cfg.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+    return SFTConfig(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",  # whole samples only: a trajectory is never split across rows
@@ -201,6 +182,32 @@ def train(cfg: TrainConfig) -> Path:
         use_cpu=cpu_ddp,
         ddp_backend="gloo" if cpu_ddp else None,
     )
+
+
+def train(cfg: TrainConfig) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steptune.data.templates import apply_chat_template_override
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = apply_chat_template_override(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset, stats = build_dataset(cfg, tokenizer)
+    precision = _precision(cfg.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    args = sft_args(cfg, precision)
     trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
     trainer.fused_lm_head = torch.cuda.is_available() if cfg.fused_lm_head is None else cfg.fused_lm_head
