@@ -2,9 +2,13 @@
 
 Synthetic trajectories with ScienceWorld-like lengths (a long instruction, 3-60 steps: a few hundred to a few
 thousand tokens) and a small Llama on the CPU (fp32). Both modes run through steptune's real training path (TRL
-SFTTrainer, with the loss steptune uses on a CPU); the bare loop runs forward/backward/AdamW on the very batches
-the trainer's dataloader yields. A third run shows TRL's fused LM head (steptune's default on a GPU) on the CPU.
-overhead_vs_torch = trainer seconds / bare-loop seconds - 1 (0.10 = 10% slower).
+SFTTrainer, with the loss and the per-sample packed attention steptune uses on a CPU); the bare loop runs
+forward/backward/clip/optimizer step, with the trainer's own optimizer class, on the very batches the trainer trained
+on. Two more runs show what packing costs with transformers' stock sdpa attention (one dense block-diagonal mask per
+row) and with TRL's fused LM head (steptune's default on a GPU).
+overhead_vs_torch = median trainer step / median bare-loop step - 1 (0.10 = 10% slower), over the same timed batches:
+the two runs happen minutes apart on a noisy machine, and medians keep one slow stretch from deciding the figure
+(the totals are printed too).
 
     python benchmarks/train_throughput.py [--quick]
 
@@ -18,15 +22,16 @@ import json
 import random
 import tempfile
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, Trainer, TrainerCallback
 
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
 from steptune.envs.prompts import SCIWORLD_INSTRUCTION
 from steptune.models.tiny import TinyModelConfig, build_tiny_model
-from steptune.training.sft import TrainConfig, build_dataset
+from steptune.training.sft import TrainConfig, build_dataset, load_model, sft_args
 
 WORDS = ("you see a the beaker thermometer kitchen stove water pot table door hallway greenhouse seed flower "
          "orange blue substance temperature measure focus on move to pick up pour into activate wait look around "
@@ -58,14 +63,21 @@ class StepClock(TrainerCallback):
 
 
 def make_trainer(cfg: TrainConfig, tokenizer, dataset, model, fused: bool):
-    from steptune.training.sft import masked_sft_trainer, sft_args
+    from steptune.training.sft import masked_sft_trainer
 
     args = sft_args(cfg, precision="fp32")  # exactly the arguments `steptune train` uses
     clock = StepClock()
-    trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                   callbacks=[clock])
+    batches = []
+
+    class RecordingTrainer(masked_sft_trainer()):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append(dict(inputs))  # the very batches trained on, for token counts and the bare loop
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                               callbacks=[clock])
     trainer.fused_lm_head = fused
-    return trainer, clock
+    return trainer, clock, batches
 
 
 def real_tokens(batch) -> int:
@@ -75,42 +87,37 @@ def real_tokens(batch) -> int:
 
 
 def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, steps: int, warm: int, tmp: Path,
-                fused: bool = False):
+                fused: bool = False, attn_implementation: str | None = None):
     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}{fused}"),
                       max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False,
-                      learning_rate=1e-3, logging_steps=10_000, save_steps=10_000)
+                      learning_rate=1e-3, logging_steps=10_000, save_steps=10_000,
+                      attn_implementation=attn_implementation)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dataset, _ = build_dataset(cfg, tok)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    trainer, clock = make_trainer(cfg, tok, dataset, model, fused)
-    # the batches the trainer will see (same seed → same order), for token counts and the bare loop
-    batches = []
-    for b in trainer.get_train_dataloader():
-        batches.append(b)
-        if len(batches) == steps:
-            break
+    trainer, clock, batches = make_trainer(cfg, tok, dataset, load_model(cfg, "fp32"), fused)
     trainer.train()
-    seconds = clock.times[-1] - clock.times[warm - 1]
+    step_seconds = [b - a for a, b in zip(clock.times[warm - 1:], clock.times[warm:])]
     tokens = sum(real_tokens(b) for b in batches[warm:steps])
-    return tokens / seconds, seconds, batches
+    return tokens / sum(step_seconds), step_seconds, batches, cfg
 
 
-def run_bare(model_dir: Path, batches, warm: int) -> float:
+def run_bare(cfg: TrainConfig, batches, warm: int) -> list[float]:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = load_model(cfg, "fp32")  # the same model set-up as the trainer's (attention, no KV cache)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the optimizer the trainer builds from the same arguments (on a CPU: torch's fused AdamW)
+    opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(sft_args(cfg, "fp32"), model)
+    opt = opt_cls(model.parameters(), **opt_kwargs)
     times = []
     for b in batches:
-        inputs = {k: b[k] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in b}
-        loss = model(**inputs).loss
+        loss = model(**b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter())
-    return times[-1] - times[warm - 1]
+    return [b - a for a, b in zip(times[warm - 1:], times[warm:])]
 
 
 def main() -> None:
@@ -132,22 +139,25 @@ def main() -> None:
         from steptune.data.tokenize import encode_trajectory
 
         lengths = sorted(len(encode_trajectory(t, tok).input_ids) for t in trajs)
-        packed_tps, packed_s, packed_batches = run_trainer(model_dir, data, True, 1, steps, warm, tmp)
-        padded_tps, padded_s, _ = run_trainer(model_dir, data, False, 4, steps, warm, tmp)
-        fused_tps, fused_s, _ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, fused=True)
-        bare_s = run_bare(model_dir, packed_batches[:steps], warm)
-    overhead = packed_s / bare_s - 1
-    rows = [("padded (4 samples/step)", padded_tps, padded_s), ("packed, padding-free (1 row of 4096)", packed_tps,
-                                                                 packed_s),
+        packed_tps, packed_s, packed_batches, packed_cfg = run_trainer(model_dir, data, True, 1, steps, warm, tmp)
+        padded_tps, padded_s, *_ = run_trainer(model_dir, data, False, 4, steps, warm, tmp)
+        dense_tps, dense_s, *_ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, attn_implementation="sdpa")
+        fused_tps, fused_s, *_ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, fused=True)
+        bare_s = run_bare(packed_cfg, packed_batches, warm)
+    overhead = median(packed_s) / median(bare_s) - 1
+    rows = [("padded (4 samples/step)", padded_tps, padded_s),
+            ("packed, padding-free (1 row of 4096)", packed_tps, packed_s),
+            ("packed, stock sdpa (dense block mask)", dense_tps, dense_s),
             ("packed, TRL's fused LM head", fused_tps, fused_s),
             ("bare PyTorch loop, same packed batches", None, bare_s)]
     print(f"trajectory lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
           f"{steps - warm} timed steps after {warm} warm-up; {a.threads} torch threads; fp32 CPU")
-    print(f"{'mode':42} {'tokens/s':>10} {'seconds':>9}")
+    print(f"{'mode':42} {'tokens/s':>10} {'seconds':>9} {'median step s':>14}")
     for name, tps, s in rows:
-        print(f"{name:42} {'-' if tps is None else round(tps):>10} {s:9.2f}")
+        print(f"{name:42} {'-' if tps is None else round(tps):>10} {sum(s):9.2f} {median(s):14.3f}")
     print(json.dumps({"packed_vs_padded": round(packed_tps / padded_tps, 2), "overhead_vs_torch": round(overhead, 3),
-                      "fused_lm_head_overhead_vs_torch": round(fused_s / bare_s - 1, 3),
+                      "fused_lm_head_overhead_vs_torch": round(median(fused_s) / median(bare_s) - 1, 3),
+                      "per_sample_vs_dense_mask": round(packed_tps / dense_tps, 2),
                       "packed_tokens_per_s": round(packed_tps), "padded_tokens_per_s": round(padded_tps)}))
 
 

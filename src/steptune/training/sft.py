@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
     # TRL's fused LM head never builds the full logits (saves GPU memory on large vocabularies) but is slower on a
     # CPU (benchmarks/train_throughput.py); None: fused on a GPU, the model's own loss on a CPU
     fused_lm_head: bool | None = None
+    # None: per-sample SDPA on packed rows (steptune.training.packed_attention), else the model's default;
+    # any name transformers takes ("flash_attention_2", "sdpa", "eager", ...) overrides
+    attn_implementation: str | None = None
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -97,6 +100,22 @@ def masked_sft_trainer():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return MaskedSFTTrainer
+
+
+def load_model(cfg: TrainConfig, precision: str):
+    """The model as steptune trains it (the throughput benchmark's bare loop uses it too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steptune.training.packed_attention import use_packed_attention
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, **kwargs)
+    if cfg.packing and cfg.attn_implementation is None:
+        use_packed_attention(model)
+    model.config.use_cache = False  # with a cache transformers would not see the packed samples' boundaries
+    return model
 
 
 def build_dataset(cfg: TrainConfig, tokenizer):
@@ -186,7 +205,7 @@ def sft_args(cfg: TrainConfig, precision: str):
 
 def train(cfg: TrainConfig) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from steptune.data.templates import apply_chat_template_override
 
@@ -199,8 +218,7 @@ def train(cfg: TrainConfig) -> Path:
         tokenizer.pad_token = tokenizer.eos_token
     dataset, stats = build_dataset(cfg, tokenizer)
     precision = _precision(cfg.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    model = load_model(cfg, precision)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -219,6 +237,7 @@ def train(cfg: TrainConfig) -> Path:
         final = trainer.model
         if cfg.lora and cfg.lora.merge:
             final = final.merge_and_unload()
+        final.config.use_cache = True  # a saved model generates as usual (only training turns the cache off)
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         summary = {**stats, "train_loss": result.training_loss, "steps": result.global_step,

@@ -1,0 +1,72 @@
+"""Per-sample attention on packed rows computes exactly what each sample computes on its own."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+from steptune.training.packed_attention import NAME, use_packed_attention
+
+LENGTHS = [30, 7, 50]  # three samples in one row; the Mistral window (16) is shorter than two of them
+
+
+def tiny(config_cls, **kw):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa", **kw)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def packed_row():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 300, (1, sum(LENGTHS)))
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, position_ids, cu
+
+
+@pytest.mark.parametrize("config_cls,kw", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 16})],
+                         ids=["llama-gqa", "mistral-sliding-window"])
+@pytest.mark.parametrize("boundaries", ["position_ids", "cu_seq_lens"])
+def test_packed_row_matches_each_sample_alone(config_cls, kw, boundaries):
+    model = tiny(config_cls, **kw)
+    model.config.use_cache = False
+    ids, position_ids, cu = packed_row()
+    starts = cu.tolist()
+    # reference: stock sdpa, every sample in its own forward pass
+    ref_logits, ref_grads = [], None
+    model.zero_grad()
+    for a, b in zip(starts, starts[1:]):
+        logits = model(input_ids=ids[:, a:b]).logits
+        logits.square().mean().backward()
+        ref_logits.append(logits.detach())
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+
+    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    model.zero_grad()
+    logits = model(input_ids=ids, position_ids=position_ids, **(extra if boundaries == "cu_seq_lens" else {})).logits
+    sum(logits[:, a:b].square().mean() for a, b in zip(starts, starts[1:])).backward()
+    for (a, b), ref in zip(zip(starts, starts[1:]), ref_logits):
+        torch.testing.assert_close(logits[:, a:b].detach(), ref, atol=1e-5, rtol=1e-5)
+    for p, ref in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_and_padded_batches_keep_stock_sdpa_results():
+    model = tiny(LlamaConfig).eval()
+    ids = torch.randint(0, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        stock_logits = model(input_ids=ids, attention_mask=mask).logits
+        stock_gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        use_packed_attention(model)
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, stock_logits)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), stock_gen)
+
+
+def test_other_architectures_and_explicit_choices_are_left_alone():
+    eager = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2,
+                                                         attn_implementation="eager"))
+    assert not use_packed_attention(eager) and eager.config._attn_implementation == "eager"
