@@ -115,10 +115,9 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             on_episode_end(ep)
 
     def fill_free_slots() -> None:
-        for slot in range(pool.size):
-            while slot not in active and queue:
-                idx, task = queue.pop()
-                ep = _start_episode(pool, slot, task, instruction, totals)
+        while queue and (free := [s for s in range(pool.size) if s not in active]):
+            starting = [(slot, *queue.pop()) for slot in free[: len(queue)]]
+            for slot, idx, ep in _start_episodes(pool, starting, instruction, totals):  # reset in parallel
                 active[slot] = (idx, ep)
                 if ep.failure is not None:
                     finish(slot)
@@ -165,19 +164,24 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     return [results[i] for i in range(len(tasks))]
 
 
-def _start_episode(pool: EnvPool, slot: int, task: TaskRef, instruction: str, totals: RolloutTotals) -> Episode:
-    traj = Trajectory(id=f"{task.split}:{task.id}", env=task.env, task_id=task.id, split=task.split,
-                      instruction=instruction, task="", meta={"task_type": task.name})
-    ep = Episode(task=task, trajectory=traj)
+def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], instruction: str,
+                    totals: RolloutTotals) -> list[tuple[int, int, Episode]]:
+    """(slot, task index, task) -> (slot, task index, episode), every slot reset in one parallel call."""
     t0 = time.perf_counter()
-    reset = pool.reset(slot, task)
-    ep.env_seconds += time.perf_counter() - t0
-    totals.env_seconds += time.perf_counter() - t0
-    if isinstance(reset, Reset):
-        traj.task = reset.task
-    else:
-        ep.failure = f"env reset: {reset.reason}"
-    return ep
+    resets = pool.reset_many([(slot, task) for slot, _, task in starting])
+    dt = time.perf_counter() - t0
+    totals.env_seconds += dt
+    out = []
+    for (slot, idx, task), reset in zip(starting, resets):
+        traj = Trajectory(id=f"{task.split}:{task.id}", env=task.env, task_id=task.id, split=task.split,
+                          instruction=instruction, task="", meta={"task_type": task.name})
+        ep = Episode(task=task, trajectory=traj, env_seconds=dt / len(starting))
+        if isinstance(reset, Reset):
+            traj.task = reset.task
+        else:
+            ep.failure = f"env reset: {reset.reason}"
+        out.append((slot, idx, ep))
+    return out
 
 
 def _student_step(reply: str) -> Step:

@@ -176,8 +176,11 @@ class EnvPool:
         return results
 
     def reset(self, slot: int, task: TaskRef) -> Reset | EnvFailure:
-        self._tasks[slot] = task
-        return self._call_many([(slot, "reset", task)])[0]
+        return self.reset_many([(slot, task)])[0]
+
+    def reset_many(self, calls: list[tuple[int, TaskRef]]) -> list[Reset | EnvFailure]:
+        self._tasks.update(calls)
+        return self._call_many([(slot, "reset", task) for slot, task in calls])
 
     def step_many(self, calls: list[tuple[int, str]]) -> list[StepResult | EnvFailure]:
         return self._call_many([(slot, "step", action) for slot, action in calls])

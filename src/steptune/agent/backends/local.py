@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from steptune.agent.backends.base import ChatBackend, Conversation, GenerationConfig
 
@@ -22,11 +23,15 @@ class _StopOnStrings:
 
     def __init__(self, tokenizer, stop: list[str], prompt_len: int):
         self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+        # a stop string that appears now ends within the newest token, so decoding a tail as long as the longest
+        # stop (every token is at least one character) finds it; +1 for tokens that only decode with a neighbour
+        self.tail = max(len(s) for s in stop) + 1
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
@@ -36,7 +41,7 @@ class LocalBackend(ChatBackend):
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "auto",
                  max_batch_size: int = 32, adapter: str | Path | None = None,
-                 prefill_per_row: bool | None = None):
+                 prefill_per_row: bool | None = None, prefix_cache: bool | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,6 +61,7 @@ class LocalBackend(ChatBackend):
             self.model = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload()
         self.model.to(self.device).eval()
         self.max_batch_size = max_batch_size
+        self._encoded: dict[tuple, list[int]] = {}
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.tokens_generated = 0
         # On CPU a padded batch prefill costs more than the rows' prefills one by one (mask building and
@@ -64,12 +70,30 @@ class LocalBackend(ChatBackend):
         if prefill_per_row is None:
             prefill_per_row = self.device == "cpu" and self.model.config.model_type in _PER_ROW_PREFILL_MODELS
         self.prefill_per_row = prefill_per_row
+        # An agent's prompt is its previous prompt plus the reply and the new observation, so the per-row prefill
+        # keeps each prompt's KV cache and later prefills only the tokens past the longest cached prefix. Causal
+        # attention makes a prefix's keys/values independent of what follows, so the result is the same.
+        self.prefix_cache = _PrefixCache(2 * max_batch_size) if (
+            prefill_per_row if prefix_cache is None else prefix_cache and prefill_per_row) else None
+        self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
 
     def render(self, conversation: Conversation) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
+    def encode(self, conversation: Conversation) -> list[int]:
+        """The prompt's token ids; remembered, because the rollout counts a prompt's tokens (for the context
+        window) just before it asks for the completion."""
+        key = tuple((m["role"], m["content"]) for m in conversation)
+        ids = self._encoded.get(key)
+        if ids is None:
+            ids = self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
+            self._encoded[key] = ids
+            while len(self._encoded) > 4 * self.max_batch_size:
+                del self._encoded[next(iter(self._encoded))]
+        return ids
+
     def count_tokens(self, conversation: Conversation) -> int:
-        return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
+        return len(self.encode(conversation))
 
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
         out: list[str] = []
@@ -80,8 +104,12 @@ class LocalBackend(ChatBackend):
     def _generate(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
         import torch
 
-        prompts = [self.render(c) for c in conversations]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        rows = [self.encode(c) for c in conversations]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device),
+               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                              device=self.device)}  # left padding
         sampling = gen.temperature > 0
         kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": sampling, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
@@ -94,35 +122,90 @@ class LocalBackend(ChatBackend):
         if gen.stop:  # finished rows stop early; the batch ends when every row has hit a stop or eos
             kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
         with torch.inference_mode():
-            if self.prefill_per_row and len(prompts) > 1:
-                enc["past_key_values"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"])
+            if self.prefill_per_row and (len(rows) > 1 or self.prefix_cache is not None):
+                enc["past_key_values"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"],
+                                                            gen.max_new_tokens)
+            else:
+                self.prefill_tokens += int(enc["attention_mask"].sum())
             ids = self.model.generate(**enc, **kwargs)
         new = ids[:, enc["input_ids"].shape[1] :]
         self.tokens_generated += int((new != self.tokenizer.pad_token_id).sum())
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
 
-    def _prefill_rows(self, input_ids, attention_mask):
+    def _prefill_rows(self, input_ids, attention_mask, max_new_tokens: int):
         """A DynamicCache for all but the last prompt token of each (left-padded) row, computed unpadded.
 
         Left-padded cache slots are masked by `attention_mask` during decoding, and the cached keys carry
         the same rotary positions (0..n-1 per row) that generate derives from the mask, so the result
         equals padded batched prefill (checked by tests/test_backends.py)."""
         import torch
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         width = input_ids.shape[1] - 1
         per_row = []
         for ids, mask in zip(input_ids, attention_mask):
-            real = ids[mask.bool()][None, :-1]
-            per_row.append(self.model(input_ids=real, use_cache=True).past_key_values)
-        cache = DynamicCache()
-        for layer in range(len(per_row[0].layers)):
+            prompt = ids[mask.bool()][:-1]  # the last token is generate's to feed
+            start, cached = self.prefix_cache.longest_prefix(prompt.tolist()) if self.prefix_cache else (0, None)
+            row = DynamicCache()
+            for layer, (k, v) in enumerate(cached or ()):
+                row.update(k[:, :, :start], v[:, :, :start], layer)
+            if start < len(prompt):
+                row = self.model(input_ids=prompt[None, start:], past_key_values=row, use_cache=True).past_key_values
+                self.prefill_tokens += len(prompt) - start
+            layers = [(layer.keys, layer.values) for layer in row.layers]
+            if self.prefix_cache is not None:
+                self.prefix_cache.add(prompt.tolist(), layers)
+            per_row.append(layers)
+        # a preallocated cache: decoding writes each new token in place instead of concatenating every layer's
+        # whole cache at every step (a third of a batched decode step on a CPU)
+        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        for layer in range(len(per_row[0])):
             keys, values = [], []
             for rc in per_row:
-                k, v = rc.layers[layer].keys, rc.layers[layer].values
+                k, v = rc[layer]
                 pad = width - k.shape[2]
                 keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
                 values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
             cache.update(torch.cat(keys), torch.cat(values), layer)
         return cache
+
+
+class _PrefixCache:
+    """The KV caches of the last `capacity` prompts, found again by their longest common token prefix."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: list[tuple[list[int], list]] = []  # (token ids, [(keys, values) per layer]), oldest first
+
+    def longest_prefix(self, ids: list[int]) -> tuple[int, list | None]:
+        # the usual case, an episode's previous prompt, is a whole prefix: found by a C-speed list comparison
+        best = next((i for i in range(len(self.entries) - 1, -1, -1)
+                     if ids[: len(self.entries[i][0])] == self.entries[i][0]), None)
+        best_len = len(self.entries[best][0]) if best is not None else 0
+        if best is None:
+            for i, (cached, _) in enumerate(self.entries):
+                common = _common_prefix_len(ids, cached)
+                if common > best_len:
+                    best, best_len = i, common
+        if best is None:
+            return 0, None
+        cached, layers = self.entries.pop(best)
+        if best_len < len(cached):  # a different continuation: keep that prompt's cache too
+            self.entries.append((cached, layers))
+        return best_len, layers
+
+    def add(self, ids: list[int], layers: list) -> None:
+        self.entries.append((ids, layers))
+        del self.entries[: max(0, len(self.entries) - self.capacity)]
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    lo, hi = 0, min(len(a), len(b))  # bisection over C-speed slice comparisons
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
