@@ -55,6 +55,24 @@ def test_max_batch_size_splits_batches_without_changing_output(backend, prompts)
         backend.max_batch_size = 32
 
 
+def test_prefix_cache_prefills_only_new_tokens_and_changes_no_output(backend):
+    from _react_model import golden_conversations
+
+    games = golden_conversations(3)
+    cached = LocalBackend(backend.model.name_or_path)
+    plain = LocalBackend(backend.model.name_or_path, prefix_cache=False)
+    assert cached.prefix_cache is not None and plain.prefix_cache is None and plain.prefill_per_row
+    gen = GenerationConfig(max_new_tokens=24)
+    turns = min(len(g) for g in games) // 2
+    for k in range(turns):  # each turn's prompt extends the last one, as in a rollout
+        batch = [g[: 2 * k + 1] for g in games]
+        assert cached.complete(batch, gen) == plain.complete(batch, gen)
+    # a truncated history (oldest step dropped) shares only the head with what is cached
+    cut = [g[:1] + g[3 : 2 * turns + 1] for g in games]
+    assert cached.complete(cut, gen) == plain.complete(cut, gen)
+    assert cached.prefill_tokens < plain.prefill_tokens / 2, (cached.prefill_tokens, plain.prefill_tokens)
+
+
 def test_cut_at_stop_uses_earliest_stop():
     assert cut_at_stop("a\nAction: x\nObservation: y\n\nz", REACT_STOP) == "a\nAction: x"
     assert cut_at_stop("no stops", ["\n"]) == "no stops"

@@ -64,9 +64,23 @@ def test_truncation_keeps_head_and_most_recent_steps():
     conv, cut = build_conversation(_traj(10), max_context_tokens=150)
     assert cut and len(conv) < len(full)
     assert conv[0] == full[0] and conv[-1] == full[-1] and conv[1]["role"] == "assistant"
-    from steptune.agent.policy import approx_token_count
+    from steptune.agent.policy import TRUNCATION_BLOCK, approx_token_count
 
     assert approx_token_count(conv) <= 150
+    dropped = (len(full) - len(conv)) // 2
+    assert dropped % TRUNCATION_BLOCK == 0  # whole blocks of steps, and no more blocks than needed
+    assert approx_token_count(full[:1] + full[1 + 2 * (dropped - TRUNCATION_BLOCK):]) > 150
+
+
+def test_truncated_history_starts_at_the_same_step_for_several_turns():
+    """What lets a prefix KV cache serve truncated prompts: each turn's prompt extends the previous one."""
+    firsts = []
+    for n in range(10, 22):
+        conv, cut = build_conversation(_traj(n), max_context_tokens=400)
+        assert cut
+        firsts.append(conv[1]["content"])
+    runs = [firsts[i] == firsts[i - 1] for i in range(1, len(firsts))]
+    assert sum(runs) >= len(runs) // 2  # the first kept step moves once every few turns, not every turn
 
 
 def test_rollout_solves_games_and_records_trajectories(react_model_dir, pool):

@@ -20,6 +20,11 @@ INVALID_FORMAT_OBSERVATION = "Invalid format. The input must contain 'Action: '"
 # thought, so stopping at either ends the turn at the Action line (and stays within OpenAI's limit of 4 stops).
 REACT_STOP = ["\nObservation", "\nThought:", "\n\n"]
 
+# Steps are dropped in blocks so that the kept history starts at the same step for several turns in a row:
+# each prompt then extends the previous one, and a backend's prefix KV cache (steptune.agent.backends.local)
+# prefills only the newest turn instead of the whole window.
+TRUNCATION_BLOCK = 4
+
 _ACTION_RE = re.compile(r"^\s*action\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
 _THOUGHT_RE = re.compile(r"^\s*thought\s*:\s*", re.IGNORECASE)
 
@@ -57,8 +62,8 @@ def build_conversation(
     """The chat for the agent's next turn, and whether it had to be truncated.
 
     Too long for the window: keep the first user turn (instruction + example + task) and the most recent
-    steps, dropping the oldest whole step pairs. The first kept turn after the head is always an assistant
-    turn, so roles keep alternating as chat templates require.
+    steps, dropping the oldest whole step pairs, `TRUNCATION_BLOCK` of them at a time. The first kept turn after
+    the head is always an assistant turn, so roles keep alternating as chat templates require.
     """
     msgs = [{"role": m.role, "content": m.content} for m in traj.messages(include_final_observation=True)]
     if example:
@@ -69,7 +74,7 @@ def build_conversation(
         return msgs, False
     head, rest = msgs[:1], msgs[1:]
     while rest and count_tokens(head + rest) > max_context_tokens:
-        rest = rest[2:]  # drop one (assistant, observation) pair
+        rest = rest[2 * TRUNCATION_BLOCK :]  # drop the oldest (assistant, observation) pairs
     return head + rest, True
 
 

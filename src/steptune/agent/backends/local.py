@@ -123,7 +123,7 @@ class LocalBackend(ChatBackend):
             kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
         with torch.inference_mode():
             if self.prefill_per_row and (len(rows) > 1 or self.prefix_cache is not None):
-                enc["past_key_values"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"],
+                enc["cache"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"],
                                                             gen.max_new_tokens)
             else:
                 self.prefill_tokens += int(enc["attention_mask"].sum())
@@ -151,7 +151,7 @@ class LocalBackend(ChatBackend):
             for layer, (k, v) in enumerate(cached or ()):
                 row.update(k[:, :, :start], v[:, :, :start], layer)
             if start < len(prompt):
-                row = self.model(input_ids=prompt[None, start:], past_key_values=row, use_cache=True).past_key_values
+                row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True).past_key_values
                 self.prefill_tokens += len(prompt) - start
             layers = [(layer.keys, layer.values) for layer in row.layers]
             if self.prefix_cache is not None:
