@@ -20,19 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,includeDoors=0", "max_steps": 15}
 
 
-def make_pool(size: int, env: str = "twx"):
+def make_pool(size: int, env: str = "twx", workers: int | None = None):
     from steptune.envs.pool import EnvPool
 
-    return EnvPool(env, size, ENV_KWARGS if env == "twx" else None), "EnvPool (one worker process per slot)"
+    pool = EnvPool(env, size, ENV_KWARGS if env == "twx" else None, workers=workers)
+    return pool, f"EnvPool ({len(pool.worker_pids())} worker process(es))"
 
 
-def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx") -> dict:
+def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", workers: int | None = None) -> dict:
     from steptune.agent.backends.base import GenerationConfig
     from steptune.agent.backends.local import LocalBackend
     from steptune.agent.rollout import RolloutTotals, run_episodes
 
     backend = LocalBackend(model_dir, max_batch_size=64)
-    pool, pool_kind = make_pool(concurrency, env)
+    pool, pool_kind = make_pool(concurrency, env, workers)
     try:
         tasks = pool.tasks("unseen")[:n_tasks]
         # Warm up every slot once (JVM start and JIT are one-off costs, not throughput).
@@ -46,6 +47,7 @@ def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx") -
         pool.close()
     return {"concurrency": concurrency, "episodes": len(eps), "agent_steps": totals.agent_steps, "wall_s": wall,
             "steps_per_s": totals.agent_steps / wall, "model_s": totals.model_seconds, "env_s": totals.env_seconds,
+            "reset_s": totals.reset_seconds,
             "other_s": wall - totals.model_seconds - totals.env_seconds, "model_calls": totals.model_calls,
             "success_rate": sum(e.success for e in eps) / len(eps), "pool": pool_kind}
 
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--env", default="twx", help="twx (coin, 4 rooms) or sciworld")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
+    ap.add_argument("--env-workers", type=int, default=None, help="environment processes (default: min(slots, cores))")
     args = ap.parse_args()
     n_tasks = args.tasks or (24 if args.quick else 96)
 
@@ -69,15 +72,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = train_react_model(Path(tmp) / "model", steps=60)
         seq = measure(model_dir, 1, n_tasks, args.env)
-        bat = measure(model_dir, args.concurrency, n_tasks, args.env)
+        bat = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers)
 
     print(f"\nRollout throughput, {args.env}, {n_tasks} episodes, tiny Llama, greedy, "
           f"{args.threads} torch thread(s), pool: {bat['pool']}")
-    print(f"{'mode':<14}{'steps':>7}{'wall s':>9}{'steps/s':>10}{'model s':>9}{'env s':>8}{'other s':>9}"
-          f"{'gen calls':>11}{'success':>9}")
+    print(f"{'mode':<14}{'steps':>7}{'wall s':>9}{'steps/s':>10}{'model s':>9}{'env s':>8}{'(resets)':>10}"
+          f"{'other s':>9}{'gen calls':>11}{'success':>9}")
     for name, r in (("sequential", seq), (f"batched x{args.concurrency}", bat)):
         print(f"{name:<14}{r['agent_steps']:>7}{r['wall_s']:>9.2f}{r['steps_per_s']:>10.1f}{r['model_s']:>9.2f}"
-              f"{r['env_s']:>8.2f}{r['other_s']:>9.2f}{r['model_calls']:>11}{r['success_rate']:>9.0%}")
+              f"{r['env_s']:>8.2f}{r['reset_s']:>10.2f}{r['other_s']:>9.2f}{r['model_calls']:>11}{r['success_rate']:>9.0%}")
     ratio = bat["steps_per_s"] / seq["steps_per_s"]
     print(json.dumps({"batched_vs_sequential": round(ratio, 2), "batched_steps_per_s": round(bat["steps_per_s"], 1),
                       "sequential_steps_per_s": round(seq["steps_per_s"], 1), "concurrency": args.concurrency,

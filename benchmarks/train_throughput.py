@@ -4,10 +4,9 @@ Synthetic trajectories with ScienceWorld-like lengths (a long instruction, 3-60 
 thousand tokens) and a small Llama on the CPU (fp32). Both modes run through steptune's real training path (TRL
 SFTTrainer, with the loss and the per-sample packed attention steptune uses on a CPU); the bare loop runs
 forward/backward/clip/optimizer step, with the trainer's own optimizer class, on the very batches the trainer trained
-on. Two more runs show what packing costs with transformers' stock sdpa attention (one dense block-diagonal mask per
+on, each bare step right after the trainer's step on the same batch (interleaved, so drift hits both alike). Two more runs show what packing costs with transformers' stock sdpa attention (one dense block-diagonal mask per
 row) and with TRL's fused LM head (steptune's default on a GPU).
-overhead_vs_torch = median trainer step / median bare-loop step - 1 (0.10 = 10% slower), over the same timed batches:
-the two runs happen minutes apart on a noisy machine, and medians keep one slow stretch from deciding the figure
+overhead_vs_torch = median trainer step / median bare-loop step - 1 (0.10 = 10% slower), over the same timed batches
 (the totals are printed too).
 
     python benchmarks/train_throughput.py [--quick]
@@ -54,30 +53,46 @@ def trajectories(n: int, rng: random.Random) -> list[Trajectory]:
     return out
 
 
+class BareLoop:
+    """Forward/backward/clip/optimizer step of plain PyTorch on its own copy of the model, set up as steptune sets
+    up the trainer's (same attention, no KV cache, the optimizer class the trainer builds from the same arguments)."""
+
+    def __init__(self, cfg: TrainConfig):
+        torch.manual_seed(0)
+        self.model = load_model(cfg, "fp32")
+        self.model.train()
+        opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(sft_args(cfg, "fp32"), self.model)
+        self.opt = opt_cls(self.model.parameters(), **opt_kwargs)
+
+    def step(self, batch) -> float:
+        t0 = time.perf_counter()
+        self.model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
 class StepClock(TrainerCallback):
-    def __init__(self):
-        self.times: list[float] = []
+    """Times each trainer step (end to end, as the trainer loop runs it). With a bare loop, runs its step on the
+    batch the trainer just trained on right after, outside the trainer's timing: both are measured side by side,
+    step by step, so the machine's drift hits them alike."""
+
+    def __init__(self, batches: list, bare: BareLoop | None):
+        self.batches, self.bare = batches, bare
+        self.trainer_s: list[float] = []
+        self.bare_s: list[float] = []
+        self.last = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.last is None:
+            self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter())
-
-
-def make_trainer(cfg: TrainConfig, tokenizer, dataset, model, fused: bool):
-    from steptune.training.sft import masked_sft_trainer
-
-    args = sft_args(cfg, precision="fp32")  # exactly the arguments `steptune train` uses
-    clock = StepClock()
-    batches = []
-
-    class RecordingTrainer(masked_sft_trainer()):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            batches.append(dict(inputs))  # the very batches trained on, for token counts and the bare loop
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                               callbacks=[clock])
-    trainer.fused_lm_head = fused
-    return trainer, clock, batches
+        self.trainer_s.append(time.perf_counter() - self.last)
+        if self.bare is not None:
+            self.bare_s.append(self.bare.step(self.batches[-1]))
+        self.last = time.perf_counter()
 
 
 def real_tokens(batch) -> int:
@@ -87,37 +102,31 @@ def real_tokens(batch) -> int:
 
 
 def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, steps: int, warm: int, tmp: Path,
-                fused: bool = False, attn_implementation: str | None = None):
+                fused: bool = False, attn_implementation: str | None = None, with_bare: bool = False):
+    from steptune.training.sft import masked_sft_trainer
+
     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}{fused}"),
                       max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False,
                       learning_rate=1e-3, logging_steps=10_000, save_steps=10_000,
                       attn_implementation=attn_implementation)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dataset, _ = build_dataset(cfg, tok)
+    batches: list = []
+
+    class RecordingTrainer(masked_sft_trainer()):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            batches.append(dict(inputs))  # the very batches trained on, for token counts and the bare loop
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    clock = StepClock(batches, BareLoop(cfg) if with_bare else None)
     torch.manual_seed(0)
-    trainer, clock, batches = make_trainer(cfg, tok, dataset, load_model(cfg, "fp32"), fused)
+    trainer = RecordingTrainer(model=load_model(cfg, "fp32"), args=sft_args(cfg, precision="fp32"),
+                               train_dataset=dataset, processing_class=tok, callbacks=[clock])
+    trainer.fused_lm_head = fused
     trainer.train()
-    step_seconds = [b - a for a, b in zip(clock.times[warm - 1:], clock.times[warm:])]
     tokens = sum(real_tokens(b) for b in batches[warm:steps])
-    return tokens / sum(step_seconds), step_seconds, batches, cfg
-
-
-def run_bare(cfg: TrainConfig, batches, warm: int) -> list[float]:
-    torch.manual_seed(0)
-    model = load_model(cfg, "fp32")  # the same model set-up as the trainer's (attention, no KV cache)
-    model.train()
-    # the optimizer the trainer builds from the same arguments (on a CPU: torch's fused AdamW)
-    opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(sft_args(cfg, "fp32"), model)
-    opt = opt_cls(model.parameters(), **opt_kwargs)
-    times = []
-    for b in batches:
-        loss = model(**b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter())
-    return [b - a for a, b in zip(times[warm - 1:], times[warm:])]
+    trainer_s = clock.trainer_s[warm:]
+    return tokens / sum(trainer_s), trainer_s, clock.bare_s[warm:]
 
 
 def main() -> None:
@@ -139,11 +148,10 @@ def main() -> None:
         from steptune.data.tokenize import encode_trajectory
 
         lengths = sorted(len(encode_trajectory(t, tok).input_ids) for t in trajs)
-        packed_tps, packed_s, packed_batches, packed_cfg = run_trainer(model_dir, data, True, 1, steps, warm, tmp)
-        padded_tps, padded_s, *_ = run_trainer(model_dir, data, False, 4, steps, warm, tmp)
-        dense_tps, dense_s, *_ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, attn_implementation="sdpa")
-        fused_tps, fused_s, *_ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, fused=True)
-        bare_s = run_bare(packed_cfg, packed_batches, warm)
+        packed_tps, packed_s, bare_s = run_trainer(model_dir, data, True, 1, steps, warm, tmp, with_bare=True)
+        padded_tps, padded_s, _ = run_trainer(model_dir, data, False, 4, steps, warm, tmp)
+        dense_tps, dense_s, _ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, attn_implementation="sdpa")
+        fused_tps, fused_s, _ = run_trainer(model_dir, data, True, 1, steps, warm, tmp, fused=True)
     overhead = median(packed_s) / median(bare_s) - 1
     rows = [("padded (4 samples/step)", padded_tps, padded_s),
             ("packed, padding-free (1 row of 4096)", packed_tps, packed_s),

@@ -85,6 +85,46 @@ def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind(
     assert java_pids() <= before
 
 
+def _jvms_of(worker_pid: int) -> list[int]:
+    group = subprocess.run(["pgrep", "-g", str(worker_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in group.split() if "java" in open(f"/proc/{p}/cmdline").read()]
+
+
+def test_slots_share_worker_processes_and_fail_alone():
+    """4 slots in 2 processes: each process steps its 2 environments; a dead JVM fails only its own slot, a dead
+    process fails its slots and its other slot's episode must be reset before it is stepped again."""
+    before = java_pids()
+    with EnvPool("twx", 4, workers=2) as pool:
+        assert len(pool.worker_pids()) == 2
+        tasks = pool.tasks("train")[:4]
+        resets = pool.reset_many(list(enumerate(tasks)))
+        assert all(not isinstance(r, EnvFailure) for r in resets)
+        plans = [pool.expert_actions(s) for s in range(4)]
+        res = pool.step_many([(s, plans[s][0]) for s in range(4)])
+        assert all(not isinstance(r, EnvFailure) for r in res)
+        # slots 0 and 2 live in worker 0, each with its own JVM
+        jvms = _jvms_of(pool.worker_pids()[0])
+        assert len(jvms) == 2
+        os.kill(jvms[0], signal.SIGKILL)
+        time.sleep(0.3)
+        res = pool.step_many([(s, "look around") for s in range(4)])
+        assert sum(isinstance(r, EnvFailure) for r in res) == 1 and pool.restarts == 1
+        failed = next(s for s, r in enumerate(res) if isinstance(r, EnvFailure))
+        assert failed in (0, 2) and not isinstance(pool.reset(failed, tasks[failed]), EnvFailure)
+        # now kill worker 1 itself (slots 1 and 3) while only slot 1 is called
+        os.killpg(pool.worker_pids()[1], signal.SIGKILL)
+        time.sleep(0.3)
+        assert isinstance(pool.step_many([(1, "look around")])[0], EnvFailure)
+        lost = pool.step_many([(3, "look around")])[0]
+        assert isinstance(lost, EnvFailure) and "lost" in lost.reason
+        assert not isinstance(pool.reset(3, tasks[3]), EnvFailure)
+        assert not isinstance(pool.step_many([(3, "look around")])[0], EnvFailure)
+        sibling = 2 if failed == 0 else 0  # shared a process with the dead JVM, kept its episode throughout
+        assert not isinstance(pool.step_many([(sibling, "look around")])[0], EnvFailure)
+    time.sleep(1.0)
+    assert java_pids() <= before
+
+
 KILLED_PARENT = """
 import sys, time
 from steptune.envs.pool import EnvPool

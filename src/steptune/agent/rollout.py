@@ -75,6 +75,7 @@ class RolloutTotals:
 
     model_seconds: float = 0.0
     env_seconds: float = 0.0  # resets included
+    reset_seconds: float = 0.0
     judge_seconds: float = 0.0
     model_calls: int = 0
     agent_steps: int = 0
@@ -171,6 +172,7 @@ def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], ins
     resets = pool.reset_many([(slot, task) for slot, _, task in starting])
     dt = time.perf_counter() - t0
     totals.env_seconds += dt
+    totals.reset_seconds += dt
     out = []
     for (slot, idx, task), reset in zip(starting, resets):
         traj = Trajectory(id=f"{task.split}:{task.id}", env=task.env, task_id=task.id, split=task.split,

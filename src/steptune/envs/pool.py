@@ -1,8 +1,9 @@
-"""Environment workers: one environment per slot, each in its own process, stepped in parallel.
+"""Environment workers: one environment per slot, the slots spread over a few processes stepped in parallel.
 
-A worker whose environment dies (JVM killed, exception) is restarted; the call that hit it returns an
-EnvFailure with the reason, the episode is recorded as failed, and the run goes on. Each worker leads its own
-process group, so closing it also ends the JVM it started; workers exit by themselves when the parent dies
+An environment that fails (JVM killed, exception) is replaced inside its worker; the call that hit it returns an
+EnvFailure with the reason, the episode is recorded as failed, and the run goes on. A worker process that dies
+or hangs is replaced with all its environments (their episodes fail on their next call). Each worker leads its
+own process group, so closing it also ends the JVMs it started; workers exit by themselves when the parent dies
 (their pipe closes). `close()` runs on exit from the `with` block, on errors and on Ctrl-C.
 """
 
@@ -27,13 +28,30 @@ class EnvFailure:
     reason: str
 
 
-def _worker(conn, env_name: str, env_kwargs: dict[str, Any], parent_pid: int) -> None:
-    os.setpgrp()  # our own process group: killing it takes the JVM along
+def _run(env, cmd: str, arg: Any) -> Any:
+    if cmd == "reset":
+        return env.reset(arg)
+    if cmd == "step":
+        return env.step(arg)
+    if cmd == "expert":
+        return env.expert_actions()
+    raise ValueError(f"unknown command {cmd}")
+
+
+def _close_quietly(env) -> None:
+    try:
+        env.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], parent_pid: int) -> None:
+    os.setpgrp()  # our own process group: killing it takes the JVMs along
     logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported to the parent, once
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    env = None
+    envs: dict[int, Any] = {}
     try:
-        env = make_env(env_name, **env_kwargs)
+        envs.update((slot, make_env(env_name, **env_kwargs)) for slot in slots)
         while True:
             # forked siblings hold copies of our pipe, so a dead parent need not close it: watch the parent too
             if not conn.poll(1.0):
@@ -41,60 +59,53 @@ def _worker(conn, env_name: str, env_kwargs: dict[str, Any], parent_pid: int) ->
                     return
                 continue
             try:
-                cmd, arg = conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
                 return
-            if cmd == "close":
+            if msg == "close":
                 return
-            try:
-                if cmd == "reset":
-                    out: Any = env.reset(arg)
-                elif cmd == "step":
-                    out = env.step(arg)
-                elif cmd == "expert":
-                    out = env.expert_actions()
-                else:
-                    raise ValueError(f"unknown command {cmd}")
-                conn.send(("ok", out))
-            except Exception as e:  # noqa: BLE001 - reported to the parent, which restarts us
-                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
-                return
+            replies = []
+            for slot, cmd, arg in msg:  # this worker's share of one round, stepped one after another
+                try:
+                    replies.append(("ok", _run(envs[slot], cmd, arg)))
+                except Exception as e:  # noqa: BLE001 - that environment is replaced; its siblings carry on
+                    replies.append(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+                    _close_quietly(envs.pop(slot))
+                    envs[slot] = make_env(env_name, **env_kwargs)
+            conn.send(replies)
     finally:
-        if env is not None:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001
-                pass
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # whatever the simulator left running goes with us
+        for env in envs.values():
+            _close_quietly(env)
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # whatever the simulators left running goes with us
 
 
-class _Slot:
-    def __init__(self, ctx, env_name: str, env_kwargs: dict[str, Any]):
+class _Worker:
+    """One process holding the environments of several slots."""
+
+    def __init__(self, ctx, env_name: str, env_kwargs: dict[str, Any], slots: list[int]):
+        self.slots = slots
         self.parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, env_name, env_kwargs, os.getpid()), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, env_name, env_kwargs, slots, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
 
-    def send(self, cmd: str, arg: Any = None) -> None:
-        self.parent.send((cmd, arg))
+    def send(self, calls: list[tuple[int, str, Any]]) -> None:
+        self.parent.send(calls)
 
-    def recv(self, timeout: float) -> Any:
+    def recv(self, timeout: float) -> list[tuple[str, Any]]:
         if not self.parent.poll(timeout):
             raise TimeoutError(f"no answer in {timeout:.0f} s")
-        status, out = self.parent.recv()
-        if status != "ok":
-            raise RuntimeError(out)
-        return out
+        return self.parent.recv()
 
     def kill(self) -> None:
         try:
-            self.send("close")
+            self.parent.send("close")
         except (OSError, ValueError):
             pass
         self.proc.join(timeout=2)
         if self.proc.pid is not None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and its JVM
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and its JVMs
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc.join(timeout=2)
@@ -102,7 +113,15 @@ class _Slot:
 
 
 class EnvPool:
-    def __init__(self, env_name: str, size: int, env_kwargs: dict | None = None, processes: bool = True):
+    """`size` environment slots (one episode each) in `workers` processes, slot i in process i % workers.
+
+    Each round every process gets one message with its slots' calls and runs them one after another, so the
+    pipe is crossed once per process, not once per environment: on a few cores a pipe round trip costs more
+    than a fast simulator's step. `workers` defaults to min(size, CPU cores). `processes=False` keeps every
+    environment in this process (no isolation: a hung simulator hangs the caller)."""
+
+    def __init__(self, env_name: str, size: int, env_kwargs: dict | None = None, processes: bool = True,
+                 workers: int | None = None):
         if size < 1:
             raise ValueError("an environment pool needs at least one slot")
         self.env_name = env_name
@@ -114,24 +133,19 @@ class EnvPool:
         # fork: starts fast and needs no `if __name__ == "__main__"` guard in user scripts; the workers only
         # run the simulator, never torch. STEPTUNE_MP_START=spawn switches if a platform needs it.
         self._ctx = mp.get_context(os.environ.get("STEPTUNE_MP_START", "fork"))
-        self._slots: list[Any] = [self._start() for _ in range(size)]
         self._tasks: dict[int, TaskRef] = {}
-
-    def _start(self):
-        return _Slot(self._ctx, self.env_name, self.env_kwargs) if self.processes else make_env(
-            self.env_name, **self.env_kwargs)
-
-    def _restart(self, slot: int) -> None:
-        self.restarts += 1
-        old = self._slots[slot]
-        if self.processes:
-            old.kill()
+        self._lost: set[int] = set()  # slots whose environment was replaced with their process: reset first
+        if processes:
+            n = max(1, min(size, workers or os.cpu_count() or 1))
+            self._workers = [self._start_worker([s for s in range(size) if s % n == w]) for w in range(n)]
         else:
-            try:
-                old.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._slots[slot] = self._start()
+            self._envs = [make_env(env_name, **self.env_kwargs) for _ in range(size)]
+
+    def _start_worker(self, slots: list[int]) -> _Worker:
+        return _Worker(self._ctx, self.env_name, self.env_kwargs, slots)
+
+    def _worker_of(self, slot: int) -> int:
+        return slot % len(self._workers)
 
     # the Env-like surface ------------------------------------------------------------------------------
     def instruction(self) -> str:
@@ -144,36 +158,58 @@ class EnvPool:
         return self.spec.max_steps(task)
 
     def _call_many(self, calls: list[tuple[int, str, Any]]) -> list[Any]:
-        """Send every call first, then collect: the slots work in parallel."""
+        """Send every process its share of the calls first, then collect: the processes work in parallel."""
         results: list[Any] = [None] * len(calls)
         if not self.processes:
             for i, (slot, cmd, arg) in enumerate(calls):
-                env = self._slots[slot]
                 try:
-                    results[i] = {"reset": env.reset, "step": env.step}[cmd](arg) if cmd != "expert" \
-                        else env.expert_actions()
+                    results[i] = _run(self._envs[slot], cmd, arg)
                 except Exception as e:  # noqa: BLE001
                     results[i] = EnvFailure(f"{type(e).__name__}: {e}")
-                    self._restart(slot)
+                    self.restarts += 1
+                    _close_quietly(self._envs[slot])
+                    self._envs[slot] = make_env(self.env_name, **self.env_kwargs)
             return results
+        by_worker: dict[int, list[int]] = {}
+        for i, (slot, cmd, _) in enumerate(calls):
+            if slot in self._lost and cmd != "reset":
+                results[i] = EnvFailure("environment worker was restarted: this episode's state is lost")
+            else:
+                self._lost.discard(slot)
+                by_worker.setdefault(self._worker_of(slot), []).append(i)
         sent = []
-        for i, (slot, cmd, arg) in enumerate(calls):
+        for w, idx in by_worker.items():
             try:
-                self._slots[slot].send(cmd, arg)
-                sent.append(i)
+                self._workers[w].send([calls[i] for i in idx])
+                sent.append(w)
             except (OSError, ValueError) as e:
-                results[i] = EnvFailure(f"environment worker died: {e}")
-                self._restart(slot)
-        for i in sent:
-            slot = calls[i][0]
+                self._replace_worker(w, idx, results, f"environment worker died: {e}")
+        for w in sent:
+            idx = by_worker[w]
             try:
-                results[i] = self._slots[slot].recv(CALL_TIMEOUT_S)
-            except (EOFError, OSError, RuntimeError, TimeoutError) as e:
-                alive = self._slots[slot].proc.is_alive()
+                replies = self._workers[w].recv(CALL_TIMEOUT_S * len(idx))
+            except (EOFError, OSError, TimeoutError) as e:
+                alive = self._workers[w].proc.is_alive()
                 why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                results[i] = EnvFailure(f"environment worker {'failed' if alive else 'died'}: {why}")
-                self._restart(slot)
+                self._replace_worker(w, idx, results, f"environment worker {'failed' if alive else 'died'}: {why}")
+                continue
+            for i, (status, out) in zip(idx, replies):
+                if status == "ok":
+                    results[i] = out
+                else:  # the worker has already replaced that environment
+                    self.restarts += 1
+                    results[i] = EnvFailure(f"environment failed: {str(out).strip().splitlines()[0]}")
         return results
+
+    def _replace_worker(self, w: int, idx: list[int], results: list[Any], reason: str) -> None:
+        """The calls `idx` sent to worker `w` fail with `reason`; its slots get fresh environments."""
+        for i in idx:
+            results[i] = EnvFailure(reason)
+        old = self._workers[w]
+        old.kill()
+        self.restarts += 1
+        self._workers[w] = self._start_worker(old.slots)
+        self._lost.update(old.slots)
 
     def reset(self, slot: int, task: TaskRef) -> Reset | EnvFailure:
         return self.reset_many([(slot, task)])[0]
@@ -190,15 +226,15 @@ class EnvPool:
         return None if isinstance(out, EnvFailure) else out
 
     def worker_pids(self) -> list[int]:
-        return [s.proc.pid for s in self._slots] if self.processes else []
+        """The worker processes; slot i lives in worker_pids()[i % len(worker_pids())]."""
+        return [w.proc.pid for w in self._workers] if self.processes else []
 
     def close(self) -> None:
-        for s in self._slots:
-            if self.processes:
-                s.kill()
-            else:
-                s.close()
-        self._slots = []
+        for w in getattr(self, "_workers", []):
+            w.kill()
+        for env in getattr(self, "_envs", []):
+            _close_quietly(env)
+        self._workers, self._envs = [], []
 
     def __enter__(self) -> EnvPool:
         return self
@@ -207,5 +243,5 @@ class EnvPool:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_slots", None):
+        if getattr(self, "_workers", None) or getattr(self, "_envs", None):
             self.close()
