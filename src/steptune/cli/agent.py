@@ -17,7 +17,7 @@ def eval_cmd(
     env: Annotated[str | None, typer.Option(help="Environment: sciworld, twx, alfworld, ...")] = None,
     split: Annotated[list[str] | None, typer.Option(help="Split(s) to evaluate (repeatable; default unseen).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N tasks of each split.")] = None,
-    workers: Annotated[int, typer.Option(help="Concurrent episodes (in up to one process per CPU core).")] = 4,
+    workers: Annotated[int, typer.Option(help="Concurrent episodes (environment processes).")] = 4,
     out: Annotated[Path | None, typer.Option(help="Run directory (episodes.jsonl, summary.json); reruns resume.")] = None,
     config: Annotated[Path | None, typer.Option(help="EvalConfig JSON file; command-line options override it.")] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 128,

@@ -17,7 +17,7 @@ def expert(
     split: str = typer.Option("train", help="train | seen | unseen"),
     out: Path = typer.Option(..., help="Output JSONL (resumable: tasks already in it are skipped)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N tasks of the split."),
-    workers: int = typer.Option(2, help="Concurrent environments (in up to one process per CPU core)."),
+    workers: int = typer.Option(2, help="Environment processes."),
     env_kwargs: str = typer.Option("{}", help='Adapter options as JSON, e.g. \'{"game": "twc"}\'.'),
     thought_model: Optional[str] = typer.Option(None, help="Backend spec of an LLM that writes the thoughts."),
 ) -> None:

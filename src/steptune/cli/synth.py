@@ -23,7 +23,7 @@ def synthesize(
     teacher: str = typer.Option("expert", help="expert | llm | self"),
     teacher_model: Optional[str] = typer.Option(None, help="LLM teacher backend spec, e.g. openai:Qwen1.5-110B-Chat@http://host:8000/v1"),
     golden: Optional[Path] = typer.Option(None, help="Golden trajectories shown to an LLM teacher as reference."),
-    workers: int = typer.Option(2, help="Concurrent episodes (in up to one process per CPU core)."),
+    workers: int = typer.Option(2, help="Environment processes."),
     env_kwargs: str = typer.Option("{}", help="Adapter options as JSON."),
 ) -> None:
     """Run the base agent with a teacher judging every step; write self-reflected trajectories."""

@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 class EnvSection(_Strict):
     name: str = "twx"  # sciworld | twx | alfworld | webshop
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
-    workers: int = 2  # concurrent episodes, one environment each (in up to one process per CPU core)
+    workers: int = 2  # concurrent episodes = environment processes
     rollout_backend: Literal["local", "vllm"] = "local"  # how the student is run in synthesis and evaluation
 
 
