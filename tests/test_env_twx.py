@@ -125,6 +125,25 @@ def test_slots_share_worker_processes_and_fail_alone():
     assert java_pids() <= before
 
 
+def _jvm_tool_options(worker_pid: int) -> str | None:
+    (jvm,) = _jvms_of(worker_pid)
+    env = dict(kv.split("=", 1) for kv in open(f"/proc/{jvm}/environ").read().split("\0") if "=" in kv)
+    return env.get("JAVA_TOOL_OPTIONS")
+
+
+def test_crowded_pools_start_jvms_with_the_quick_compiler_only(monkeypatch):
+    from steptune.envs.pool import CROWDED_JVM_OPTIONS, default_jvm_options
+
+    cores = os.cpu_count()
+    assert default_jvm_options(cores) == "" and default_jvm_options(cores + 1) == CROWDED_JVM_OPTIONS
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xmx512m")  # the user's own options are kept, after ours
+    with EnvPool("twx", cores + 1) as crowded, EnvPool("twx", 1) as roomy:
+        for pool in (crowded, roomy):
+            pool.reset(0, pool.tasks("train")[0])  # the simulator starts its JVM
+        assert _jvm_tool_options(crowded.worker_pids()[0]) == f"{CROWDED_JVM_OPTIONS} -Xmx512m"
+        assert _jvm_tool_options(roomy.worker_pids()[0]) == "-Xmx512m"
+
+
 KILLED_PARENT = """
 import sys, time
 from steptune.envs.pool import EnvPool

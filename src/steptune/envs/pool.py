@@ -28,6 +28,18 @@ class EnvFailure:
     reason: str
 
 
+# More simulator JVMs than CPU cores: each JVM's optimizing (C2) compiler threads then compete with the model and
+# with each other for the cores, and every short-lived JVM pays its warm-up. The C1 compiler alone warms up fast
+# and cheaply. Measured on 2 cores (benchmarks/rollout_throughput.py --quick, 16 TextWorldExpress JVMs): batched
+# rollouts 4.26x sequential instead of 2.98x; but a single ScienceWorld JVM steps 2.6x slower under C1 alone
+# (benchmarks/env_throughput.py), so JVMs that have a core each keep the JVM's defaults.
+CROWDED_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
+
+
+def default_jvm_options(n_simulators: int) -> str:
+    return CROWDED_JVM_OPTIONS if n_simulators > (os.cpu_count() or 1) else ""
+
+
 def _run(env, cmd: str, arg: Any) -> Any:
     if cmd == "reset":
         return env.reset(arg)
@@ -45,8 +57,11 @@ def _close_quietly(env) -> None:
         pass
 
 
-def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], parent_pid: int) -> None:
+def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], parent_pid: int,
+            jvm_options: str) -> None:
     os.setpgrp()  # our own process group: killing it takes the JVMs along
+    if jvm_options:  # read by every JVM this worker's simulators start; the user's own options come last and win
+        os.environ["JAVA_TOOL_OPTIONS"] = f"{jvm_options} {os.environ.get('JAVA_TOOL_OPTIONS', '')}".strip()
     logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a dead JVM is reported to the parent, once
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     envs: dict[int, Any] = {}
@@ -82,10 +97,11 @@ def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], p
 class _Worker:
     """One process holding the environments of several slots."""
 
-    def __init__(self, ctx, env_name: str, env_kwargs: dict[str, Any], slots: list[int]):
+    def __init__(self, ctx, env_name: str, env_kwargs: dict[str, Any], slots: list[int], jvm_options: str):
         self.slots = slots
         self.parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, env_name, env_kwargs, slots, os.getpid()), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, env_name, env_kwargs, slots, os.getpid(), jvm_options),
+                                daemon=True)
         self.proc.start()
         child.close()
 
@@ -120,10 +136,13 @@ class EnvPool:
     faster (one pipe crossing per process instead of per environment) but reset 1.2x slower (a process resets
     its games one after another), and resets cost more in a rollout (benchmarks/rollout_throughput.py
     --env-workers). `processes=False` keeps every environment in this process (no isolation: a hung simulator
-    hangs the caller)."""
+    hangs the caller).
+
+    `jvm_options` go to the JVMs the workers' simulators start (JAVA_TOOL_OPTIONS); None picks
+    `default_jvm_options(size)`."""
 
     def __init__(self, env_name: str, size: int, env_kwargs: dict | None = None, processes: bool = True,
-                 workers: int | None = None):
+                 workers: int | None = None, jvm_options: str | None = None):
         if size < 1:
             raise ValueError("an environment pool needs at least one slot")
         self.env_name = env_name
@@ -137,6 +156,7 @@ class EnvPool:
         self._ctx = mp.get_context(os.environ.get("STEPTUNE_MP_START", "fork"))
         self._tasks: dict[int, TaskRef] = {}
         self._lost: set[int] = set()  # slots whose environment was replaced with their process: reset first
+        self.jvm_options = default_jvm_options(size) if jvm_options is None else jvm_options
         if processes:
             n = max(1, min(size, workers or size))
             self._workers = [self._start_worker([s for s in range(size) if s % n == w]) for w in range(n)]
@@ -144,7 +164,7 @@ class EnvPool:
             self._envs = [make_env(env_name, **self.env_kwargs) for _ in range(size)]
 
     def _start_worker(self, slots: list[int]) -> _Worker:
-        return _Worker(self._ctx, self.env_name, self.env_kwargs, slots)
+        return _Worker(self._ctx, self.env_name, self.env_kwargs, slots, self.jvm_options)
 
     def _worker_of(self, slot: int) -> int:
         return slot % len(self._workers)
