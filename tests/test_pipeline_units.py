@@ -78,3 +78,10 @@ def test_run_until_a_stage_stops_there_and_says_so(tmp_path):
     assert "no evaluation yet" in " ".join(proc.stdout.split())  # rich wraps at the terminal width
     proc = subprocess.run([*cli, "--until", "nope"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr and "train:golden_d1" in proc.stderr
+    # a mistyped stage writes nothing: no run directory, no manifest rewritten with this config
+    fresh = tmp_path / "fresh"
+    cli[cli.index("--output") + 1] = str(fresh)
+    for flag in ("--until", "--from"):
+        proc = subprocess.run([*cli, flag, "nope"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
+    assert not fresh.exists()

@@ -42,8 +42,10 @@ class Run:
     manifest: Manifest = field(init=False)
 
     def __post_init__(self) -> None:
+        self.manifest = Manifest(self.dir)  # read only: `open()` writes, once the request has been checked
+
+    def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.dir)
         self.manifest.data["config"] = self.cfg.model_dump(mode="json")
         self.manifest.data["versions"] = library_versions()
         self.manifest.save()
@@ -244,8 +246,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
+    for name in (from_stage, until_stage):
+        if name:
+            check_stage(names, name)  # before anything is written
+    run.open()
     if until_stage:
-        check_stage(names, until_stage)
         stages = stages[: names.index(until_stage) + 1]
     if from_stage:
         run.manifest.invalidate_from(names, from_stage)
