@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--env", default="twx", help="twx (coin, 4 rooms) or sciworld")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
-    ap.add_argument("--env-workers", type=int, default=None, help="environment processes (default: min(slots, cores))")
+    ap.add_argument("--env-workers", type=int, default=None, help="environment processes (default: one per slot)")
     args = ap.parse_args()
     n_tasks = args.tasks or (24 if args.quick else 96)
 

@@ -4,8 +4,9 @@ Synthetic trajectories with ScienceWorld-like lengths (a long instruction, 3-60 
 thousand tokens) and a small Llama on the CPU (fp32). Both modes run through steptune's real training path (TRL
 SFTTrainer, with the loss and the per-sample packed attention steptune uses on a CPU); the bare loop runs
 forward/backward/clip/optimizer step, with the trainer's own optimizer class, on the very batches the trainer trained
-on, each bare step right after the trainer's step on the same batch (interleaved, so drift hits both alike). Two more runs show what packing costs with transformers' stock sdpa attention (one dense block-diagonal mask per
-row) and with TRL's fused LM head (steptune's default on a GPU).
+on, each bare step right after the trainer's step on the same batch (interleaved, so drift hits both alike). Two
+more runs show what packing costs with transformers' stock sdpa attention (one dense block-diagonal mask per row)
+and with TRL's fused LM head (steptune's default on a GPU).
 overhead_vs_torch = median trainer step / median bare-loop step - 1 (0.10 = 10% slower), over the same timed batches
 (the totals are printed too).
 

@@ -57,6 +57,12 @@ def _close_quietly(env) -> None:
         pass
 
 
+def _replacement(env, env_name: str, env_kwargs: dict[str, Any]):
+    """A fresh environment in place of one that failed (closed first, so its simulator goes)."""
+    _close_quietly(env)
+    return make_env(env_name, **env_kwargs)
+
+
 def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], parent_pid: int,
             jvm_options: str) -> None:
     os.setpgrp()  # our own process group: killing it takes the JVMs along
@@ -85,8 +91,7 @@ def _worker(conn, env_name: str, env_kwargs: dict[str, Any], slots: list[int], p
                     replies.append(("ok", _run(envs[slot], cmd, arg)))
                 except Exception as e:  # noqa: BLE001 - that environment is replaced; its siblings carry on
                     replies.append(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
-                    _close_quietly(envs.pop(slot))
-                    envs[slot] = make_env(env_name, **env_kwargs)
+                    envs[slot] = _replacement(envs[slot], env_name, env_kwargs)
             conn.send(replies)
     finally:
         for env in envs.values():
@@ -154,7 +159,6 @@ class EnvPool:
         # fork: starts fast and needs no `if __name__ == "__main__"` guard in user scripts; the workers only
         # run the simulator, never torch. STEPTUNE_MP_START=spawn switches if a platform needs it.
         self._ctx = mp.get_context(os.environ.get("STEPTUNE_MP_START", "fork"))
-        self._tasks: dict[int, TaskRef] = {}
         self._lost: set[int] = set()  # slots whose environment was replaced with their process: reset first
         self.jvm_options = default_jvm_options(size) if jvm_options is None else jvm_options
         if processes:
@@ -189,8 +193,7 @@ class EnvPool:
                 except Exception as e:  # noqa: BLE001
                     results[i] = EnvFailure(f"{type(e).__name__}: {e}")
                     self.restarts += 1
-                    _close_quietly(self._envs[slot])
-                    self._envs[slot] = make_env(self.env_name, **self.env_kwargs)
+                    self._envs[slot] = _replacement(self._envs[slot], self.env_name, self.env_kwargs)
             return results
         by_worker: dict[int, list[int]] = {}
         for i, (slot, cmd, _) in enumerate(calls):
@@ -237,7 +240,6 @@ class EnvPool:
         return self.reset_many([(slot, task)])[0]
 
     def reset_many(self, calls: list[tuple[int, TaskRef]]) -> list[Reset | EnvFailure]:
-        self._tasks.update(calls)
         return self._call_many([(slot, "reset", task) for slot, task in calls])
 
     def step_many(self, calls: list[tuple[int, str]]) -> list[StepResult | EnvFailure]:

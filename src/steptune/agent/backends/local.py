@@ -73,8 +73,8 @@ class LocalBackend(ChatBackend):
         # An agent's prompt is its previous prompt plus the reply and the new observation, so the per-row prefill
         # keeps each prompt's KV cache and later prefills only the tokens past the longest cached prefix. Causal
         # attention makes a prefix's keys/values independent of what follows, so the result is the same.
-        self.prefix_cache = _PrefixCache(2 * max_batch_size) if (
-            prefill_per_row if prefix_cache is None else prefix_cache and prefill_per_row) else None
+        self.prefix_cache = _PrefixCache(2 * max_batch_size) if prefill_per_row and prefix_cache is not False \
+            else None
         self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
 
     def render(self, conversation: Conversation) -> str:
@@ -123,8 +123,7 @@ class LocalBackend(ChatBackend):
             kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
         with torch.inference_mode():
             if self.prefill_per_row and (len(rows) > 1 or self.prefix_cache is not None):
-                enc["cache"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"],
-                                                            gen.max_new_tokens)
+                enc["cache"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"], gen.max_new_tokens)
             else:
                 self.prefill_tokens += int(enc["attention_mask"].sum())
             ids = self.model.generate(**enc, **kwargs)
@@ -134,7 +133,7 @@ class LocalBackend(ChatBackend):
         return [cut_at_stop(t, gen.stop) for t in texts]
 
     def _prefill_rows(self, input_ids, attention_mask, max_new_tokens: int):
-        """A DynamicCache for all but the last prompt token of each (left-padded) row, computed unpadded.
+        """A cache for all but the last prompt token of each (left-padded) row, computed unpadded.
 
         Left-padded cache slots are masked by `attention_mask` during decoding, and the cached keys carry
         the same rotary positions (0..n-1 per row) that generate derives from the mask, so the result
@@ -146,7 +145,8 @@ class LocalBackend(ChatBackend):
         per_row = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = ids[mask.bool()][:-1]  # the last token is generate's to feed
-            start, cached = self.prefix_cache.longest_prefix(prompt.tolist()) if self.prefix_cache else (0, None)
+            prompt_ids = prompt.tolist()
+            start, cached = self.prefix_cache.longest_prefix(prompt_ids) if self.prefix_cache else (0, None)
             row = DynamicCache()
             for layer, (k, v) in enumerate(cached or ()):
                 row.update(k[:, :, :start], v[:, :, :start], layer)
@@ -155,7 +155,7 @@ class LocalBackend(ChatBackend):
                 self.prefill_tokens += len(prompt) - start
             layers = [(layer.keys, layer.values) for layer in row.layers]
             if self.prefix_cache is not None:
-                self.prefix_cache.add(prompt.tolist(), layers)
+                self.prefix_cache.add(prompt_ids, layers)
             per_row.append(layers)
         # a preallocated cache: decoding writes each new token in place instead of concatenating every layer's
         # whole cache at every step (a third of a batched decode step on a CPU)
