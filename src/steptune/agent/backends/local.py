@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from steptune.agent.backends.base import ChatBackend, Conversation, GenerationConfig
+from steptune.agent.backends.prompt_tokens import PromptEncoder, common_prefix_len
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -61,7 +62,7 @@ class LocalBackend(ChatBackend):
             self.model = PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload()
         self.model.to(self.device).eval()
         self.max_batch_size = max_batch_size
-        self._encoded: dict[tuple, list[int]] = {}
+        self.prompts = PromptEncoder(self.tokenizer, capacity=4 * max_batch_size)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.tokens_generated = 0
         # On CPU a padded batch prefill costs more than the rows' prefills one by one (mask building and
@@ -78,19 +79,12 @@ class LocalBackend(ChatBackend):
         self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
 
     def render(self, conversation: Conversation) -> str:
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.prompts.render(conversation)
 
     def encode(self, conversation: Conversation) -> list[int]:
         """The prompt's token ids; remembered, because the rollout counts a prompt's tokens (for the context
-        window) just before it asks for the completion."""
-        key = tuple((m["role"], m["content"]) for m in conversation)
-        ids = self._encoded.get(key)
-        if ids is None:
-            ids = self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
-            self._encoded[key] = ids
-            while len(self._encoded) > 4 * self.max_batch_size:
-                del self._encoded[next(iter(self._encoded))]
-        return ids
+        window) just before it asks for the completion, and reused for the next turn's prompt."""
+        return self.prompts.encode(conversation)
 
     def count_tokens(self, conversation: Conversation) -> int:
         return len(self.encode(conversation))
@@ -142,6 +136,8 @@ class LocalBackend(ChatBackend):
         from transformers import DynamicCache, StaticCache
 
         width = input_ids.shape[1] - 1
+        dtype = self.model.dtype
+        ready_masks = self.model.config._attn_implementation in ("sdpa", "eager")  # flash kernels take none
         per_row = []
         for ids, mask in zip(input_ids, attention_mask):
             prompt = ids[mask.bool()][:-1]  # the last token is generate's to feed
@@ -151,7 +147,9 @@ class LocalBackend(ChatBackend):
             for layer, (k, v) in enumerate(cached or ()):
                 row.update(k[:, :, :start], v[:, :, :start], layer)
             if start < len(prompt):
-                row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True).past_key_values
+                mask = _chunk_mask(start, len(prompt) - start, dtype) if ready_masks else None
+                row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True, logits_to_keep=1,
+                                 attention_mask=mask).past_key_values
                 self.prefill_tokens += len(prompt) - start
             layers = [(layer.keys, layer.values) for layer in row.layers]
             if self.prefix_cache is not None:
@@ -171,6 +169,16 @@ class LocalBackend(ChatBackend):
         return cache
 
 
+def _chunk_mask(cached: int, new: int, dtype):
+    """The additive attention mask of `new` tokens that follow `cached` ones: all of the cache, causal among the
+    new. Passed ready-made because transformers builds it element by element (a fifth of a short prefill on CPU)."""
+    import torch
+
+    mask = torch.zeros(1, 1, new, cached + new, dtype=dtype)
+    mask[0, 0, :, cached:] = torch.full((new, new), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return mask
+
+
 class _PrefixCache:
     """The KV caches of the last `capacity` prompts, found again by their longest common token prefix."""
 
@@ -185,7 +193,7 @@ class _PrefixCache:
         best_len = len(self.entries[best][0]) if best is not None else 0
         if best is None:
             for i, (cached, _) in enumerate(self.entries):
-                common = _common_prefix_len(ids, cached)
+                common = common_prefix_len(ids, cached)
                 if common > best_len:
                     best, best_len = i, common
         if best is None:
@@ -198,14 +206,3 @@ class _PrefixCache:
     def add(self, ids: list[int], layers: list) -> None:
         self.entries.append((ids, layers))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    lo, hi = 0, min(len(a), len(b))  # bisection over C-speed slice comparisons
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
