@@ -83,6 +83,31 @@ def test_truncated_history_starts_at_the_same_step_for_several_turns():
     assert sum(runs) >= len(runs) // 2  # the first kept step moves once every few turns, not every turn
 
 
+def test_truncation_drops_the_fewest_blocks_and_counts_tokens_rarely_turn_after_turn():
+    """The search (from the previous turn's cut) finds what dropping block after block finds."""
+    from steptune.agent.policy import TRUNCATION_BLOCK, approx_token_count
+
+    dropped, counts, turns = 0, 0, 0
+    for n in range(8, 60):
+        full, _ = build_conversation(_traj(n))
+        blocks = 0
+        while approx_token_count(full[:1] + full[1 + 2 * TRUNCATION_BLOCK * blocks:]) > 400 and \
+                1 + 2 * TRUNCATION_BLOCK * blocks < len(full):
+            blocks += 1
+        expected = full[:1] + full[1 + 2 * TRUNCATION_BLOCK * blocks:]
+
+        def count(conv):
+            nonlocal counts
+            counts += 1
+            return approx_token_count(conv)
+
+        conv, cut = build_conversation(_traj(n), max_context_tokens=400, count_tokens=count, dropped_before=dropped)
+        assert conv == expected and cut == (blocks > 0)
+        dropped = n - sum(m["role"] == "assistant" for m in conv)
+        turns += 1
+    assert counts <= 2 * turns  # one count on most turns (a linear scan needs a dozen by the end)
+
+
 def test_rollout_solves_games_and_records_trajectories(react_model_dir, pool):
     backend = LocalBackend(react_model_dir)
     totals = RolloutTotals()

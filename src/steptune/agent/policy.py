@@ -58,24 +58,42 @@ def build_conversation(
     example: str | None = None,
     max_context_tokens: int | None = None,
     count_tokens: Callable[[list[dict[str, str]]], int] = approx_token_count,
+    dropped_before: int = 0,
 ) -> tuple[list[dict[str, str]], bool]:
     """The chat for the agent's next turn, and whether it had to be truncated.
 
     Too long for the window: keep the first user turn (instruction + example + task) and the most recent
-    steps, dropping the oldest whole step pairs, `TRUNCATION_BLOCK` of them at a time. The first kept turn after
-    the head is always an assistant turn, so roles keep alternating as chat templates require.
+    steps, dropping the oldest whole step pairs, `TRUNCATION_BLOCK` of them at a time, as few blocks as fit. The
+    first kept turn after the head is always an assistant turn, so roles keep alternating as chat templates
+    require. `dropped_before` is how many steps the trajectory's previous turn dropped: prompts only grow, so
+    no fewer go now, and the search starts there (usually one token count instead of a dozen).
     """
     msgs = [{"role": m.role, "content": m.content} for m in traj.messages(include_final_observation=True)]
     if example:
         msgs[0]["content"] = _with_example(traj, example)
     if max_context_tokens is None or _token_upper_bound(msgs) <= max_context_tokens:
         return msgs, False  # cheap: no tokenizer call while the chat is surely short enough
-    if count_tokens(msgs) <= max_context_tokens:
-        return msgs, False
     head, rest = msgs[:1], msgs[1:]
-    while rest and count_tokens(head + rest) > max_context_tokens:
-        rest = rest[2 * TRUNCATION_BLOCK :]  # drop the oldest (assistant, observation) pairs
-    return head + rest, True
+    if dropped_before == 0 and count_tokens(msgs) <= max_context_tokens:
+        return msgs, False
+
+    def kept(blocks: int) -> list[dict[str, str]]:
+        return head + rest[2 * TRUNCATION_BLOCK * blocks :]  # drop the oldest (assistant, observation) pairs
+
+    # the fewest blocks whose removal fits; token counts only shrink as blocks go, and dropping every step is the
+    # answer when nothing fits
+    lo, hi = max(1, dropped_before // TRUNCATION_BLOCK), -(-len(rest) // (2 * TRUNCATION_BLOCK))
+    lo = min(lo, hi)
+    if lo < hi and count_tokens(kept(lo)) <= max_context_tokens:
+        return kept(lo), True
+    lo += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_tokens(kept(mid)) <= max_context_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    return kept(hi), True
 
 
 def _token_upper_bound(conversation: list[dict[str, str]]) -> int:

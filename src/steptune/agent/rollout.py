@@ -39,6 +39,7 @@ class Episode:
     failure: str | None = None  # env or backend failure; the episode is recorded, not retried
     invalid_actions: int = 0
     truncations: int = 0  # turns whose context was cut to fit the window
+    dropped_steps: int = 0  # oldest steps left out of the latest prompt to fit the window
     model_seconds: float = 0.0  # this episode's share of batched generation time
     env_seconds: float = 0.0
     judge_seconds: float = 0.0
@@ -130,8 +131,10 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             episodes = [active[s][1] for s in slots]
             convs = []
             for ep in episodes:
-                conv, cut = build_conversation(ep.trajectory, example, max_context_tokens, count_tokens)
+                conv, cut = build_conversation(ep.trajectory, example, max_context_tokens, count_tokens,
+                                               ep.dropped_steps)
                 ep.truncations += cut
+                ep.dropped_steps = len(ep.trajectory.steps) - sum(m["role"] == "assistant" for m in conv)
                 convs.append(conv)
 
             t0 = time.perf_counter()
