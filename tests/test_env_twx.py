@@ -132,10 +132,14 @@ def _jvm_tool_options(worker_pid: int) -> str | None:
 
 
 def test_crowded_pools_start_jvms_with_the_quick_compiler_only(monkeypatch):
-    from steptune.envs.pool import CROWDED_JVM_OPTIONS, default_jvm_options
+    from steptune.envs.pool import default_jvm_options
+    from steptune.envs.registry import make_env
 
+    CROWDED_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
     cores = os.cpu_count()
-    assert default_jvm_options(cores) == "" and default_jvm_options(cores + 1) == CROWDED_JVM_OPTIONS
+    twx, sciworld = make_env("twx"), make_env("sciworld")  # neither starts a simulator
+    assert default_jvm_options(twx, cores) == "" and default_jvm_options(twx, cores + 1) == CROWDED_JVM_OPTIONS
+    assert default_jvm_options(sciworld, cores + 1) == ""  # world-building resets want the optimizing compiler
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xmx512m")  # the user's own options are kept, after ours
     with EnvPool("twx", cores + 1) as crowded, EnvPool("twx", 1) as roomy:
         for pool in (crowded, roomy):

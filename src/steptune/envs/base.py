@@ -44,6 +44,8 @@ class StepResult:
 class Env(ABC):
     name: str = ""
     max_steps_default: int = 30
+    # JVM options (JAVA_TOOL_OPTIONS) for a pool with more of this env's simulators than CPU cores
+    crowded_jvm_options: str = ""
 
     @abstractmethod
     def tasks(self, split: str) -> list[TaskRef]: ...

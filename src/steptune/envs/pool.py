@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from steptune.envs.base import Reset, StepResult, TaskRef
+from steptune.envs.base import Env, Reset, StepResult, TaskRef
 from steptune.envs.registry import make_env
 
 CALL_TIMEOUT_S = 600.0  # a ScienceWorld gold-path regeneration can take ~25 s; a hung JVM is killed after this
@@ -28,16 +28,10 @@ class EnvFailure:
     reason: str
 
 
-# More simulator JVMs than CPU cores: each JVM's optimizing (C2) compiler threads then compete with the model and
-# with each other for the cores, and every short-lived JVM pays its warm-up. The C1 compiler alone warms up fast
-# and cheaply. Measured on 2 cores (benchmarks/rollout_throughput.py --quick, 16 TextWorldExpress JVMs): batched
-# rollouts 4.26x sequential instead of 2.98x; but a single ScienceWorld JVM steps 2.6x slower under C1 alone
-# (benchmarks/env_throughput.py), so JVMs that have a core each keep the JVM's defaults.
-CROWDED_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
-
-
-def default_jvm_options(n_simulators: int) -> str:
-    return CROWDED_JVM_OPTIONS if n_simulators > (os.cpu_count() or 1) else ""
+def default_jvm_options(env: Env, n_simulators: int) -> str:
+    """The environment's options for crowded JVMs (`Env.crowded_jvm_options`) when there are more simulators than
+    CPU cores; otherwise nothing (the JVM's defaults)."""
+    return env.crowded_jvm_options if n_simulators > (os.cpu_count() or 1) else ""
 
 
 def _run(env, cmd: str, arg: Any) -> Any:
@@ -144,7 +138,7 @@ class EnvPool:
     hangs the caller).
 
     `jvm_options` go to the JVMs the workers' simulators start (JAVA_TOOL_OPTIONS); None picks
-    `default_jvm_options(size)`."""
+    `default_jvm_options(env, size)`."""
 
     def __init__(self, env_name: str, size: int, env_kwargs: dict | None = None, processes: bool = True,
                  workers: int | None = None, jvm_options: str | None = None):
@@ -160,7 +154,7 @@ class EnvPool:
         # run the simulator, never torch. STEPTUNE_MP_START=spawn switches if a platform needs it.
         self._ctx = mp.get_context(os.environ.get("STEPTUNE_MP_START", "fork"))
         self._lost: set[int] = set()  # slots whose environment was replaced with their process: reset first
-        self.jvm_options = default_jvm_options(size) if jvm_options is None else jvm_options
+        self.jvm_options = default_jvm_options(self.spec, size) if jvm_options is None else jvm_options
         if processes:
             n = max(1, min(size, workers or size))
             self._workers = [self._start_worker([s for s in range(size) if s % n == w]) for w in range(n)]
