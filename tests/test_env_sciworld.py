@@ -95,13 +95,17 @@ def test_gold_replay_invalid_action_and_expert():
 
 def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
     before = _scienceworld_jvms()
-    pool = EnvPool("sciworld", size=1)
+    # the options a crowded pool gives its JVMs (more simulators than cores), so this JVM must run with them
+    options = ScienceWorldEnv.crowded_jvm_options
+    pool = EnvPool("sciworld", size=1, jvm_options=options)
     try:
         task = _find_task(pool.spec)
         assert not isinstance(pool.reset(0, task), EnvFailure)
         worker = pool.worker_pids()[0]
         jvms = _java_children(worker)
         assert jvms, "the worker should own a ScienceWorld JVM"
+        environ = Path(f"/proc/{jvms[0]}/environ").read_text().split("\0")
+        assert options and any(e.startswith(f"JAVA_TOOL_OPTIONS={options}") for e in environ)  # user's after
         os.kill(jvms[0], signal.SIGKILL)
         out = pool.step_many([(0, "look around")])[0]
         assert isinstance(out, EnvFailure)

@@ -139,7 +139,9 @@ def test_crowded_pools_start_jvms_with_the_quick_compiler_only(monkeypatch):
     cores = os.cpu_count()
     twx, sciworld = make_env("twx"), make_env("sciworld")  # neither starts a simulator
     assert default_jvm_options(twx, cores) == "" and default_jvm_options(twx, cores + 1) == CROWDED_JVM_OPTIONS
-    assert default_jvm_options(sciworld, cores + 1) == ""  # world-building resets want the optimizing compiler
+    # world-building resets want the optimizing compiler; fewer GC and compiler threads instead
+    assert default_jvm_options(sciworld, cores + 1) == "-XX:+UseSerialGC -XX:CICompilerCount=2"
+    assert default_jvm_options(sciworld, cores) == ""
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xmx512m")  # the user's own options are kept, after ours
     with EnvPool("twx", cores + 1) as crowded, EnvPool("twx", 1) as roomy:
         for pool in (crowded, roomy):

@@ -38,6 +38,12 @@ def _norm(action: str) -> str:
 
 class ScienceWorldEnv(Env):
     name = "sciworld"
+    # More JVMs than cores: a reset builds a whole world, which wants the optimizing compiler (C1 alone made a
+    # crowded rollout 25% slower), but every JVM's parallel GC and compiler thread pools fight over the cores.
+    # One GC thread and the fewest compiler threads: 16 ScienceWorld JVMs on 2 cores started and warmed up in
+    # 94 s instead of 116 s and ran a rollout 19% faster (58 s vs 72 s; benchmarks/rollout_throughput.py
+    # --env sciworld --quick, batched part).
+    crowded_jvm_options = "-XX:+UseSerialGC -XX:CICompilerCount=2"
 
     def __init__(self, simplification: str = "easy", max_steps: int | None = None, jar: str | None = None,
                  heap: str = "512m", step_limit: int = 10_000, simplifications: str | None = None,

@@ -24,8 +24,7 @@ class TextWorldExpressEnv(Env):
     # More JVMs than cores: each one's optimizing (C2) compiler would fight the model and its siblings for the
     # cores, and every short-lived JVM pays its warm-up; the C1 compiler alone warms up fast and cheaply. On 2
     # cores with 16 slots, batched rollouts ran 4.26x sequential instead of 2.98x (benchmarks/rollout_throughput.py
-    # --quick). ScienceWorld keeps the defaults: its resets build whole worlds, and 16 crowded ScienceWorld JVMs
-    # ran a rollout 25% faster with C2 than with C1 alone (72 s vs 91 s, --env sciworld --quick).
+    # --quick). (ScienceWorld's world-building resets want C2: see its crowded_jvm_options.)
     crowded_jvm_options = "-XX:TieredStopAtLevel=1"
 
     def __init__(self, game: str = "twc", game_params: str | None = None, max_steps: int = 20,
