@@ -51,8 +51,10 @@ def agent_turns(rng: random.Random, n_turns: int):
     conv = [{"role": "user", "content": "Act as a ReAct agent.\n\nYour task is to " + text(8)}]
     for _ in range(n_turns):
         yield list(conv)
-        conv += [{"role": "assistant", "content": f"Thought: {text(rng.randint(1, 9))}\nAction: {text(3)}"},
-                 {"role": "user", "content": f"Observation: {text(rng.randint(0, 15))}"}]
+        # a teacher's correction adds a second step before the student's next turn, sometimes
+        for _ in range(1 if rng.random() < 0.7 else 2):
+            conv += [{"role": "assistant", "content": f"Thought: {text(rng.randint(1, 9))}\nAction: {text(3)}"},
+                     {"role": "user", "content": f"Observation: {text(rng.randint(0, 15))}"}]
 
 
 @pytest.mark.parametrize("template", ["own", *TEMPLATES])
@@ -110,3 +112,16 @@ def test_special_tokens_that_strip_whitespace_are_not_cut_at(tokenizers):
     for conv in agent_turns(random.Random(2), 4):
         full = tokenizer(encoder.render(conv), add_special_tokens=False)["input_ids"]
         assert encoder.encode(conv) == full
+
+
+def test_a_correction_step_between_turns_still_reuses_the_previous_prompt(tokenizers):
+    tokenizer = tokenizers["tiny"]()
+    encoder = PromptEncoder(tokenizer, capacity=8, checks=0)
+    step = [{"role": "assistant", "content": "Thought: go\nAction: open fridge"},
+            {"role": "user", "content": "Observation: The fridge is open."}]
+    first = [{"role": "user", "content": "Act as a ReAct agent.\n\nYour task is to take the apple."}]
+    encoder.encode(first + step)
+    later = first + step + step + step  # the student's step, then the teacher's correction
+    ids = encoder.encode(later)
+    assert ids == tokenizer(encoder.render(later), add_special_tokens=False)["input_ids"]
+    assert encoder.reused_tokens > len(encoder.encode(first + step)) / 2  # none without the two-steps-back look

@@ -55,7 +55,9 @@ class PromptEncoder:
         if hit is not None:
             return hit.ids
         text = self.render(conversation)
-        previous = self._memo.get(_key(conversation[:-2])) if self.enabled and len(conversation) > 2 else None
+        # the episode's previous prompt: one step back, or two when a reflection step followed a wrong one
+        previous = next((self._memo[k] for back in (2, 4) if self.enabled and len(conversation) > back
+                         and (k := _key(conversation[:-back])) in self._memo), None)
         enc = self._extend(previous, text) if previous is not None else None
         if enc is not None and self.checks_left > 0:
             self.checks_left -= 1
