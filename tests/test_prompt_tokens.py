@@ -3,6 +3,7 @@ template and for byte-level (trained, SmolLM2) and sentencepiece-style (Llama-2 
 while most of each prompt's ids really come from the previous turn."""
 
 import random
+import zlib
 
 import pytest
 from test_tokenize import WORDS, smollm2_dir
@@ -67,8 +68,8 @@ def test_reused_ids_equal_full_tokenization(tokenizers, tok_name, template):
         pytest.skip("this tokenizer ships no template")
     tokenizer = apply_chat_template_override(tokenizer, None if template == "own" else template)
     encoder = PromptEncoder(tokenizer, capacity=64, checks=0)  # no safety net: every reuse must be exact
-    rng = random.Random(hash((tok_name, template)) & 0xFFFF)
-    total = 0
+    rng = random.Random(zlib.crc32(f"{tok_name}/{template}".encode()))  # str hashes change per process
+    later_turns = 0
     episodes = [list(agent_turns(rng, rng.randint(2, 7))) for _ in range(6)]
     for turn in range(max(map(len, episodes))):  # interleaved, as a batched rollout asks
         for prompts in episodes:
@@ -76,13 +77,17 @@ def test_reused_ids_equal_full_tokenization(tokenizers, tok_name, template):
                 conv = prompts[turn]
                 full = tokenizer(encoder.render(conv), add_special_tokens=False)["input_ids"]
                 assert encoder.encode(conv) == full, (tok_name, template, turn)
-                total += len(full)
+                later_turns += len(full) if turn else 0
     assert encoder.enabled
-    # later turns reuse the earlier prompt up to its last special token; llama3/gemma turn markers (and ChatML's
-    # for the sentencepiece-style ones) are plain text to these tokenizers, leaving only BOS to cut after
-    marked = ("llama2", "mistral") if tok_name.startswith("sp-") else ("own", "chatml", "llama2", "mistral")
-    if template in marked:
-        assert encoder.reused_tokens > total / 3, (encoder.reused_tokens, total)
+    # later turns reuse the earlier prompt up to its last special token: ChatML's every turn marker; Llama-2's and
+    # Mistral's BOS/EOS around user turns (so the earlier prompt's last user turn is tokenized again: worst
+    # 27% over 150 seeds); llama3/gemma markers (and ChatML's for the sentencepiece-style tokenizers) are plain
+    # text to these tokenizers, leaving only BOS to cut after
+    share = {"own": 1 / 3, "chatml": 1 / 3, "llama2": 1 / 5, "mistral": 1 / 5}
+    if tok_name.startswith("sp-"):
+        share = {"llama2": 1 / 5, "mistral": 1 / 5}
+    if template in share:
+        assert encoder.reused_tokens > later_turns * share[template], (encoder.reused_tokens, later_turns)
 
 
 def test_a_reuse_that_disagrees_is_never_returned_and_turns_reuse_off(tokenizers):
