@@ -149,7 +149,7 @@ class LocalBackend(ChatBackend):
             if start < len(prompt):
                 mask = _chunk_mask(start, len(prompt) - start, dtype) if ready_masks else None
                 row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True, logits_to_keep=1,
-                                 attention_mask=mask).past_key_values
+                                 attention_mask=mask).cache
                 self.prefill_tokens += len(prompt) - start
             layers = [(layer.keys, layer.values) for layer in row.layers]
             if self.prefix_cache is not None:
