@@ -56,8 +56,8 @@ class PromptEncoder:
             return hit.ids
         text = self.render(conversation)
         # the episode's previous prompt: one step back, or two when a reflection step followed a wrong one
-        previous = next((self._memo[k] for back in (2, 4) if self.enabled and len(conversation) > back
-                         and (k := _key(conversation[:-back])) in self._memo), None)
+        previous = next((self._memo[k] for back in (2, 4) if self.enabled and len(key) > back
+                         and (k := key[:-back]) in self._memo), None)
         enc = self._extend(previous, text) if previous is not None else None
         if enc is not None and self.checks_left > 0:
             self.checks_left -= 1
@@ -75,8 +75,8 @@ class PromptEncoder:
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _encode_full(self, text: str, ids: list[int] | None = None) -> _Encoded:
-        ids = self._tokenize(text) if ids is None else ids
+    def _encode_full(self, text: str) -> _Encoded:
+        ids = self._tokenize(text)
         chars, specials = [], []
         if self._special_re is not None:
             for m in self._special_re.finditer(text):
