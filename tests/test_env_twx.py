@@ -52,6 +52,28 @@ def test_invalid_action_and_replanning_after_a_wrong_put(env):
     assert res.info["won"]
 
 
+def test_resets_without_reloading_give_the_same_games_as_fresh_loads():
+    """The adapter loads the game generator once per (game, params), not on every reset: consecutive resets, game
+    switches included, must start exactly the games a freshly loaded simulator starts."""
+    tasks = [TaskRef("twx", game, seed, split) for game, seed, split in
+             [("twc", 3, "train"), ("twc", 7, "unseen"), ("coin", 2, "seen"), ("coin", 5, "train"), ("twc", 3, "train")]]
+    params = "numLocations=2,includeDoors=0"  # known to both games
+    reused = TextWorldExpressEnv(game="twc", game_params=params)
+    try:
+        for task in tasks:
+            got = reused.reset(task)
+            valid = sorted(reused._valid)
+            step = reused.step(valid[0]).observation
+            fresh = TextWorldExpressEnv(game="twc", game_params=params)
+            try:
+                want = fresh.reset(task)
+                assert (got.task, valid, step) == (want.task, sorted(fresh._valid), fresh.step(valid[0]).observation)
+            finally:
+                fresh.close()
+    finally:
+        reused.close()
+
+
 def test_splits_are_distinct_folds(env):
     seen = env.reset(TaskRef("twx", "twc", 1, "seen")).task
     unseen = env.reset(TaskRef("twx", "twc", 1, "unseen")).task
