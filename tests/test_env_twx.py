@@ -74,10 +74,22 @@ def test_resets_without_reloading_give_the_same_games_as_fresh_loads():
         reused.close()
 
 
-def test_splits_are_distinct_folds(env):
-    seen = env.reset(TaskRef("twx", "twc", 1, "seen")).task
-    unseen = env.reset(TaskRef("twx", "twc", 1, "unseen")).task
-    assert seen != unseen
+def test_no_seed_is_in_two_splits():
+    # the folds alone do not separate games: coin starts the same game from one seed in every fold
+    coin = TextWorldExpressEnv(game="coin", game_params="numLocations=4,includeDoors=0")
+    try:
+        starts = {split: coin.reset(TaskRef("twx", "coin", 7, split)).task for split in ("train", "seen", "unseen")}
+        assert len(set(starts.values())) == 1
+    finally:
+        coin.close()
+    for game in ("twc", "coin", "cookingworld"):
+        env = TextWorldExpressEnv(game=game, tasks_per_split=50)
+        seeds = {split: {t.variation for t in env.tasks(split)} for split in ("train", "seen", "unseen")}
+        assert all(len(s) == 50 for s in seeds.values())
+        assert not (seeds["train"] & seeds["seen"] or seeds["train"] & seeds["unseen"] or seeds["seen"] & seeds["unseen"])
+
+
+def test_unknown_split(env):
     with pytest.raises(ValueError, match="unknown split"):
         env.tasks("validation")
 

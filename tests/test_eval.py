@@ -25,7 +25,8 @@ def test_eval_writes_episodes_and_summary(react_model_dir, tmp_path):
                      out=str(tmp_path / "run"), max_new_tokens=40, env_kwargs=twx_kwargs())
     summary = evaluate(cfg, progress=False)
     trajs = load_trajectories(tmp_path / "run" / "episodes.jsonl")
-    assert sorted(t.id for t in trajs) == sorted(f"{s}:twx/coin/{i}" for s in ("seen", "unseen") for i in range(3))
+    first = {"seen": 1000, "unseen": 2000}  # each split's own block of seeds
+    assert sorted(t.id for t in trajs) == sorted(f"{s}:twx/coin/{first[s] + i}" for s in first for i in range(3))
     for split in ("seen", "unseen"):
         part = [t for t in trajs if t.split == split]
         agg = summary["splits"][split]

@@ -1,7 +1,10 @@
 """TextWorldExpress: fast (1,000+ steps/s) text games with gold paths — the environment of CI and the quickstart.
 
 Splits: `train` = the game's train fold, `seen` = its dev fold, `unseen` = its test fold (TWC's test fold uses
-objects never seen in training). A task is (game, seed). Reward = the game's normalised score (0..1).
+objects never seen in training). A task is (game, seed), and each split draws its seeds from its own block
+(train 0.., seen `tasks_per_split`.., unseen 2 x `tasks_per_split`..): the folds alone do not separate games — coin
+and cookingworld start the same game from one seed in every fold, mapreader often does — so equal seeds would
+put evaluation games into the training data. Reward = the game's normalised score (0..1).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import re
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
 
 FOLDS = {"train": "train", "seen": "dev", "dev": "dev", "unseen": "test", "test": "test"}
+SEED_BLOCKS = {"train": 0, "dev": 1, "test": 2}  # by fold, in units of tasks_per_split
 DEFAULT_PARAMS = {
     "twc": "numLocations=1,numItemsToPutAway=2,includeDoors=0,limitInventorySize=0",
     "cookingworld": "numLocations=1,numIngredients=2,numDistractorItems=0,includeDoors=0,limitInventorySize=0",
@@ -43,7 +47,8 @@ class TextWorldExpressEnv(Env):
     def tasks(self, split: str) -> list[TaskRef]:
         if split not in FOLDS:
             raise ValueError(f"unknown split {split!r} for twx; use train, seen or unseen")
-        return [TaskRef(self.name, self.game, seed, split) for seed in range(self.tasks_per_split)]
+        first = SEED_BLOCKS[FOLDS[split]] * self.tasks_per_split
+        return [TaskRef(self.name, self.game, seed, split) for seed in range(first, first + self.tasks_per_split)]
 
     def reset(self, task: TaskRef) -> Reset:
         if self._env is None:
