@@ -73,6 +73,23 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_no_output(backend):
     assert cached.prefill_tokens < plain.prefill_tokens / 2, (cached.prefill_tokens, plain.prefill_tokens)
 
 
+def test_prefix_cache_finds_the_longest_common_prefix():
+    from steptune.agent.backends.local import _PrefixCache
+
+    cache = _PrefixCache(capacity=8)
+    for ids, name in (([1, 3], "a"), ([1, 2, 9, 9, 9], "b"), ([1, 2, 3, 4, 5, 6], "c"), ([7, 8], "d"),
+                      ([1, 2, 3, 4, 0], "e")):
+        cache.add(ids, name)
+    assert cache.longest_prefix([5, 5]) == (0, None)
+    assert cache.longest_prefix([1, 2, 3, 4, 5, 6, 7]) == (6, "c")  # a whole earlier prompt: taken out
+    assert [n for _, n in cache.entries] == ["a", "b", "d", "e"]
+    assert cache.longest_prefix([1, 2, 3, 4, 1]) == (4, "e")  # the longest partial match, kept for its owner
+    assert cache.longest_prefix([1, 2, 9, 9, 1]) == (4, "b")
+    assert [n for _, n in cache.entries] == ["a", "d", "e", "b"]
+    assert cache.longest_prefix([1, 3, 5]) == (2, "a")
+    assert [n for _, n in cache.entries] == ["d", "e", "b"]
+
+
 def test_cut_at_stop_uses_earliest_stop():
     assert cut_at_stop("a\nAction: x\nObservation: y\n\nz", REACT_STOP) == "a\nAction: x"
     assert cut_at_stop("no stops", ["\n"]) == "no stops"

@@ -181,6 +181,12 @@ def _chunk_mask(cached: int, new: int, dtype):
     return mask
 
 
+def _is_prefix(short: list[int], ids: list[int]) -> bool:
+    n = len(short)
+    # the last token first: it rules out nearly every other prompt without copying a slice
+    return n <= len(ids) and (n == 0 or short[-1] == ids[n - 1]) and ids[:n] == short
+
+
 class _PrefixCache:
     """The KV caches of the last `capacity` prompts, found again by their longest common token prefix."""
 
@@ -190,14 +196,15 @@ class _PrefixCache:
 
     def longest_prefix(self, ids: list[int]) -> tuple[int, list | None]:
         # the usual case, an episode's previous prompt, is a whole prefix: found by a C-speed list comparison
-        best = next((i for i in range(len(self.entries) - 1, -1, -1)
-                     if ids[: len(self.entries[i][0])] == self.entries[i][0]), None)
+        best = next((i for i in range(len(self.entries) - 1, -1, -1) if _is_prefix(self.entries[i][0], ids)), None)
         best_len = len(self.entries[best][0]) if best is not None else 0
-        if best is None:
+        if best is None:  # a new prompt (or a truncated one): the longest common prefix with any entry
+            probe = ids[:1]
             for i, (cached, _) in enumerate(self.entries):
-                common = common_prefix_len(ids, cached)
-                if common > best_len:
-                    best, best_len = i, common
+                # one slice comparison rules out an entry that cannot beat the best so far (most of them)
+                if len(cached) > best_len and cached[: best_len + 1] == probe:
+                    best, best_len = i, common_prefix_len(ids, cached)
+                    probe = ids[: best_len + 1]
         if best is None:
             return 0, None
         cached, layers = self.entries.pop(best)
