@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Several rooms, so that episodes last many steps (the model was trained on one-room games and wanders).
 ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,includeDoors=0", "max_steps": 15}
+WARMUP_RESETS = {"twx": 10}  # resets per slot before timing (ScienceWorld's take seconds: its episode warms it)
 
 
 def make_pool(size: int, env: str = "twx", workers: int | None = None):
@@ -36,9 +37,12 @@ def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", w
     pool, pool_kind = make_pool(concurrency, env, workers)
     try:
         tasks = pool.tasks("unseen")[:n_tasks]
-        # Warm up every slot once (JVM start and JIT are one-off costs, not throughput).
-        run_episodes(pool, pool.tasks("seen")[:concurrency], backend, GenerationConfig(max_new_tokens=40),
-                     progress=False)
+        # Warm up every slot (JVM start and JIT compilation are one-off costs, not throughput): a few resets each,
+        # then one episode each.
+        warm = pool.tasks("seen")
+        for k in range(WARMUP_RESETS.get(env, 0)):
+            pool.reset_many([(slot, warm[k * concurrency + slot]) for slot in range(concurrency)])
+        run_episodes(pool, warm[:concurrency], backend, GenerationConfig(max_new_tokens=40), progress=False)
         totals = RolloutTotals()
         t0 = time.perf_counter()
         eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=40), progress=False, totals=totals)
