@@ -145,7 +145,8 @@ class LocalBackend(ChatBackend):
             start, cached = self.prefix_cache.longest_prefix(prompt_ids) if self.prefix_cache else (0, None)
             row = DynamicCache()
             for layer, (k, v) in enumerate(cached or ()):
-                row.update(k[:, :, :start], v[:, :, :start], layer)
+                row.update(k[:, :, :0], v[:, :, :0], layer)  # sets the layer up; `update` would copy the prefix
+                row.layers[layer].keys, row.layers[layer].values = k[:, :, :start], v[:, :, :start]
             if start < len(prompt):
                 mask = _chunk_mask(start, len(prompt) - start, dtype) if ready_masks else None
                 row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True, logits_to_keep=1,
