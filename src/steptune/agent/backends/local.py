@@ -96,14 +96,19 @@ class LocalBackend(ChatBackend):
         return out
 
     def _generate(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
+        import numpy as np
         import torch
 
         rows = [self.encode(c) for c in conversations]
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        enc = {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device),
-               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
-                                              device=self.device)}  # left padding
+        # left padding; filled through numpy: torch.tensor on nested lists costs ~3 ms for 16 rows of 900 tokens
+        padded = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        seen = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            padded[i, width - len(r) :] = r
+            seen[i, width - len(r) :] = 1
+        enc = {"input_ids": torch.from_numpy(padded).to(self.device),
+               "attention_mask": torch.from_numpy(seen).to(self.device)}
         sampling = gen.temperature > 0
         kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": sampling, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
@@ -117,7 +122,7 @@ class LocalBackend(ChatBackend):
             kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
         with torch.inference_mode():
             if self.prefill_per_row and (len(rows) > 1 or self.prefix_cache is not None):
-                enc["cache"] = self._prefill_rows(enc["input_ids"], enc["attention_mask"], gen.max_new_tokens)
+                enc["cache"] = self._prefill_rows(rows, gen.max_new_tokens)
             else:
                 self.prefill_tokens += int(enc["attention_mask"].sum())
             ids = self.model.generate(**enc, **kwargs)
@@ -126,8 +131,8 @@ class LocalBackend(ChatBackend):
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
 
-    def _prefill_rows(self, input_ids, attention_mask, max_new_tokens: int):
-        """A cache for all but the last prompt token of each (left-padded) row, computed unpadded.
+    def _prefill_rows(self, rows: list[list[int]], max_new_tokens: int):
+        """A cache for all but the last prompt token of each row, left-padded, each row computed unpadded.
 
         Left-padded cache slots are masked by `attention_mask` during decoding, and the cached keys carry
         the same rotary positions (0..n-1 per row) that generate derives from the mask, so the result
@@ -135,23 +140,23 @@ class LocalBackend(ChatBackend):
         import torch
         from transformers import DynamicCache, StaticCache
 
-        width = input_ids.shape[1] - 1
+        width = max(len(r) for r in rows) - 1
         dtype = self.model.dtype
         ready_masks = self.model.config._attn_implementation in ("sdpa", "eager")  # flash kernels take none
         per_row = []
-        for ids, mask in zip(input_ids, attention_mask):
-            prompt = ids[mask.bool()][:-1]  # the last token is generate's to feed
-            prompt_ids = prompt.tolist()
+        for row_ids in rows:
+            prompt_ids = row_ids[:-1]  # the last token is generate's to feed
             start, cached = self.prefix_cache.longest_prefix(prompt_ids) if self.prefix_cache else (0, None)
             row = DynamicCache()
             for layer, (k, v) in enumerate(cached or ()):
                 row.update(k[:, :, :0], v[:, :, :0], layer)  # sets the layer up; `update` would copy the prefix
                 row.layers[layer].keys, row.layers[layer].values = k[:, :, :start], v[:, :, :start]
-            if start < len(prompt):
-                mask = _chunk_mask(start, len(prompt) - start, dtype) if ready_masks else None
-                row = self.model(input_ids=prompt[None, start:], cache=row, use_cache=True, logits_to_keep=1,
+            if start < len(prompt_ids):
+                mask = _chunk_mask(start, len(prompt_ids) - start, dtype) if ready_masks else None
+                new_ids = torch.tensor([prompt_ids[start:]], device=self.device)
+                row = self.model(input_ids=new_ids, cache=row, use_cache=True, logits_to_keep=1,
                                  attention_mask=mask).cache
-                self.prefill_tokens += len(prompt) - start
+                self.prefill_tokens += len(prompt_ids) - start
             layers = [(layer.keys, layer.values) for layer in row.layers]
             if self.prefix_cache is not None:
                 self.prefix_cache.add(prompt_ids, layers)
@@ -162,7 +167,7 @@ class LocalBackend(ChatBackend):
         cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
         keys0 = [k for k, _ in per_row[0]]
         cache.early_initialization(len(per_row), [k.shape[1] for k in keys0], [k.shape[3] for k in keys0],
-                                   dtype, input_ids.device)
+                                   dtype, self.device)
         for i, layer in enumerate(cache.layers):
             for row, rc in enumerate(per_row):
                 k, v = rc[i]
