@@ -61,7 +61,7 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_no_output(backend):
     games = golden_conversations(3)
     cached = LocalBackend(backend.model.name_or_path)
     plain = LocalBackend(backend.model.name_or_path, prefix_cache=False)
-    assert cached.prefix_cache is not None and plain.prefix_cache is None and plain.prefill_per_row
+    assert cached.prefix_cache is not None and plain.prefix_cache is None and plain.packed_prefill
     gen = GenerationConfig(max_new_tokens=24)
     turns = min(len(g) for g in games) // 2
     for k in range(turns):  # each turn's prompt extends the last one, as in a rollout
@@ -112,8 +112,35 @@ def test_make_backend_builds_local(tiny_model_dir):
                                                            GenerationConfig(max_new_tokens=3))) == 1
 
 
-def test_per_row_prefill_equals_padded_batch_prefill(backend, prompts):
-    assert backend.prefill_per_row  # the CPU default for Llama-family models
-    padded = LocalBackend(backend.model.name_or_path, prefill_per_row=False)
+def test_packed_prefill_equals_padded_batch_prefill(backend, prompts):
+    assert backend.packed_prefill  # the CPU default for plain causal decoders
+    padded = LocalBackend(backend.model.name_or_path, packed_prefill=False)
     for gen in (GenerationConfig(max_new_tokens=30), GenerationConfig(max_new_tokens=30, temperature=2.0, seed=3)):
         assert backend.complete(prompts, gen) == padded.complete(prompts, gen)
+
+
+def test_packed_prefill_only_for_caches_that_keep_every_position():
+    from transformers import LlamaConfig, MistralConfig
+
+    from steptune.agent.backends.local import _full_attention_only
+
+    assert _full_attention_only(LlamaConfig()) and _full_attention_only(MistralConfig(sliding_window=None))
+    assert not _full_attention_only(MistralConfig(sliding_window=16))
+
+
+def test_rows_of_one_batch_share_their_prefixes(backend):
+    """A prompt that continues another row of the same batch (or repeats it) is computed once."""
+    from _react_model import golden_conversations
+
+    from steptune.agent.backends.prompt_tokens import common_prefix_len
+
+    game = golden_conversations(1)[0]
+    batch = [game[:1], game[:1], game[:3]]
+    fresh = LocalBackend(backend.model.name_or_path)
+    plain = LocalBackend(backend.model.name_or_path, prefix_cache=False)
+    gen = GenerationConfig(max_new_tokens=12)
+    assert fresh.complete(batch, gen) == plain.complete(batch, gen)
+    first, _, longer = (fresh.encode(c)[:-1] for c in batch)
+    assert common_prefix_len(longer, first) > 0.5 * len(first)
+    assert fresh.prefill_tokens == len(first) + len(longer) - common_prefix_len(longer, first)
+    assert plain.prefill_tokens == 2 * len(first) + len(longer)  # without the cache: every prompt whole

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
-from steptune.training.packed_attention import NAME, use_packed_attention
+from steptune.models.packed_attention import NAME, use_packed_attention
 
 LENGTHS = [30, 7, 50]  # three samples in one row; the Mistral window (16) is shorter than two of them
 
@@ -70,3 +70,33 @@ def test_other_architectures_and_explicit_choices_are_left_alone():
                                                          num_hidden_layers=1, num_attention_heads=2,
                                                          attn_implementation="eager"))
     assert not use_packed_attention(eager) and eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("config_cls,kw", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 16})],
+                         ids=["llama-gqa", "mistral-sliding-window"])
+def test_packed_prompts_continue_known_prefixes(config_cls, kw):
+    """Inference prefill: three prompts in one row: one from scratch, one continuing keys/values computed earlier,
+    one continuing the first prompt of the same row. Keys, values and logits equal each prompt's own forward."""
+    from steptune.models.packed_attention import PackedPrompt
+
+    model = tiny(config_cls, **kw).eval()
+    torch.manual_seed(2)
+    a, b = torch.randint(0, 300, (1, 30)), torch.randint(0, 300, (1, 25))
+    c = torch.cat([a[:, :20], torch.randint(0, 300, (1, 20))], dim=1)  # shares a's first 20 tokens
+    with torch.no_grad():
+        alone = [model(input_ids=x, use_cache=True) for x in (a, b, c)]
+        b_head = model(input_ids=b[:, :10], use_cache=True).cache
+        use_packed_attention(model)
+        prompts = [PackedPrompt(0, 30), PackedPrompt(30, 45, 10, [(l.keys, l.values) for l in b_head.layers])]
+        prompts.append(PackedPrompt(45, 65, 20, prompts[0].kv))
+        ids = torch.cat([a, b[:, 10:], c[:, 20:]], dim=1)
+        positions = torch.cat([torch.arange(30), torch.arange(10, 25), torch.arange(20, 40)])[None]
+        logits = model(input_ids=ids, position_ids=positions, packed_prompts=prompts).logits
+    for p, ref in zip(prompts, alone):
+        torch.testing.assert_close(logits[:, p.start : p.end], ref.logits[:, p.prefix_len :], atol=1e-5, rtol=1e-5)
+        assert len(p.kv) == len(ref.cache.layers)
+        for (k, v), layer in zip(p.kv, ref.cache.layers):
+            kept = layer.keys.shape[2]  # a sliding-window cache keeps only the newest keys
+            assert kept == k.shape[2] or kw
+            torch.testing.assert_close(k[:, :, -kept:], layer.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:, :, -kept:], layer.values, atol=1e-5, rtol=1e-5)

@@ -76,7 +76,7 @@ def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_
                                                                      attention):
     from trl import SFTConfig
 
-    from steptune.training.packed_attention import NAME
+    from steptune.models.packed_attention import NAME
     from steptune.training.sft import load_model, masked_sft_trainer
 
     cfg = base_cfg(tiny_model_dir, data_file, tmp_path, attn_implementation=attention)

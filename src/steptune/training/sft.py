@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     # TRL's fused LM head never builds the full logits (saves GPU memory on large vocabularies) but is slower on a
     # CPU (benchmarks/train_throughput.py); None: fused on a GPU, the model's own loss on a CPU
     fused_lm_head: bool | None = None
-    # None: per-sample SDPA on packed rows (steptune.training.packed_attention), else the model's default;
+    # None: per-sample SDPA on packed rows (steptune.models.packed_attention), else the model's default;
     # any name transformers takes ("flash_attention_2", "sdpa", "eager", ...) overrides
     attn_implementation: str | None = None
 
@@ -107,7 +107,7 @@ def load_model(cfg: TrainConfig, precision: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from steptune.training.packed_attention import use_packed_attention
+    from steptune.models.packed_attention import use_packed_attention
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}

@@ -15,9 +15,6 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
-_PER_ROW_PREFILL_MODELS = {"llama", "qwen2", "qwen3", "mistral", "smollm3"}
-
-
 class _StopOnStrings:
     """Per-row stop on strings in the *generated* text only. (transformers' `stop_strings` also matches
     across the prompt boundary, so a stop like "\\nThought:" fires on a reply that starts "Thought:".)"""
@@ -42,9 +39,11 @@ class LocalBackend(ChatBackend):
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "auto",
                  max_batch_size: int = 32, adapter: str | Path | None = None,
-                 prefill_per_row: bool | None = None, prefix_cache: bool | None = None):
+                 packed_prefill: bool | None = None, prefix_cache: bool | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from steptune.models.packed_attention import use_packed_attention
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -65,16 +64,17 @@ class LocalBackend(ChatBackend):
         self.prompts = PromptEncoder(self.tokenizer, capacity=4 * max_batch_size)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
         self.tokens_generated = 0
-        # On CPU a padded batch prefill costs more than the rows' prefills one by one (mask building and
-        # masked attention dominate), so prompts are prefilled row by row, unpadded, and their KV caches
-        # left-padded into one batch that then decodes together. Only for plain-attention models.
-        if prefill_per_row is None:
-            prefill_per_row = self.device == "cpu" and self.model.config.model_type in _PER_ROW_PREFILL_MODELS
-        self.prefill_per_row = prefill_per_row
-        # An agent's prompt is its previous prompt plus the reply and the new observation, so the per-row prefill
+        # On CPU a padded batch prefill costs more than the prompts themselves (mask building and masked attention
+        # over the padding dominate), so the prompts' tokens go through the model unpadded, packed into one row with
+        # per-prompt attention, and their caches are then left-padded into one batch that decodes together.
+        if packed_prefill is None:
+            packed_prefill = self.device == "cpu"
+        self.packed_prefill = packed_prefill and _full_attention_only(self.model.config) and \
+            use_packed_attention(self.model)
+        # An agent's prompt is its previous prompt plus the reply and the new observation, so the packed prefill
         # keeps each prompt's KV cache and later prefills only the tokens past the longest cached prefix. Causal
         # attention makes a prefix's keys/values independent of what follows, so the result is the same.
-        self.prefix_cache = _PrefixCache(2 * max_batch_size) if prefill_per_row and prefix_cache is not False \
+        self.prefix_cache = _PrefixCache(2 * max_batch_size) if self.packed_prefill and prefix_cache is not False \
             else None
         self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
 
@@ -121,8 +121,8 @@ class LocalBackend(ChatBackend):
         if gen.stop:  # finished rows stop early; the batch ends when every row has hit a stop or eos
             kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
         with torch.inference_mode():
-            if self.prefill_per_row and (len(rows) > 1 or self.prefix_cache is not None):
-                enc["cache"] = self._prefill_rows(rows, gen.max_new_tokens)
+            if self.packed_prefill and (len(rows) > 1 or self.prefix_cache is not None):
+                enc["cache"] = self._prefill(rows, gen.max_new_tokens)
             else:
                 self.prefill_tokens += int(enc["attention_mask"].sum())
             ids = self.model.generate(**enc, **kwargs)
@@ -131,60 +131,64 @@ class LocalBackend(ChatBackend):
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
 
-    def _prefill_rows(self, rows: list[list[int]], max_new_tokens: int):
-        """A cache for all but the last prompt token of each row, left-padded, each row computed unpadded.
+    def _prefill(self, rows: list[list[int]], max_new_tokens: int):
+        """A cache for all but the last prompt token of each row (generate feeds that one), left-padded.
 
-        Left-padded cache slots are masked by `attention_mask` during decoding, and the cached keys carry
-        the same rotary positions (0..n-1 per row) that generate derives from the mask, so the result
-        equals padded batched prefill (checked by tests/test_backends.py)."""
+        Each prompt continues the longest prefix whose keys/values are known, from an earlier call or from an earlier
+        row of this batch, and all rows' remaining tokens go through the model in one packed forward
+        (steptune.models.packed_attention). Left-padded cache slots are masked by `attention_mask` during decoding,
+        and the cached keys carry the same rotary positions (0..n-1 per row) that generate derives from the mask, so
+        the result equals a padded batch prefill (checked by tests/test_backends.py)."""
         import torch
-        from transformers import DynamicCache, StaticCache
+        from transformers import StaticCache
 
-        width = max(len(r) for r in rows) - 1
-        dtype = self.model.dtype
-        ready_masks = self.model.config._attn_implementation in ("sdpa", "eager")  # flash kernels take none
-        per_row = []
+        from steptune.models.packed_attention import PackedPrompt
+
+        prompts, ids, positions = [], [], []
         for row_ids in rows:
-            prompt_ids = row_ids[:-1]  # the last token is generate's to feed
-            start, cached = self.prefix_cache.longest_prefix(prompt_ids) if self.prefix_cache else (0, None)
-            row = DynamicCache()
-            for layer, (k, v) in enumerate(cached or ()):
-                row.update(k[:, :, :0], v[:, :, :0], layer)  # sets the layer up; `update` would copy the prefix
-                row.layers[layer].keys, row.layers[layer].values = k[:, :, :start], v[:, :, :start]
-            if start < len(prompt_ids):
-                mask = _chunk_mask(start, len(prompt_ids) - start, dtype) if ready_masks else None
-                new_ids = torch.tensor([prompt_ids[start:]], device=self.device)
-                row = self.model(input_ids=new_ids, cache=row, use_cache=True, logits_to_keep=1,
-                                 attention_mask=mask).cache
-                self.prefill_tokens += len(prompt_ids) - start
-            layers = [(layer.keys, layer.values) for layer in row.layers]
+            prompt_ids = row_ids[:-1]
+            start, prefix = self.prefix_cache.longest_prefix(prompt_ids) if self.prefix_cache else (0, None)
+            prompt = PackedPrompt(len(ids), len(ids) + len(prompt_ids) - start, start, prefix)
+            ids.extend(prompt_ids[start:])
+            positions.extend(range(start, len(prompt_ids)))
+            if self.prefix_cache is not None:  # filled by the forward below, in time for later rows that continue it
+                self.prefix_cache.add(prompt_ids, prompt.kv)
+            prompts.append(prompt)
+        try:
+            if ids:
+                self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, logits_to_keep=1,
+                           position_ids=torch.tensor([positions], device=self.device), packed_prompts=prompts)
+            else:  # every prompt wholly cached
+                for p in prompts:
+                    p.kv.extend((k[:, :, : p.prefix_len], v[:, :, : p.prefix_len]) for k, v in p.prefix)
+        except BaseException:
             if self.prefix_cache is not None:
-                self.prefix_cache.add(prompt_ids, layers)
-            per_row.append(layers)
+                self.prefix_cache.entries.clear()  # this batch's entries may be half filled
+            raise
+        self.prefill_tokens += len(ids)
         # a preallocated cache: decoding writes each new token in place instead of concatenating every layer's
         # whole cache at every step (a third of a batched decode step on a CPU). Each row is written straight
         # into its left-padded place (padded and stacked copies first made batched generation 9% slower).
+        width = max(len(r) for r in rows) - 1
         cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
-        keys0 = [k for k, _ in per_row[0]]
-        cache.early_initialization(len(per_row), [k.shape[1] for k in keys0], [k.shape[3] for k in keys0],
-                                   dtype, self.device)
+        keys0 = [k for k, _ in prompts[0].kv]
+        cache.early_initialization(len(prompts), [k.shape[1] for k in keys0], [k.shape[3] for k in keys0],
+                                   self.model.dtype, self.device)
         for i, layer in enumerate(cache.layers):
-            for row, rc in enumerate(per_row):
-                k, v = rc[i]
+            for row, prompt in enumerate(prompts):
+                k, v = prompt.kv[i]
                 layer.keys[row, :, width - k.shape[2] : width] = k[0]
                 layer.values[row, :, width - v.shape[2] : width] = v[0]
             layer.cumulative_length.fill_(width)  # what `update` would have counted
         return cache
 
 
-def _chunk_mask(cached: int, new: int, dtype):
-    """The additive attention mask of `new` tokens that follow `cached` ones: all of the cache, causal among the
-    new. Passed ready-made because transformers builds it element by element (a fifth of a short prefill on CPU)."""
-    import torch
+def _full_attention_only(config) -> bool:
+    """Whether every layer's decoding cache keeps all positions: the packed prefill writes whole prompts into it
+    (a sliding-window layer keeps only the newest)."""
+    from transformers import StaticCache
 
-    mask = torch.zeros(1, 1, new, cached + new, dtype=dtype)
-    mask[0, 0, :, cached:] = torch.full((new, new), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    return mask
+    return not any(layer.is_sliding for layer in StaticCache(config=config, max_cache_len=1).layers)
 
 
 def _is_prefix(short: list[int], ids: list[int]) -> bool:

@@ -6,9 +6,16 @@ fused causal kernel. This implementation runs SDPA once per sample with `is_caus
 varlen kernel does on a GPU), so packing pays only for sum(len²). Registered with transformers' own
 `AttentionInterface` / `AttentionMaskInterface` under `steptune_packed_sdpa`; anything that is not an unpadded,
 cache-free forward (generation, padded batches) goes through the stock `sdpa` code untouched.
+
+Inference uses the same row for prefill (`PackedPrompt`): the new tokens of many prompts go through the model in one
+forward, and each prompt attends to its own tokens and to a prefix whose keys and values are already known. One
+forward instead of one per prompt saves the model's fixed per-call cost on every prompt but one; the attention
+itself costs what each prompt costs, as with unpadded prompts one by one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,9 +42,71 @@ def _sample_bounds(query: torch.Tensor, kwargs: dict) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
 
 
+@dataclass
+class PackedPrompt:
+    """Tokens [start, end) of a packed prefill row: one prompt's tokens after its first `prefix_len`, whose keys and
+    values per layer are in `prefix`. The forward appends the whole prompt's (keys, values) of each layer to `kv`.
+
+    `prefix` may be another prompt's `kv` that the same forward fills: prompts are processed in row order layer by
+    layer, so an earlier prompt of the row has its layer's keys ready when a later one reads them."""
+
+    start: int
+    end: int
+    prefix_len: int = 0
+    prefix: list | None = None
+    kv: list = field(default_factory=list)
+    mask: torch.Tensor | None = None  # built at the first layer, reused by the others
+
+
+def prefill_prompts(module, query, key, value, prompts: list[PackedPrompt], dropout=0.0, scaling=None, window=None):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = module.layer_idx
+    # SDPA's own grouped-query attention: on a CPU it is ~8% faster than transformers' repeated key/value heads when
+    # there is a mask (transformers uses it only without one, for the sake of CUDA kernels)
+    own_gqa = query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1
+    outputs = []
+    for p in prompts:
+        k, v = key[:, :, p.start : p.end], value[:, :, p.start : p.end]
+        if p.prefix_len:
+            prefix_keys, prefix_values = p.prefix[layer]
+            k = torch.cat([prefix_keys[:, :, : p.prefix_len], k], dim=2)
+            v = torch.cat([prefix_values[:, :, : p.prefix_len], v], dim=2)
+        p.kv.append((k, v))
+        if p.end == p.start:  # wholly cached: nothing to attend from
+            continue
+        if p.mask is None and (p.prefix_len or (window is not None and p.end - p.start > window)):
+            p.mask = prefix_causal_mask(p.prefix_len, p.end - p.start, window, query.dtype, query.device)
+        q = query[:, :, p.start : p.end]
+        if own_gqa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, dropout_p=dropout,
+                                                                   scale=scaling, is_causal=p.mask is None,
+                                                                   enable_gqa=True).transpose(1, 2)
+        else:
+            out, _ = sdpa_attention_forward(module, q, k, v, p.mask, dropout=dropout, scaling=scaling,
+                                            is_causal=p.mask is None)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def prefix_causal_mask(prefix_len: int, new: int, window: int | None, dtype, device) -> torch.Tensor:
+    """The additive mask of `new` tokens that follow `prefix_len` known ones: all of the prefix (within the sliding
+    window, if any), causal among the new."""
+    # built from blocks: comparing index grids costs ~6x more, and this runs once per prompt
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(1, 1, new, prefix_len + new, dtype=dtype, device=device)
+    mask[0, 0, :, prefix_len:] = torch.full((new, new), lowest, dtype=dtype, device=device).triu(1)
+    if window is not None:  # query i sits at prefix_len + i and sees keys j > prefix_len + i - window
+        too_old = torch.ones(new, prefix_len + new, dtype=torch.bool, device=device).tril(prefix_len - window)
+        mask[0, 0].masked_fill_(too_old, lowest)
+    return mask
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if (prompts := kwargs.get("packed_prompts")) is not None:
+        return prefill_prompts(module, query, key, value, prompts, dropout, scaling, kwargs.get("sliding_window"))
     unmasked_prefill = attention_mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
     if not unmasked_prefill or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
