@@ -84,7 +84,7 @@ class FaultyServer:
                 if fault == "hang":
                     threading.Event().wait(1.5)  # longer than the client timeout
                     fault = "ok"
-                if fault in (500, 429, 503, 401):
+                if fault in (500, 429, 503, 401, 400):
                     return self._reply(fault, b'{"error": {"message": "injected"}}')
                 if fault == "garbage":
                     return self._reply(200, b"{not json")
@@ -156,6 +156,35 @@ def test_concurrent_batch_keeps_order_and_cuts_stops():
         out = remote.complete([conv(t) for t in texts], GenerationConfig(max_new_tokens=5, stop=REACT_STOP))
     assert out == [f"echo: turn {i}" for i in range(12)]
     assert srv.requests[0][1]["stop"] == REACT_STOP and srv.requests[0][1]["max_tokens"] == 5
+
+
+def test_one_failed_conversation_keeps_the_others_completions():
+    with FaultyServer(["ok", 400]) as srv:  # one request at a time, so the second conversation is refused
+        remote = OpenAICompatBackend(srv.url, "m", max_concurrency=1, max_retries=3, backoff_s=0.01)
+        with pytest.raises(BackendError, match="HTTP 400") as err:
+            remote.complete([conv("a"), conv("b"), conv("c")], GenerationConfig(max_new_tokens=5))
+    replies, errors = err.value.per_conversation(3)
+    assert replies == ["echo: a", None, "echo: c"] and list(errors) == [1] and "not retried" in errors[1]
+    assert len(srv.requests) == 3
+
+
+def test_rollout_fails_only_the_episode_whose_request_failed():
+    from _twx_pool import twx_pool
+
+    from steptune.agent.rollout import run_episodes
+
+    pool = twx_pool(2)
+    try:
+        with FaultyServer([400]) as srv:  # the first request of the first round: episode 0's first turn
+            remote = OpenAICompatBackend(srv.url, "m", max_concurrency=1, backoff_s=0.01)
+            recorded = []
+            eps = run_episodes(pool, pool.tasks("seen")[:2], remote, GenerationConfig(max_new_tokens=5),
+                               progress=False, on_episode_end=recorded.append)
+    finally:
+        pool.close()
+    assert len(recorded) == 2
+    assert eps[0].failure.startswith("backend: ") and "HTTP 400" in eps[0].failure and eps[0].steps_taken == 0
+    assert eps[1].failure is None and eps[1].steps_taken == 6  # echoes are invalid actions until the step limit
 
 
 def test_rollout_through_real_server_and_backend_failures_are_recorded(server):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
+from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.agent.rollout import run_episodes
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
@@ -104,6 +104,30 @@ def test_llm_teacher_parses_repairs_and_counts_failures():
     assert crits[2].is_error is False
     assert (teacher.repairs, teacher.failures, teacher.flagged) == (2, 1, 1)
     assert "That answer was not usable" in backend.seen[-1][-1]["content"]
+
+
+def test_llm_teacher_keeps_the_judgements_of_a_partly_failed_batch():
+    good = json.dumps({"is_error": True, "error": "wrong box", "reason": "r", "reflection": "f",
+                       "corrected_thought": "t", "corrected_action": "take shirt"})
+
+    class SecondRequestRefused(ChatBackend):
+        calls = 0
+
+        def complete(self, conversations, gen):
+            self.calls += 1
+            if self.calls == 1:  # as OpenAICompatBackend reports one refused request of a batch
+                raise BackendError("HTTP 400", [good, None], {1: "HTTP 400"})
+            return ['{"is_error": false}'] * len(conversations)
+
+    teacher = LLMTeacher(SecondRequestRefused())
+
+    class Ep:
+        trajectory, task = Trajectory(id="x", env="twx", task_id="t", task="Tidy up."), TaskRef("twx", "twc", 0)
+
+    step = Step(thought="hm", action="put shirt in drawer", observation="Done.", kind="student")
+    crits = teacher([(Ep, step, None), (Ep, step, None)])
+    assert crits[0].is_error and crits[0].corrected_action == "take shirt"  # kept, not asked again
+    assert crits[1].is_error is False and teacher.repairs == 1
 
 
 @pytest.mark.slow

@@ -66,7 +66,8 @@ class Episode:
 # Called after every round with (episode, the student step just executed incl. its observation, the expert's
 # remaining plan from BEFORE the step or None); returns one Critique or None per item, in order. A judge object
 # with `wants_expert_plan = False` spares the pool the expert_actions calls. A BackendError from the model
-# fails the episodes of that round; they are recorded with failure "backend: ..." and counted, not retried.
+# fails the episodes whose conversations failed in that round (all of them unless the backend says which); they are
+# recorded with failure "backend: ..." and counted, not retried; the others go on.
 JudgeFn = Callable[[list[tuple[Episode, Step, "list[str] | None"]]], "list[Critique | None]"]
 
 
@@ -141,11 +142,15 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             try:
                 replies = backend.complete(convs, gen)
             except BackendError as e:
-                for s, ep in zip(slots, episodes):
-                    ep.failure = f"backend: {e}"
-                    finish(s)
-                fill_free_slots()
-                continue
+                replies, errors = e.per_conversation(len(convs))
+                for i, why in errors.items():
+                    episodes[i].failure = f"backend: {why}"
+                    finish(slots[i])
+                ok = [i for i in range(len(slots)) if i not in errors]
+                slots, episodes, replies = [slots[i] for i in ok], [episodes[i] for i in ok], [replies[i] for i in ok]
+                if not slots:
+                    fill_free_slots()
+                    continue
             dt = time.perf_counter() - t0
             totals.model_seconds += dt
             totals.model_calls += 1

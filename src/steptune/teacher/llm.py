@@ -117,8 +117,8 @@ class LLMTeacher:
         self.calls += len(convs)
         try:
             return self.backend.complete(convs, GenerationConfig(max_new_tokens=self.max_new_tokens))
-        except BackendError:
-            return [""] * len(convs)  # counted as failures by the caller's parse
+        except BackendError as e:  # failed conversations are counted as failures by the caller's parse
+            return [reply or "" for reply in e.per_conversation(len(convs))[0]]
         finally:
             self.seconds += time.perf_counter() - t0
 

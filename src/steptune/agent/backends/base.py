@@ -23,11 +23,25 @@ class GenerationConfig:
 class ChatBackend(ABC):
     @abstractmethod
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
-        """One completion per conversation, in order. Failures that survive retries raise BackendError."""
+        """One completion per conversation, in order. Failures that survive retries raise BackendError (which may
+        carry the completions of the conversations that did not fail)."""
 
     def close(self) -> None:  # noqa: B027
         pass
 
 
 class BackendError(RuntimeError):
-    """A model call failed for good (after retries); callers record it as a counted failure."""
+    """A model call failed for good (after retries); callers record it as a counted failure.
+
+    A backend that sends a batch's conversations separately fails only those that failed: `replies` then holds the
+    others' completions (None where `errors` says why), so one bad request does not cost a whole batch."""
+
+    def __init__(self, message: str, replies: list[str | None] | None = None, errors: dict[int, str] | None = None):
+        super().__init__(message)
+        self.replies, self.errors = replies, errors or {}
+
+    def per_conversation(self, n: int) -> tuple[list[str | None], dict[int, str]]:
+        """(completions, reasons by index) for a batch of `n`: None and a reason for each failed conversation."""
+        if self.replies is not None:
+            return self.replies, self.errors
+        return [None] * n, dict.fromkeys(range(n), str(self))

@@ -2,7 +2,8 @@
 
 Conversations of a batch are sent concurrently (bounded thread pool). Rate limits, 5xx, timeouts, dropped
 connections and unparsable replies are retried with exponential backoff; a request that still fails raises
-BackendError. The API key is read from an environment variable and never logged.
+BackendError, which carries the completions of the batch's other conversations. The API key is read from an
+environment variable and never logged.
 """
 
 from __future__ import annotations
@@ -40,7 +41,20 @@ class OpenAICompatBackend(ChatBackend):
         self.retries = 0  # total retried attempts, for reports
 
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
-        return list(self.pool.map(lambda c: self._complete_one(c, gen), conversations))
+        futures = [self.pool.submit(self._complete_one, c, gen) for c in conversations]
+        replies: list[str | None] = []
+        failed: dict[int, BackendError] = {}
+        for i, future in enumerate(futures):
+            try:
+                replies.append(future.result())
+            except BackendError as e:  # the others' completions are kept (e.g. one prompt too long for the server)
+                replies.append(None)
+                failed[i] = e
+        if failed:
+            first = next(iter(failed.values()))
+            more = f" (and {len(failed) - 1} more of {len(replies)} conversations)" if len(failed) > 1 else ""
+            raise BackendError(f"{first}{more}", replies, {i: str(e) for i, e in failed.items()}) from first
+        return replies
 
     def _complete_one(self, conversation: Conversation, gen: GenerationConfig) -> str:
         import openai
