@@ -7,10 +7,11 @@ varlen kernel does on a GPU), so packing pays only for sum(len²). Registered wi
 `AttentionInterface` / `AttentionMaskInterface` under `steptune_packed_sdpa`; anything that is not an unpadded,
 cache-free forward (generation, padded batches) goes through the stock `sdpa` code untouched.
 
-Inference uses the same row for prefill (`PackedPrompt`): the new tokens of many prompts go through the model in one
-forward, and each prompt attends to its own tokens and to a prefix whose keys and values are already known. One
-forward instead of one per prompt saves the model's fixed per-call cost on every prompt but one; the attention
-itself costs what each prompt costs, as with unpadded prompts one by one.
+Inference uses the same row for prefill (a list of `PackedPrompt` passed as the forward's `packed_prompts`): the
+new tokens of many prompts go through the model in one forward, and each prompt attends to its own tokens and to a
+prefix whose keys and values are already known. One forward instead of one per prompt saves the model's fixed
+per-call cost on every prompt but one; the attention itself costs what each prompt costs, as with unpadded prompts
+one by one.
 """
 
 from __future__ import annotations
