@@ -117,8 +117,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     for start, end in _sample_bounds(query, kwargs):
         mask = None
         if window is not None and end - start > window:
-            i = torch.arange(end - start, device=query.device)
-            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+            mask = prefix_causal_mask(0, end - start, window, query.dtype, query.device)
         out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
                                         value[:, :, start:end], mask, dropout=dropout, scaling=scaling,
                                         is_causal=mask is None)
