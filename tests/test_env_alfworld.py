@@ -46,8 +46,8 @@ def test_generated_game_plays(env):
     reset = env.reset(task)
     assert "Your task is to:" in reset.task and "Welcome" not in reset.task
     assert reset.observation.startswith("You are in the middle of a room")
-    assert "look" in env.admissible_actions() and any(a.startswith("go to ") for a in env.admissible_actions())
-    first_stop = next(a for a in env.admissible_actions() if a.startswith("go to "))
+    assert "look" in env.valid_actions() and any(a.startswith("go to ") for a in env.valid_actions())
+    first_stop = next(a for a in env.valid_actions() if a.startswith("go to "))
     result = env.step(first_stop)
     assert result.observation.startswith("You arrive at") and not result.done and result.reward == 0.0
 
@@ -67,7 +67,7 @@ def test_expert_replans_after_a_detour_and_old_put_wording_works(env):
     task = env.tasks("train")[0]
     env.reset(task)
     original = env.expert_actions()
-    detour = next(a for a in env.admissible_actions() if a.startswith("go to ") and a != original[0])
+    detour = next(a for a in env.valid_actions() if a.startswith("go to ") and a != original[0])
     env.step(detour)
     env.step("inventory")
     replanned = env.expert_actions()

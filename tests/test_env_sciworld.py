@@ -90,6 +90,8 @@ def test_gold_replay_invalid_action_and_expert():
         assert plan and plan[-1] == gold[-1] and gold[0] not in plan
         assert plan == [a for a in gold[1:] if a in plan] and gold[1:].index(plan[0]) + len(plan) == len(gold) - 1
         assert plan[0] in set(env._sw.get_valid_action_object_combinations())
+        valid = env.valid_actions()  # what the recovery benchmark draws its off-plan errors from
+        assert plan[0] in valid and detour in valid and "fly to the moon" not in valid
         assert not env.step(plan[0]).info["invalid"]
 
 

@@ -163,8 +163,9 @@ class AlfWorldEnv(Env):
             info["truncated"] = True
         return StepResult(self._state.feedback.strip(), 1.0 if won else 0.0, self._done, info)
 
-    def admissible_actions(self) -> list[str]:
-        return list(self._state.admissible_commands) if self._state else []
+    def valid_actions(self) -> list[str] | None:
+        """ALFWorld's admissible commands in the current state."""
+        return list(self._state.admissible_commands) if self._env is not None and self._state else None
 
     def expert_actions(self) -> list[str] | None:
         """The planner's plan from the current state (re-planned on every call); [] once won; None if no plan."""

@@ -65,6 +65,10 @@ class Env(ABC):
     def max_steps(self, task: TaskRef) -> int:
         return self.max_steps_default
 
+    def valid_actions(self) -> list[str] | None:
+        """The actions the simulator accepts in the current state, or None where it keeps no such list."""
+        return None
+
     def expert_actions(self) -> list[str] | None:
         """The expert's remaining plan from the current state (first = next action), or None if the env
         has no expert here. Used by expert trajectories and the expert-grounded teacher."""

@@ -41,6 +41,8 @@ def _run(env, cmd: str, arg: Any) -> Any:
         return env.step(arg)
     if cmd == "expert":
         return env.expert_actions()
+    if cmd == "valid":
+        return env.valid_actions()
     raise ValueError(f"unknown command {cmd}")
 
 
@@ -241,6 +243,10 @@ class EnvPool:
 
     def expert_actions(self, slot: int) -> list[str] | None:
         out = self._call_many([(slot, "expert", None)])[0]
+        return None if isinstance(out, EnvFailure) else out
+
+    def valid_actions(self, slot: int) -> list[str] | None:
+        out = self._call_many([(slot, "valid", None)])[0]
         return None if isinstance(out, EnvFailure) else out
 
     def worker_pids(self) -> list[int]:

@@ -115,6 +115,12 @@ class ScienceWorldEnv(Env):
         return StepResult(observation=observation, reward=self._best, done=done,
                           info={"invalid": invalid, "won": won, "lost": failed})
 
+    def valid_actions(self) -> list[str] | None:
+        """ScienceWorld's valid action-object combinations (the JVM enumerates ~900 of them: ~100 ms)."""
+        if self._sw is None:
+            return None
+        return sorted({_norm(a) for a in self._sw.get_valid_action_object_combinations()})
+
     def gold_path(self) -> list[str]:
         return list(self._gold)
 

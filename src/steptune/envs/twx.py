@@ -21,6 +21,8 @@ DEFAULT_PARAMS = {
     "coin": "numLocations=2,numDistractorItems=0,includeDoors=0",
 }
 _PUT = re.compile(r"^put (?P<item>.+) (?:in|on) (?P<box>.+)$")
+_ROOM = re.compile(r"You are in the (?P<room>[^.]+)\.")
+_OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 
 class TextWorldExpressEnv(Env):
@@ -43,6 +45,10 @@ class TextWorldExpressEnv(Env):
         self._history: list[str] = []  # actions that changed something (valid ones)
         self._valid: list[str] = []
         self._score = 0.0
+        self._task: TaskRef | None = None
+        self._coin_map: _CoinMap | None = None  # coin's rooms, mapped on the first expert call of an episode
+        self._room = ""
+        self._opened: set[tuple[str, str]] = set()  # (room, direction) of the doors opened this episode
 
     def tasks(self, split: str) -> list[TaskRef]:
         if split not in FOLDS:
@@ -65,6 +71,8 @@ class TextWorldExpressEnv(Env):
         self._history = []
         self._valid = list(info["validActions"])
         self._score = 0.0
+        self._task, self._coin_map = task, None
+        self._room, self._opened = _room_of(obs), set()
         return Reset(task=f"{info['taskDescription']}\n{obs}", observation=obs, info={"task_type": task.name})
 
     def step(self, action: str) -> StepResult:
@@ -74,6 +82,10 @@ class TextWorldExpressEnv(Env):
         self._valid = list(info["validActions"])
         if not invalid:
             self._history.append(action)
+            if action.startswith("open door to "):
+                self._opened.add((self._room, action.removeprefix("open door to ")))
+            elif action.startswith("move "):
+                self._room = _room_of(obs) or self._room
         self._score = max(self._score, min(1.0, max(0.0, float(info["score"]))))
         won = bool(info["tasksuccess"])
         return StepResult(obs, 1.0 if won else self._score, bool(done) or won,
@@ -82,15 +94,22 @@ class TextWorldExpressEnv(Env):
     def max_steps(self, task: TaskRef) -> int:
         return self.max_steps_default
 
+    def valid_actions(self) -> list[str] | None:
+        return list(self._valid)
+
     def expert_actions(self) -> list[str] | None:
         """The expert's plan from the current state.
 
-        While the agent's valid actions are a prefix of the gold path, the rest of the gold path. After a
+        Coin: the shortest path to the coin's room from where the agent stands, then `take coin` (see
+        `_CoinMap`): the simulator's own gold path for coin is a random walk that the seed does not fix. Other
+        games: while the agent's valid actions are a prefix of the gold path, the rest of the gold path. After a
         divergence, TWC re-plans from the state: for each gold `put X in Y` not yet done, `take X` if it is not
         held, `open Y` if needed, then the put — checked against the currently valid actions. Other games can
         only follow the gold path; after a divergence their expert returns the gold actions not yet done that
         are valid now, or None when none is.
         """
+        if self.game == "coin":
+            return self._plan_coin()
         gold = [a for a in self._gold if a != "look around"]
         done = [a for a in self._history if a != "look around"]
         if done == gold[: len(done)]:
@@ -117,8 +136,93 @@ class TextWorldExpressEnv(Env):
             plan.append(a)
         return plan or None
 
+    def _plan_coin(self) -> list[str]:
+        if "take coin" in self._history or self._task is None:
+            return []
+        if self._coin_map is None:
+            self._coin_map = _CoinMap.explore(self._env, self._task, FOLDS[self._task.split])
+            self._replay()  # exploring moved the simulator; put it back where the episode stands
+        return self._coin_map.plan(self._room, self._valid, self._opened)
+
+    def _replay(self) -> None:
+        assert self._task is not None
+        _, info = self._env.reset(seed=int(self._task.variation), gameFold=FOLDS[self._task.split],
+                                  generateGoldPath=False)
+        for action in self._history:
+            _, _, _, info = self._env.step(action)
+        self._valid = list(info["validActions"])
+
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
             self._loaded = None
+
+
+def _room_of(observation: str) -> str:
+    m = _ROOM.search(observation)
+    return m["room"] if m else ""
+
+
+class _CoinMap:
+    """Coin's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and the
+    shortest path from any room to the coin. Deterministic: exits are tried in sorted order, so ties between
+    equally short paths always break the same way. Doors (`includeDoors=1`) are opened on the way."""
+
+    def __init__(self, exits: dict[str, dict[str, str]], coin_room: str, doors: set[tuple[str, str]]):
+        self.exits, self.coin_room, self.doors = exits, coin_room, doors
+
+    @classmethod
+    def explore(cls, sim, task: TaskRef, fold: str) -> _CoinMap:
+        def walk(path: list[str]) -> tuple[str, list[str]]:
+            obs, info = sim.reset(seed=int(task.variation), gameFold=fold, generateGoldPath=False)
+            for direction in path:
+                if f"open door to {direction}" in info["validActions"]:
+                    sim.step(f"open door to {direction}")
+                obs, _, _, info = sim.step(f"move {direction}")
+            return _room_of(obs), list(info["validActions"])
+
+        start, valid = walk([])
+        paths, exits, doors, coin_room = {start: []}, {}, set(), ""
+        queue = [start]
+        while queue:
+            room = queue.pop(0)
+            room_, valid = walk(paths[room])
+            assert room_ == room, f"coin map: expected the {room}, got {room_!r}"
+            if "take coin" in valid:
+                coin_room = coin_room or room
+            exits[room] = {}
+            for direction in sorted(a.removeprefix("move ") for a in valid if a.startswith("move ")):
+                if f"open door to {direction}" in valid:
+                    doors.add((room, direction))
+                neighbour, _ = walk(paths[room] + [direction])
+                exits[room][direction] = neighbour
+                if neighbour not in paths:
+                    paths[neighbour] = paths[room] + [direction]
+                    queue.append(neighbour)
+        return cls(exits, coin_room, doors)
+
+    def plan(self, room: str, valid: list[str], opened: set[tuple[str, str]]) -> list[str]:
+        """Moves along the shortest path to the coin's room (doors opened first), then `take coin`."""
+        if "take coin" in valid or room == self.coin_room:
+            return ["take coin"]
+        back = {room: []}
+        queue = [room]
+        while queue and self.coin_room not in back:
+            here = queue.pop(0)
+            for direction, there in sorted(self.exits.get(here, {}).items()):
+                if there not in back:
+                    back[there] = back[here] + [(here, direction)]
+                    queue.append(there)
+        if self.coin_room not in back:
+            return []
+        plan = []
+        for i, (here, direction) in enumerate(back[self.coin_room]):
+            # the door right here is known open or closed from the valid actions; further ones from the episode
+            there = self.exits[here][direction]
+            closed = f"open door to {direction}" in valid if i == 0 else (here, direction) in self.doors and \
+                (here, direction) not in opened and (there, _OPPOSITE.get(direction, "")) not in opened
+            if closed:
+                plan.append(f"open door to {direction}")
+            plan.append(f"move {direction}")
+        return plan + ["take coin"]
