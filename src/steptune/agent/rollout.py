@@ -5,14 +5,19 @@ One episode per pool slot; every round the pending turns of all active episodes 
 episodes leave, queued tasks take their slots. With a `judge`, each student step is judged as soon as it
 has been executed: a wrong step is kept (kind "error", weight 0, critique attached) and followed by the
 teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env; then the
-student carries on.
+student carries on. With an `injection` (the recovery benchmark, steptune.evaluation.injection), each episode
+begins with the expert's steps up to the injection point, then one injected wrong action, then the agent alone.
+
+Sampling (temperature > 0 with a seed) draws every turn from its own generator, seeded from (seed, episode id,
+step index): what an episode samples does not depend on which other episodes share its batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
@@ -28,6 +33,7 @@ from steptune.envs.base import Reset, StepResult, TaskRef
 
 if TYPE_CHECKING:  # the pool lives in steptune.envs.pool; only its interface is used here
     from steptune.envs.pool import EnvPool
+    from steptune.evaluation.injection import InjectionConfig
 
 
 @dataclass
@@ -40,13 +46,13 @@ class Episode:
     invalid_actions: int = 0
     truncations: int = 0  # turns whose context was cut to fit the window
     dropped_steps: int = 0  # oldest steps left out of the latest prompt to fit the window
-    model_seconds: float = 0.0  # this episode's share of batched generation time
-    env_seconds: float = 0.0
-    judge_seconds: float = 0.0
     # the expert's plan from the state AFTER the step just executed, for judges that set wants_plan_after
     # (an expert-grounded teacher must correct from where the wrong step left the world)
     expert_plan_after: list[str] | None = None
     reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
+    # recovery benchmark: {"step", "action", "error", "steps_to_plan"} once an error was injected (or {"skipped"})
+    injection: dict[str, Any] | None = None
+    awaiting_plan: bool = False  # injected, and no action of the agent has been on the expert's plan since
 
     @property
     def reward(self) -> float:
@@ -59,8 +65,8 @@ class Episode:
     def stats(self) -> dict[str, Any]:
         return {"steps_taken": self.steps_taken, "done": self.done, "failure": self.failure,
                 "invalid_actions": self.invalid_actions, "truncations": self.truncations,
-                "n_errors": self.trajectory.n_errors, "model_seconds": round(self.model_seconds, 4),
-                "env_seconds": round(self.env_seconds, 4), "judge_seconds": round(self.judge_seconds, 4)}
+                "n_errors": self.trajectory.n_errors,
+                **({"injection": self.injection} if self.injection is not None else {})}
 
 
 # Called after every round with (episode, the student step just executed incl. its observation, the expert's
@@ -87,7 +93,7 @@ class RolloutTotals:
 def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
                  judge: JudgeFn | None = None, on_episode_end: Callable[[Episode], None] | None = None,
                  max_context_tokens: int | None = None, progress: bool = True, example: str | None = None,
-                 totals: RolloutTotals | None = None) -> list[Episode]:
+                 totals: RolloutTotals | None = None, injection: InjectionConfig | None = None) -> list[Episode]:
     """Run every task to the end; returns the episodes in the order of `tasks`.
 
     `gen.stop` defaults to the ReAct stops (end of the Action line). `max_context_tokens` defaults to the
@@ -120,9 +126,13 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     def fill_free_slots() -> None:
         while queue and (free := [s for s in range(pool.size) if s not in active]):
             starting = [(slot, *queue.pop()) for slot in free[: len(queue)]]
-            for slot, idx, ep in _start_episodes(pool, starting, instruction, totals):  # reset in parallel
+            started = _start_episodes(pool, starting, instruction, totals)  # reset in parallel
+            for slot, idx, ep in started:
                 active[slot] = (idx, ep)
-                if ep.failure is not None:
+            if injection is not None:
+                _inject_errors(pool, [(slot, ep) for slot, _, ep in started], injection, totals)
+            for slot, _, ep in started:
+                if ep.failure is not None or ep.done or ep.steps_taken >= pool.max_steps(ep.task):
                     finish(slot)
 
     try:
@@ -140,7 +150,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
 
             t0 = time.perf_counter()
             try:
-                replies = backend.complete(convs, gen)
+                replies = backend.complete(convs, _per_row_seeds(gen, episodes))
             except BackendError as e:
                 replies, errors = e.per_conversation(len(convs))
                 for i, why in errors.items():
@@ -154,12 +164,13 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             dt = time.perf_counter() - t0
             totals.model_seconds += dt
             totals.model_calls += 1
-            for ep in episodes:
-                ep.model_seconds += dt / len(episodes)
 
-            plans = [pool.expert_actions(s) if wants_plan else None for s in slots]
+            plans = [pool.expert_actions(s) if wants_plan or ep.awaiting_plan else None
+                     for s, ep in zip(slots, episodes)]
             steps = [_student_step(reply) for reply in replies]
             _execute(pool, slots, episodes, steps, totals)
+            if injection is not None:
+                _note_back_on_plan(episodes, steps, plans)
 
             if judge is not None:
                 _judge_and_correct(pool, slots, episodes, steps, plans, judge, totals)
@@ -185,13 +196,66 @@ def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], ins
     for (slot, idx, task), reset in zip(starting, resets):
         traj = Trajectory(id=f"{task.split}:{task.id}", env=task.env, task_id=task.id, split=task.split,
                           instruction=instruction, task="", meta={"task_type": task.name})
-        ep = Episode(task=task, trajectory=traj, env_seconds=dt / len(starting))
+        ep = Episode(task=task, trajectory=traj)
         if isinstance(reset, Reset):
             traj.task = reset.task
         else:
             ep.failure = f"env reset: {reset.reason}"
         out.append((slot, idx, ep))
     return out
+
+
+def _per_row_seeds(gen: GenerationConfig, episodes: list[Episode]) -> GenerationConfig:
+    if gen.temperature <= 0 or gen.seed is None:
+        return gen
+    return replace(gen, row_seeds=[derive_seed(gen.seed, ep.trajectory.id, len(ep.trajectory.steps)) for ep in episodes])
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed from several parts (run seed, episode id, ...), stable across processes (unlike Python's str hash)."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode]], injection: InjectionConfig,
+                   totals: RolloutTotals) -> None:
+    """The recovery benchmark's opening (steptune.evaluation.injection): the expert's steps until the injection
+    step, then the injected error, all executed; one round of env calls per step for all new episodes."""
+    from steptune.envs.expert import explain
+    from steptune.evaluation.injection import NEUTRAL_THOUGHT, injected_error, injection_step
+
+    pending = [(slot, ep, injection_step(injection, ep.task)) for slot, ep in started if ep.failure is None]
+    while pending:
+        slots, eps, steps, later = [], [], [], []
+        for slot, ep, k in pending:
+            plan = pool.expert_actions(slot)
+            if not plan:
+                ep.injection = {"skipped": "the expert has no plan here"}
+                continue
+            done = ep.trajectory.steps
+            if len(done) + 1 < k and len(plan) > 1:  # at least one expert action is left for the error to precede
+                last = done[-1].observation if done else ep.trajectory.task
+                step = Step(thought=explain(plan[0], plan[1:], last or ""), action=plan[0], kind="expert")
+                later.append((slot, ep, k))
+            else:
+                action, error = injected_error(injection, ep.task, pool.valid_actions(slot), plan)
+                step = Step(thought=NEUTRAL_THOUGHT, action=action, kind="injected", weight=0)
+                ep.injection = {"step": len(done) + 1, "action": action, "error": error, "steps_to_plan": None}
+                ep.awaiting_plan = True
+            slots.append(slot)
+            eps.append(ep)
+            steps.append(step)
+        if steps:
+            _execute(pool, slots, eps, steps, totals)
+        pending = [(s, ep, k) for s, ep, k in later if not ep.done and ep.failure is None]
+
+
+def _note_back_on_plan(episodes: list[Episode], steps: list[Step], plans: list[list[str] | None]) -> None:
+    """After an injected error: the agent's first action that is the expert's next action of its moment ends the
+    detour (an action further down the plan, e.g. `take coin` two rooms away, is not yet a way back)."""
+    for ep, st, plan in zip(episodes, steps, plans):
+        if ep.awaiting_plan and plan and " ".join(st.action.split()) == plan[0]:
+            ep.awaiting_plan = False
+            ep.injection["steps_to_plan"] = len(ep.trajectory.steps) - ep.injection["step"]
 
 
 def _student_step(reply: str) -> Step:
@@ -217,7 +281,6 @@ def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: li
             ep.invalid_actions += 1
             st.observation = INVALID_FORMAT_OBSERVATION
             continue
-        ep.env_seconds += dt / max(1, len(calls))
         _apply(ep, st, next(outcomes))
 
 
@@ -254,7 +317,6 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
 
     fix_slots, fix_eps, fixes = [], [], []
     for (i, (ep, st, _)), crit in zip(batch, critiques):
-        ep.judge_seconds += dt / len(batch)
         if crit is None or not crit.is_error:
             continue
         st.kind, st.weight, st.critique = "error", 0, crit

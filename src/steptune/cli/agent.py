@@ -24,8 +24,16 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     name: Annotated[str | None, typer.Option(help="Label for reports.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    inject_error: Annotated[bool, typer.Option(
+        "--inject-error", help="Recovery benchmark: also run every task with one injected wrong action (expert steps "
+        "up to the injection step, then a valid off-plan action, else an invalid one; then the agent alone).")] = False,
+    inject_step: Annotated[int | None, typer.Option(
+        min=1, help="Inject at this agent step (1-based); default: drawn per task from 1..--inject-max-step.")] = None,
+    inject_max_step: Annotated[int, typer.Option(min=1, help="Upper end of the drawn injection step.")] = 3,
+    inject_seed: Annotated[int, typer.Option(help="Seed of the drawn steps and errors (same for every model).")] = 0,
 ) -> None:
-    """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json."""
+    """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json (and with
+    --inject-error, injected.jsonl and the recovery metrics)."""
     from steptune.evaluation.eval import EvalConfig, evaluate
 
     base = json.loads(config.read_text()) if config else {}
@@ -39,6 +47,8 @@ def eval_cmd(
         base["max_new_tokens"] = max_new_tokens
     if not config or temperature != 0.0:
         base["temperature"] = temperature
+    if inject_error:
+        base["inject"] = {"step": inject_step, "max_step": inject_max_step, "seed": inject_seed}
     missing = [k for k in ("model", "env", "out") if not base.get(k)]
     if missing:
         raise typer.BadParameter(f"missing {', '.join('--' + m for m in missing)} (or give them in --config)")
@@ -46,6 +56,11 @@ def eval_cmd(
     for sp, agg in summary["splits"].items():
         typer.echo(f"{sp}: reward {agg['avg_reward']:.1f}  success {agg['success_rate']:.1f}%  "
                    f"({agg['episodes']} episodes, {agg['failures']} failed)")
+    for sp, inj in summary.get("injection", {}).items():
+        rate = "–" if inj["recovery_rate"] is None else f"{inj['recovery_rate']:.2f}"
+        steps = "–" if inj["steps_to_plan"] is None else f"{inj['steps_to_plan']:.1f}"
+        typer.echo(f"{sp} with an injected error: success {inj['success_rate']:.1f}%  recovery rate {rate}  "
+                   f"back on plan {inj['back_on_plan'] or 0:.0f}% after {steps} steps")
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-StepKind = Literal["expert", "student", "error", "reflection"]
+StepKind = Literal["expert", "student", "error", "reflection", "injected"]  # injected: the recovery benchmark
 Role = Literal["system", "user", "assistant"]
 
 

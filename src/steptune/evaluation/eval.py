@@ -2,7 +2,10 @@
 
 Layout of an eval run directory:
   episodes.jsonl   one Trajectory per finished episode (meta: steps, invalid actions, truncations, failure)
-  summary.json     average reward x100 and success rate, overall, per split and per task type
+  injected.jsonl   with `inject`: the same tasks again, each with one injected error (the recovery benchmark,
+                   steptune.evaluation.injection; meta["injection"] says where, what, and when the agent got back)
+  summary.json     average reward x100 and success rate, overall, per split and per task type; with `inject`,
+                   the recovery metrics per split under "injection"
   config.json      the EvalConfig it ran with
 A rerun with the same --out skips episodes already in episodes.jsonl, so a killed run loses at most the
 episodes that were in flight and never duplicates one.
@@ -21,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.agent.backends.base import GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
+from steptune.evaluation.injection import InjectionConfig, injection_summary
 
 EPISODES_FILE = "episodes.jsonl"
+INJECTED_FILE = "injected.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
@@ -33,6 +38,7 @@ class EvalConfig(BaseModel):
     env: str
     splits: list[str] = Field(default_factory=lambda: ["unseen"])
     limit: int | None = None  # first N tasks of each split
+    tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
     workers: int = 4  # concurrent episodes (env pool size)
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
@@ -43,6 +49,7 @@ class EvalConfig(BaseModel):
     max_context_tokens: int | None = None
     example: str | None = None  # one in-context example (text of a golden trajectory)
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    inject: InjectionConfig | None = None  # also run every task with one injected error (the recovery benchmark)
 
 
 def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool = True) -> dict:
@@ -61,27 +68,30 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
     pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
     backend = None
     try:
-        with TrajectoryWriter(out / EPISODES_FILE) as writer:
-            todo = []
-            for split in cfg.splits:
-                tasks = pool.tasks(split)[: cfg.limit]
-                todo += [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
-            if todo:
-                backend = make_backend(backend_cfg)
-                run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
-                             example=cfg.example, progress=progress,
-                             on_episode_end=lambda ep: writer.write(ep.trajectory))
+        wanted = set(cfg.tasks) if cfg.tasks is not None else None
+        tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
+        runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
+        for filename, injection in runs:
+            with TrajectoryWriter(out / filename) as writer:
+                todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
+                if todo:
+                    backend = backend or make_backend(backend_cfg)
+                    run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
+                                 example=cfg.example, progress=progress, injection=injection,
+                                 on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
     finally:
         pool.close()
         if backend is not None:
             backend.close()
     summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
+    if cfg.inject:
+        summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def load_episodes(run_dir: str | Path) -> list[Trajectory]:
-    path = Path(run_dir) / EPISODES_FILE
+def load_episodes(run_dir: str | Path, filename: str = EPISODES_FILE) -> list[Trajectory]:
+    path = Path(run_dir) / filename
     return list(iter_trajectories(path)) if path.exists() else []
 
 

@@ -55,6 +55,30 @@ def task_type_table(summaries: list[dict], split: str) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def injection_table(summaries: list[dict]) -> str:
+    """The recovery benchmark per method and split (steptune.evaluation.injection)."""
+    head = ("| Method | split | success % with an injected error | success % without (same tasks) | "
+            "recovery rate | back on the expert's plan % | steps to the plan |")
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, f="{:.1f}": "–" if v is None else f.format(v)  # noqa: E731
+    for s in summaries:
+        for split, a in s.get("injection", {}).items():
+            rows.append(f"| {s['name']} | {split} | {fmt(a['success_rate'])} | {fmt(a['success_without'])} | "
+                        f"{fmt(a['recovery_rate'], '{:.2f}')} | {fmt(a['back_on_plan'])} | {fmt(a['steps_to_plan'], '{:.2f}')} |")
+    return "\n".join(rows)
+
+
+def plot_injection(summaries: list[dict], path: Path) -> Path:
+    """Success per method and split, without and with an injected error (the recovery benchmark)."""
+    groups, series = [], {"without": [], "with an injected error": []}
+    for s in summaries:
+        for split, a in s.get("injection", {}).items():
+            groups.append(f"{s['name']}\n{split}")
+            series["without"].append(a["success_without"] or 0.0)
+            series["with an injected error"].append(a["success_rate"])
+    return grouped_bars(groups, series, path, "success %")
+
+
 def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, ylabel: str) -> Path:
     """One bar per series in each group (e.g. methods within splits); values on a 0-100 scale."""
     import matplotlib
@@ -84,24 +108,27 @@ def plot_rewards(summaries: list[dict], path: Path) -> Path:
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.html (plot embedded) and rewards.png (alongside) to `out_dir`."""
+    """Write report.md, report.html (plots embedded) and the plots as PNG files alongside to `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = load_summaries(run_dirs)
     md = ["# Evaluation report", "", markdown_table(summaries), ""]
     for sp in _splits(summaries):
         md += [f"## {sp}: average reward by task type (episodes)", "", task_type_table(summaries, sp), ""]
-    md += ["![average reward](rewards.png)", ""]
-    png = plot_rewards(summaries, out / "rewards.png")
-    (out / "report.md").write_text("\n".join(md))
-    img = base64.b64encode(png.read_bytes()).decode()
-    body = "\n".join(_block_to_html(block) for block in _blocks(md[:-2]))
+    images = [("average reward", plot_rewards(summaries, out / "rewards.png"))]
+    if any(s.get("injection") for s in summaries):
+        md += ["## Recovery benchmark: one injected error per episode", "", injection_table(summaries), ""]
+        images.append(("success with and without an injected error", plot_injection(summaries, out / "recovery.png")))
+    (out / "report.md").write_text("\n".join(md + [f"![{title}]({p.name})" for title, p in images]) + "\n")
+    body = "\n".join(_block_to_html(block) for block in _blocks(md))
+    imgs = "".join(f"<img alt='{title}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+                   for title, p in images)
     (out / "report.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>steptune report</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body>{body}<img alt='average reward' src='data:image/png;base64,{img}'></body></html>")
-    return {"markdown": out / "report.md", "html": out / "report.html", "plot": png}
+        f"</head><body>{body}{imgs}</body></html>")
+    return {"markdown": out / "report.md", "html": out / "report.html", "plot": images[0][1]}
 
 
 def _blocks(lines: list[str]) -> list[str]:

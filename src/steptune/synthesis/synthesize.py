@@ -8,6 +8,7 @@ reflection-and-correction step (weight 1) that was executed in the environment.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ def make_teacher(cfg: SynthesisConfig, student_backend):
 
 
 def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -> dict:
-    from steptune.agent.rollout import run_episodes
+    from steptune.agent.rollout import derive_seed, run_episodes
 
     if pool_factory is None:
         from steptune.envs.pool import EnvPool as pool_factory  # noqa: N813
@@ -86,8 +87,9 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
 
             for k in range(cfg.samples_per_task):  # one pass per sample index keeps ids deterministic
                 batch = [t for t, kk in jobs if kk == k]
-                if batch:
-                    run_episodes(pool, batch, backend, gen, judge=teacher, progress=progress,
+                if batch:  # sample k of a task draws from seeds derived from (seed, k, task, step): see rollout
+                    run_episodes(pool, batch, backend, replace(gen, seed=derive_seed(cfg.seed, k)), judge=teacher,
+                                 progress=progress,
                                  on_episode_end=lambda ep, k=k: write(ep, k))
             (out.parent / (out.stem + "_teacher.json")).write_text(json.dumps(teacher.stats(), indent=2))
             backend.close()

@@ -18,6 +18,9 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # cut the completion at the first of these (kept out of the text)
     seed: int | None = None
+    # sampling: one seed per conversation (the rollout derives them from episode and step), so what a conversation
+    # samples does not depend on the batch it is in; None: one generator for the batch, seeded with `seed`
+    row_seeds: list[int] | None = None
 
 
 class ChatBackend(ABC):

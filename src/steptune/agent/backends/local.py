@@ -112,7 +112,10 @@ class LocalBackend(ChatBackend):
         sampling = gen.temperature > 0
         kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": sampling, "use_cache": True,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
-        if sampling:
+        if sampling and gen.row_seeds is not None:  # each row draws from its own generator; greedy takes the draw
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=[_RowSampler(gen.row_seeds, gen.temperature, gen.top_p)])
+        elif sampling:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
@@ -181,6 +184,31 @@ class LocalBackend(ChatBackend):
                 layer.values[row, :, width - v.shape[2] : width] = v[0]
             layer.cumulative_length.fill_(width)  # what `update` would have counted
         return cache
+
+
+class _RowSampler:
+    """A logits processor that samples each row's next token (temperature, then top-p) from that row's own
+    generator and leaves only that token possible, so greedy decoding picks it: a row's draws depend on its seed
+    alone, not on the rows it is batched with (transformers' sampling shares one generator across the batch)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generators is None:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks), device=scores.device), picks] = 0.0
+        return out
 
 
 def _full_attention_only(config) -> bool:

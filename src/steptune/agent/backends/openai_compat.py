@@ -41,7 +41,8 @@ class OpenAICompatBackend(ChatBackend):
         self.retries = 0  # total retried attempts, for reports
 
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
-        futures = [self.pool.submit(self._complete_one, c, gen) for c in conversations]
+        seeds = gen.row_seeds or [gen.seed] * len(conversations)
+        futures = [self.pool.submit(self._complete_one, c, gen, seed) for c, seed in zip(conversations, seeds)]
         replies: list[str | None] = []
         failed: dict[int, BackendError] = {}
         for i, future in enumerate(futures):
@@ -56,7 +57,7 @@ class OpenAICompatBackend(ChatBackend):
             raise BackendError(f"{first}{more}", replies, {i: str(e) for i, e in failed.items()}) from first
         return replies
 
-    def _complete_one(self, conversation: Conversation, gen: GenerationConfig) -> str:
+    def _complete_one(self, conversation: Conversation, gen: GenerationConfig, seed: int | None) -> str:
         import openai
 
         last: Exception | None = None
@@ -68,7 +69,7 @@ class OpenAICompatBackend(ChatBackend):
             try:
                 resp = self.client.chat.completions.create(
                     model=self.model, messages=conversation, max_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature, top_p=gen.top_p, stop=gen.stop[:4] or None, seed=gen.seed,
+                    temperature=gen.temperature, top_p=gen.top_p, stop=gen.stop[:4] or None, seed=seed,
                 )
                 text = resp.choices[0].message.content
                 if not isinstance(text, str):

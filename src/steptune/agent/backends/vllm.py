@@ -16,8 +16,9 @@ class VLLMBackend(ChatBackend):
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                                stop=gen.stop or None, seed=gen.seed)
+        seeds = gen.row_seeds or [gen.seed] * len(conversations)
+        params = [SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                                 stop=gen.stop or None, seed=seed) for seed in seeds]
         # LLM.chat takes a list of conversations, applies the chat template and batches them itself.
         outputs = self.llm.chat(conversations, params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]

@@ -1,0 +1,96 @@
+"""The recovery benchmark: every method meets the same mistake at the same point, then must carry on alone.
+
+The rule (what `steptune eval --inject-error` does to each episode):
+1. **Where.** The error comes at agent step `k`: `step` when it is set (1-based), else drawn per task uniformly from
+   1..`max_step` by a generator seeded with (`seed`, task id). Steps 1..k-1 are the expert's (the environment's
+   expert plan, re-planned every step, with the expert's thoughts as in golden trajectories), so every method
+   reaches step k in the same state with the same history. `k` is capped so that at least one expert action is
+   left: the error never comes after the task could have been finished.
+2. **What** (the error model). A valid action that is not in the expert's remaining plan, chosen by the same
+   seeded generator among the environment's valid actions in sorted order, leaving out pure look-ups
+   (`look`, `inventory`, `examine`, ... — they change nothing, so they are no mistake to recover from). Where the
+   environment lists no valid actions, or none is off-plan, the fixed invalid action `INVALID_ACTION`.
+3. **How.** The injected action is executed and stays in the agent's history as if the agent had written it, with
+   the neutral thought `NEUTRAL_THOUGHT` (step kind "injected", weight 0). Then the agent continues on its own.
+So the same seed gives the same injected steps and actions for every model (given a deterministic expert).
+
+Metrics (per split, paired with the same tasks' episodes without injection):
+  * success and reward with injection;
+  * recovery rate: success with injection ÷ success without, on the tasks run both ways;
+  * steps to the plan: agent steps from the injection to its first action that is the expert's next action of
+    that moment (1 = the very next action undoes or routes around the error), and the share of episodes that ever
+    get back on the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steptune.envs.base import TaskRef
+
+NEUTRAL_THOUGHT = "I will try this."
+INVALID_ACTION = "take the invisible key"  # no environment here has one; a plausible-looking invalid action
+LOOKUPS = ("look", "inventory", "examine", "read", "task", "check valid actions", "wait", "score")
+
+
+class InjectionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int | None = Field(1, ge=1)  # inject at this agent step; None: draw per task from 1..max_step
+    max_step: int = Field(3, ge=1)
+    seed: int = 0
+
+
+def _rng(cfg: InjectionConfig, task: TaskRef) -> random.Random:
+    # a stable digest (Python's str hash changes per process), independent of the model and the batch
+    digest = hashlib.sha256(f"{cfg.seed}|{task.id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def injection_step(cfg: InjectionConfig, task: TaskRef) -> int:
+    return cfg.step if cfg.step is not None else _rng(cfg, task).randint(1, cfg.max_step)
+
+
+def injected_error(cfg: InjectionConfig, task: TaskRef, valid: list[str] | None, plan: list[str]) -> tuple[str, str]:
+    """(action, "off_plan" | "invalid") for the task's state, per the error model above."""
+    on_plan = {" ".join(a.split()) for a in plan}
+    candidates = sorted(a for a in valid or [] if " ".join(a.split()) not in on_plan and not a.startswith(LOOKUPS))
+    rng = _rng(cfg, task)
+    rng.random()  # the first draw is the step's; keep the two independent of whether `step` is fixed
+    if candidates:
+        return rng.choice(candidates), "off_plan"
+    return INVALID_ACTION, "invalid"
+
+
+def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]:
+    """Per split: the metrics above, from trajectories run without and with injection."""
+    without = {t.id: t for t in normal}
+    by_split: dict[str, list] = defaultdict(list)
+    for t in injected:
+        by_split[t.split or "unknown"].append(t)
+    out = {}
+    for split, trajs in sorted(by_split.items()):
+        info = [t.meta.get("injection") or {} for t in trajs]
+        hit = [i for i in info if "action" in i]
+        back = [i["steps_to_plan"] for i in hit if i.get("steps_to_plan") is not None]
+        paired = [(t, without[t.id]) for t in trajs if t.id in without]
+        base_success = sum(w.success for _, w in paired)
+        n = len(trajs)
+        out[split] = {
+            "episodes": n,
+            "injected": len(hit),
+            "off_plan": sum(i.get("error") == "off_plan" for i in hit),
+            "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
+            "avg_reward": round(100 * sum(t.reward for t in trajs) / n, 2) if n else 0.0,
+            "paired_episodes": len(paired),
+            "success_without": round(100 * base_success / len(paired), 2) if paired else None,
+            "recovery_rate": round(sum(t.success for t, _ in paired) / base_success, 3) if base_success else None,
+            "back_on_plan": round(100 * len(back) / len(hit), 2) if hit else None,
+            "steps_to_plan": round(sum(back) / len(back), 2) if back else None,
+        }
+    return out
