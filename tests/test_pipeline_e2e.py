@@ -72,6 +72,18 @@ def test_smoke_pipeline_produces_every_artifact(smoke_run):
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     assert "STeP (D1 ∪ Dr, partial masking)" in log and "report.html" in log
+    # every method trained the same number of epochs over its own data
+    assert {json.loads((run / "models" / m / "train_summary.json").read_text())["epochs"] for m in METHODS} == {6.0}
+    # the recovery benchmark ran for every method, on the same injected errors
+    injected = {m: load_trajectories(run / "eval" / m / "injected.jsonl") for m in METHODS}
+    errors = {m: sorted((t.id, t.meta["injection"]["action"]) for t in trajs) for m, trajs in injected.items()}
+    assert len(errors["step"]) == 16 and all(e == errors["step"] for e in errors.values())
+    assert "Recovery benchmark" in report
+    base = json.loads((run / "eval" / "base_agent_u2" / "summary.json").read_text())
+    assert base["overall"]["episodes"] == len({t.task_id for t in d2})
+    headline = json.loads(log.strip().splitlines()[-1])  # the last line: flat headline figures
+    assert headline["base_agent_success_u2"] == base["overall"]["success_rate"]
+    assert {f"{k}_{m}" for k in ("success_seen", "success_unseen", "recovery") for m in METHODS} <= headline.keys()
 
 
 def test_rerun_skips_finished_stages(smoke_run):

@@ -12,26 +12,32 @@ from steptune.cli.app import app
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "resources" / "presets"
 
 
-def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overrides: list[str],
-         until_stage: Optional[str] = None) -> Path:
+def _load(config: Path, overrides: list[str], defaults: dict | None = None):
+    """The validated config, with `defaults` then `--set KEY=VALUE` applied; a bad one exits 2 with the message."""
     import yaml
 
     from steptune.pipeline.config import ConfigError, load_config
-    from steptune.pipeline.manifest import UnknownStageError
-    from steptune.pipeline.report import print_summary
-    from steptune.pipeline.run import run_pipeline
 
-    parsed = {}
+    parsed = dict(defaults or {})
     for item in overrides:
         if "=" not in item:
             raise typer.BadParameter(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {item!r}")
         key, value = item.split("=", 1)
         parsed[key] = yaml.safe_load(value)
     try:
-        cfg = load_config(config, parsed)
+        return load_config(config, parsed)
     except ConfigError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from e
+
+
+def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overrides: list[str],
+         until_stage: Optional[str] = None) -> Path:
+    from steptune.pipeline.manifest import UnknownStageError
+    from steptune.pipeline.report import print_summary
+    from steptune.pipeline.run import run_pipeline
+
+    cfg = _load(config, overrides)
     try:
         run_dir = run_pipeline(cfg, output, from_stage, until_stage)
     except UnknownStageError as e:
@@ -58,12 +64,45 @@ def run(
 @app.command()
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
-    preset: str = typer.Option("quickstart", help="quickstart (≈10 min on 2 CPU cores) or smoke (≈2 min)."),
+    preset: str = typer.Option("quickstart", help="quickstart (≤10 min on 2 CPU cores) or smoke (≈2 min)."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset field: --set seed=1"),
 ) -> None:
-    """The whole pipeline offline on TextWorldExpress with a tiny Llama and the expert-grounded teacher."""
+    """The whole pipeline offline on TextWorldExpress with a tiny Llama and the expert-grounded teacher; the last
+    line printed is one JSON line of headline figures."""
     config = PRESETS_DIR / f"{preset}.yaml"
     if not config.exists():
         names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of: {names}")
-    _run(config, output, from_stage, [])
+    import json
+
+    from steptune.pipeline.report import headline
+
+    run_dir = _run(config, output, from_stage, set_)
+    typer.echo(json.dumps(headline(run_dir)))  # the last line: headline figures, for scripts
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Pipeline YAML (see configs/ and presets)."),
+    seeds: list[int] = typer.Option([0, 1, 2], "--seeds", help="Training seeds, one whole run each (repeatable)."),
+    output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: seed-<S>/ runs + study.*"),
+    quick: bool = typer.Option(False, help="Smaller runs (100 golden, 30 test episodes per split, 1 sample per task)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field in every run: --set eval.limit=200"),
+) -> None:
+    """Run the pipeline once per seed (resumable), then compare the methods with 95% confidence intervals:
+    success per method and split, paired differences, the recovery benchmark and stage-2 yield."""
+    import json
+    import shlex
+    import sys
+
+    from steptune.pipeline.study import QUICK, run_study, study_markdown
+
+    cfg = _load(config, set_, QUICK if quick else None)
+    command = shlex.join(["steptune", *sys.argv[1:]])
+    result = run_study(cfg, seeds, output, command)
+    typer.echo(study_markdown(result, command))
+    typer.echo(f"wrote {output / 'study.json'}, {output / 'study.md'}, {output / 'study.html'}")
+    keys = ["base_agent_success_u2", "step_minus_golden_d1_unseen", "step_minus_golden_all_unseen",
+            "step_minus_unmasked_unseen", "recovery_step", "recovery_golden_d1"]
+    typer.echo(json.dumps({k: result.get(k) for k in keys}))

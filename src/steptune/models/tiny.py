@@ -30,7 +30,7 @@ class TinyModelConfig(BaseModel):
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
-    seed: int = 0
+    seed: int | None = None  # initial weights; None: 0, or in a pipeline the run's seed
 
 
 SIZES = {
@@ -75,7 +75,7 @@ def build_tiny_model(texts: Iterable[str], out_dir: str | Path, config: TinyMode
     config = config or TinyModelConfig()
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, config.vocab_size)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed or 0)
     model_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from steptune.evaluation.injection import InjectionConfig
 from steptune.models.tiny import TinyModelConfig
 
 Method = Literal["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
@@ -65,12 +66,16 @@ class SynthesisSection(_Strict):
     max_errors: int = 2  # filter: keep successful trajectories with at most k erroneous steps
     keep_error_free: bool = True
     limit: int | None = None  # number of U2 tasks to run
+    seed: int | None = None  # sampling; None: the run's seed
 
 
 class EvalSection(_Strict):
     splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"])
     limit: int | None = None  # episodes per split
     max_new_tokens: int = 64
+    # the recovery benchmark (steptune.evaluation.injection): every method also runs each task with one injected error
+    inject: InjectionConfig | None = None
+    base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
 
 
 class LauncherSection(_Strict):
@@ -84,6 +89,9 @@ class LauncherSection(_Strict):
 class PipelineConfig(_Strict):
     name: str = "step"
     output_dir: str = "runs/step"
+    # the run seed reaches every random source unless a stage pins its own: the D1/D2 split, the tiny model's initial
+    # weights (model.init.seed), the trainer's data order (train.seed) and stage-2 sampling (synthesis.seed), where
+    # each episode's turns draw from seeds derived from (seed, sample index, episode, step)
     seed: int = 0
     env: EnvSection = Field(default_factory=EnvSection)
     golden: GoldenSection = Field(default_factory=GoldenSection)

@@ -11,7 +11,9 @@ from steptune.evaluation.report import (
     _block_to_html,
     _blocks,
     grouped_bars,
+    injection_table,
     markdown_table,
+    plot_injection,
     plot_rewards,
     task_type_table,
 )
@@ -91,6 +93,41 @@ def plot_synthesis(stats: dict, path: Path) -> Path:
     return path
 
 
+def base_agent_u2(run_dir: Path) -> dict | None:
+    """The base agent's own success on the synthesis tasks U2 (eval:base_agent_u2), if it ran."""
+    path = run_dir / "eval" / "base_agent_u2" / "summary.json"
+    return json.loads(path.read_text())["overall"] if path.exists() else None
+
+
+def training_table(run_dir: Path, methods: list[str]) -> str:
+    rows = ["| Method | trajectories | epochs | optimizer steps | trained tokens | masked error steps |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        path = run_dir / "models" / m / "train_summary.json"
+        if path.exists():
+            t = json.loads(path.read_text())
+            rows.append(f"| {METHOD_TITLES.get(m, m)} | {t.get('trajectories', '–')} | {t.get('epochs', '–')} | "
+                        f"{t.get('steps', '–')} | {t.get('trained_tokens', '–')} | {t.get('masked_error_steps', '–')} |")
+    return "\n".join(rows)
+
+
+def headline(run_dir: Path) -> dict[str, float | None]:
+    """Flat headline figures of a run: the base agent's U2 success, each method's success per split (%) and its
+    recovery rate (success with an injected error ÷ without, over all evaluated splits' paired tasks)."""
+    base = base_agent_u2(run_dir)
+    out: dict[str, float | None] = {"base_agent_success_u2": base["success_rate"] if base else None}
+    for s in method_summaries(run_dir):
+        m = s["method"]
+        for split, a in s["splits"].items():
+            out[f"success_{split}_{m}"] = a["success_rate"]
+        inj = s.get("injection", {}).values()
+        if inj:
+            without = sum((a["success_without"] or 0) * a["paired_episodes"] / 100 for a in inj)
+            withinj = sum(a["success_rate"] * a["episodes"] / 100 for a in inj)
+            out[f"recovery_{m}"] = round(withinj / without, 3) if without else None
+    return out
+
+
 def write_run_report(run_dir: Path) -> dict[str, Path]:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +136,22 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     md = [f"# STeP run: {manifest['config']['name']}", "",
           f"Environment `{manifest['config']['env']['name']}`; average reward ×100 and success rate (%) per split.",
           "", markdown_table(summaries), ""]
+    base = base_agent_u2(run_dir)
+    if base:
+        md += [f"Base agent alone on the synthesis tasks U2 (greedy): success {base['success_rate']:.1f}% "
+               f"({base['episodes']} episodes).", ""]
+    if any(s.get("injection") for s in summaries):
+        md += ["## Recovery benchmark: one injected error per episode", "",
+               "Each task again, with the expert's steps up to the injection step and then one wrong action "
+               "(steptune.evaluation.injection); recovery rate = success with the error ÷ success without it.", "",
+               injection_table(summaries), ""]
+    md += ["## Training", "", training_table(run_dir, manifest["config"]["methods"]), ""]
     images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]
     for split in sorted({sp for s in summaries for sp in s["task_types"]}):
         md += [f"## {split}: average reward by task type (episodes)", "", task_type_table(summaries, split), ""]
         images.append((f"{split}: reward per task type", plot_per_task_type(summaries, split, out / f"types_{split}.png")))
+    if any(s.get("injection") for s in summaries):
+        images.append(("success with and without an injected error", plot_injection(summaries, out / "recovery.png")))
     curves = loss_curves(run_dir)
     if curves:
         images.append(("training loss", plot_losses(curves, out / "loss.png")))
@@ -150,4 +199,20 @@ def print_summary(run_dir: Path) -> None:
         table.add_row(s["name"], *(f"{s['splits'][sp]['avg_reward']:.1f} ({s['splits'][sp]['success_rate']:.0f}%)"
                                    if sp in s["splits"] else "–" for sp in splits))
     console.print(table)
+    if any(s.get("injection") for s in summaries):
+        inj = Table(title="recovery benchmark: success % with one injected error (recovery rate)")
+        inj.add_column("method")
+        for sp in splits:
+            inj.add_column(sp, justify="right")
+        for s in summaries:
+            cells = []
+            for sp in splits:
+                a = s.get("injection", {}).get(sp)
+                rate = "–" if not a or a["recovery_rate"] is None else f"{a['recovery_rate']:.2f}"
+                cells.append(f"{a['success_rate']:.0f}% ({rate})" if a else "–")
+            inj.add_row(s["name"], *cells)
+        console.print(inj)
+    base = base_agent_u2(run_dir)
+    if base:
+        console.print(f"base agent alone on the U2 tasks: {base['success_rate']:.1f}% success ({base['episodes']} episodes)")
     console.print(f"report: {run_dir / 'report' / 'report.html'}")

@@ -93,12 +93,12 @@ class Run:
             Stage("split", [self.golden], [self.d1, self.d2], cfg.split.model_dump() | {"seed": cfg.seed}, self._split),
         ]
         if cfg.model.init:
-            out.append(Stage("init_model", [self.golden], [self.model_dir("init")], cfg.model.init.model_dump(),
-                             self._init_model))
+            out.append(Stage("init_model", [self.golden], [self.model_dir("init")],
+                             cfg.model.init.model_dump() | {"seed": self.init_seed}, self._init_model))
         out.append(self._train_stage("golden_d1", [self.d1]))
         out += [
             Stage("synthesize", [self.model_dir("golden_d1"), self.d2], [self.synthesized],
-                  cfg.synthesis.model_dump() | {"env": cfg.env.model_dump()}, self._synthesize),
+                  cfg.synthesis.model_dump() | {"env": cfg.env.model_dump(), "run_seed": cfg.seed}, self._synthesize),
             Stage("filter", [self.synthesized], [self.dr], cfg.synthesis.model_dump(), self._filter),
         ]
         data_of = {"golden_all": [self.d1, self.d2], "step": [self.d1, self.dr], "step_unmasked": [self.d1, self.dr],
@@ -106,6 +106,10 @@ class Run:
         for method in cfg.methods:
             if method != "golden_d1":
                 out.append(self._train_stage(method, data_of[method]))
+        if cfg.eval.base_agent_u2:
+            out.append(Stage("eval:base_agent_u2", [self.model_dir("golden_d1"), self.d2],
+                             [self.eval_dir("base_agent_u2") / "summary.json"],
+                             cfg.eval.model_dump() | {"env": cfg.env.model_dump()}, self._evaluate_base_agent_u2))
         for method in cfg.methods:
             out.append(Stage(f"eval:{method}", [self.model_dir(method)], [self.eval_dir(method) / "summary.json"],
                              cfg.eval.model_dump() | {"env": cfg.env.model_dump()},
@@ -141,8 +145,15 @@ class Run:
         from steptune.models.tiny import build_tiny_model
 
         texts = [m.content for t in load_trajectories(self.golden) for m in t.messages(include_final_observation=True)]
-        build_tiny_model(texts, self.model_dir("init"), self.cfg.model.init)
-        return {"corpus_messages": len(texts)}
+        init = self.cfg.model.init.model_copy(update={"seed": self.init_seed})
+        build_tiny_model(texts, self.model_dir("init"), init)
+        return {"corpus_messages": len(texts), "seed": self.init_seed}
+
+    @property
+    def init_seed(self) -> int:
+        """The tiny model's initial weights follow the run seed unless `model.init.seed` pins them."""
+        init = self.cfg.model.init
+        return self.cfg.seed if init is None or init.seed is None else init.seed
 
     def _train(self, method: str, data: list[Path]) -> dict:
         from steptune.training.sft import TrainConfig, train
@@ -156,8 +167,9 @@ class Run:
             target.symlink_to(Path(start).resolve(), target_is_directory=True)
             console.print(f"[yellow]{method}: no training data (Dr is empty); using {start} as is[/yellow]")
             return {"skipped": "no training data", "model": str(start)}
-        cfg = TrainConfig.model_validate({**self.cfg.train, "model": str(start), "data": [str(p) for p in data],
-                                          "output_dir": str(self.model_dir(method)), "seed": self.cfg.seed,
+        # the trainer's seed (data order) is the run's unless train.seed pins it
+        cfg = TrainConfig.model_validate({"seed": self.cfg.seed, **self.cfg.train, "model": str(start),
+                                          "data": [str(p) for p in data], "output_dir": str(self.model_dir(method)),
                                           "unmask_errors": method == "step_unmasked"})
         if self.cfg.launcher is None:
             out = train(cfg)
@@ -200,7 +212,7 @@ class Run:
             temperature=s.temperature, max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers,
             teacher=s.teacher,
             teacher_model=teacher_model, golden=str(self.d2) if s.use_golden_reference else None,
-            out=str(self.synthesized), seed=self.cfg.seed))
+            out=str(self.synthesized), seed=self.cfg.seed if s.seed is None else s.seed))
         return stats
 
     def _filter(self) -> dict:
@@ -223,7 +235,19 @@ class Run:
         summary = evaluate(EvalConfig(
             model=f"{cfg.env.rollout_backend}:{self.model_dir(method)}", env=cfg.env.name, splits=cfg.eval.splits,
             limit=cfg.eval.limit, workers=cfg.env.workers, out=str(self.eval_dir(method)), name=method,
-            max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs))
+            max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs, inject=cfg.eval.inject))
+        return {"splits": summary["splits"], **({"injection": summary["injection"]} if cfg.eval.inject else {})}
+
+    def _evaluate_base_agent_u2(self) -> dict:
+        """The base agent alone (greedy, no teacher) on the synthesis tasks U2."""
+        from steptune.evaluation.eval import EvalConfig, evaluate
+
+        cfg = self.cfg
+        u2 = sorted({t.meta.get("task_ref_id", t.id) for t in load_trajectories(self.d2)})
+        summary = evaluate(EvalConfig(
+            model=f"{cfg.env.rollout_backend}:{self.model_dir('golden_d1')}", env=cfg.env.name,
+            splits=[cfg.golden.split], tasks=u2, workers=cfg.env.workers, out=str(self.eval_dir("base_agent_u2")),
+            name="base agent on U2", max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs))
         return {"splits": summary["splits"]}
 
     def _report(self) -> dict:
@@ -236,8 +260,8 @@ class Run:
         inputs = list(data) + ([self.model_dir("golden_d1")] if method == "sequential" else [])
         if self.cfg.model.init:
             inputs.append(self.model_dir("init"))
-        return Stage(f"train:{method}", inputs, [self.model_dir(method)], self.cfg.train | {"method": method},
-                     lambda: self._train(method, data))
+        key = self.cfg.train | {"method": method, "run_seed": self.cfg.seed}
+        return Stage(f"train:{method}", inputs, [self.model_dir(method)], key, lambda: self._train(method, data))
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,

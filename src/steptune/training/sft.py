@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
@@ -43,8 +43,9 @@ class TrainConfig(BaseModel):
     output_dir: str
     chat_template: str | None = None  # override the model's template (chatml, llama2, llama3, mistral, gemma)
     max_length: int = 4096  # longer trajectories are cut at a step boundary, never mid-step
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
+    # HF's name; every method of a run trains this many epochs over its own data, as in the paper ("epochs" works too)
+    num_train_epochs: float = Field(3.0, gt=0, validation_alias=AliasChoices("num_train_epochs", "epochs"))
+    max_steps: int = -1  # > 0 overrides num_train_epochs
     learning_rate: float = 2e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -184,7 +185,7 @@ def sft_args(cfg: TrainConfig, precision: str):
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the run
         weight_decay=cfg.weight_decay,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
@@ -241,6 +242,7 @@ def train(cfg: TrainConfig) -> Path:
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         summary = {**stats, "train_loss": result.training_loss, "steps": result.global_step,
+                   "epochs": round(float(trainer.state.epoch or 0.0), 3),
                    "seconds": round(seconds, 2), "precision": precision, "resumed_from": resume,
                    "lora": cfg.lora is not None, "world_size": trainer.accelerator.num_processes}
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,216 @@
+"""`steptune study`: the pipeline once per training seed, then every comparison with 95% confidence intervals.
+
+Each seed is a whole run (`<out>/seed-<S>`, resumable like any run): the run seed reaches the D1/D2 split, the tiny
+model's initial weights, the trainer's data order and stage-2 sampling; the golden set and the test tasks stay the
+same. Confidence intervals come from a two-level bootstrap: resample the seeds, then the test episodes within each
+resampled seed, and take the 2.5th and 97.5th percentiles. Differences between methods are paired: the same test
+task in the same seed, so task difficulty cancels out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from steptune.data.trajectory import load_trajectories
+from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
+
+BOOTSTRAP = 2000
+PAIRS = {"step_minus_golden_d1": ("step", "golden_d1"), "step_minus_golden_all": ("step", "golden_all"),
+         "step_minus_unmasked": ("step", "step_unmasked")}
+# --quick: the same study, small enough for about 15 minutes on 2 CPU cores (its numbers say little)
+QUICK = {"golden.limit": 100, "eval.limit": 30, "synthesis.samples_per_task": 1}
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def run_study(cfg: PipelineConfig, seeds: list[int], out: Path, command: str | None = None) -> dict:
+    from steptune.pipeline.run import console, run_pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        console.rule(f"[bold]study: seed {seed}")
+        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed))
+    return write_study(out, seeds, command)
+
+
+def _success(run: Path, method: str, filename: str = "episodes.jsonl") -> dict[str, dict[str, float]]:
+    """{split: {task id: 1.0 | 0.0}} for one method of one seed's run."""
+    out: dict[str, dict[str, float]] = {}
+    path = run / "eval" / method / filename
+    for t in load_trajectories(path) if path.exists() else []:
+        out.setdefault(t.split or "unknown", {})[t.id] = float(t.success)
+    return out
+
+
+def _bootstrap(per_seed: list[np.ndarray], stat=np.mean, rng: np.random.Generator | None = None) -> dict[str, float]:
+    """Mean (x100) and 95% CI over seeds, then episodes within each seed (two-level bootstrap)."""
+    rng = rng or np.random.default_rng(0)
+    per_seed = [a for a in per_seed if len(a)]
+    if not per_seed:
+        return {"mean": None, "ci_low": None, "ci_high": None}
+    point = float(stat(np.concatenate(per_seed)))
+    draws = []
+    for _ in range(BOOTSTRAP):
+        seeds = rng.integers(0, len(per_seed), len(per_seed))
+        draws.append(stat(np.concatenate([per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))]
+                                          for s in seeds])))
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return {"mean": round(100 * point, 2), "ci_low": round(100 * float(low), 2), "ci_high": round(100 * float(high), 2)}
+
+
+def _ratio(pairs: np.ndarray) -> float:
+    """Recovery rate from rows (success with injection, success without): the ratio of the two means."""
+    without = pairs[:, 1].mean()
+    return pairs[:, 0].mean() / without if without else np.nan
+
+
+def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
+    runs = [seed_dir(out, s) for s in seeds]
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    methods = manifest["config"]["methods"]
+    splits = manifest["config"]["eval"]["splits"]
+    success = {m: [_success(r, m) for r in runs] for m in methods}
+    injected = {m: [_success(r, m, "injected.jsonl") for r in runs] for m in methods}
+    rng = np.random.default_rng(0)
+
+    result: dict[str, Any] = {
+        "seeds": seeds,
+        "test_episodes_per_split_per_seed": {sp: min(len(success[methods[0]][i].get(sp, {})) for i in range(len(runs)))
+                                             for sp in splits},
+        "methods": {m: METHOD_TITLES.get(m, m) for m in methods},
+        "success": {m: {sp: _bootstrap([np.array(list(s.get(sp, {}).values())) for s in success[m]], rng=rng)
+                        for sp in splits} for m in methods},
+    }
+    for name, (a, b) in PAIRS.items():
+        if a in methods and b in methods:
+            for sp in splits:
+                diffs = [np.array([sa[sp][t] - sb[sp][t] for t in sa.get(sp, {}) if t in sb.get(sp, {})])
+                         for sa, sb in zip(success[a], success[b])]
+                result[f"{name}_{sp}"] = _bootstrap(diffs, rng=rng)
+    for m in methods:
+        pairs = [np.array([(inj[sp][t], ok[sp][t]) for sp in inj for t in inj[sp] if t in ok.get(sp, {})]).reshape(-1, 2)
+                 for inj, ok in zip(injected[m], success[m])]
+        if any(len(p) for p in pairs):
+            rec = _bootstrap(pairs, stat=_ratio, rng=rng)
+            result[f"recovery_{m}"] = {k: None if v is None else round(v / 100, 3) for k, v in rec.items()}
+            result[f"success_injected_{m}"] = _bootstrap([p[:, 0] for p in pairs], rng=rng)
+    base = [json.loads(p.read_text())["overall"] for r in runs
+            if (p := r / "eval" / "base_agent_u2" / "summary.json").exists()]
+    result["base_agent_success_u2"] = {"per_seed": [b["success_rate"] for b in base],
+                                       "mean": round(float(np.mean([b["success_rate"] for b in base])), 2)
+                                       if base else None}
+    result["stage2"] = [json.loads(p.read_text()) if (p := r / "data" / "filter_stats.json").exists() else None
+                        for r in runs]
+    result["training"] = {m: [json.loads(p.read_text()) if (p := r / "models" / m / "train_summary.json").exists()
+                              else None for r in runs] for m in methods}
+    result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
+                                      for s in success[m]] for m in methods}
+    return result
+
+
+def _ci(x: dict | None) -> str:
+    if not x or x.get("mean") is None:
+        return "–"
+    return f"{x['mean']:+.1f} [{x['ci_low']:+.1f}, {x['ci_high']:+.1f}]"
+
+
+def _pct(x: dict | None) -> str:
+    if not x or x.get("mean") is None:
+        return "–"
+    return f"{x['mean']:.1f} [{x['ci_low']:.1f}, {x['ci_high']:.1f}]"
+
+
+def study_markdown(s: dict, command: str | None = None) -> str:
+    splits = list(next(iter(s["success"].values())))
+    n = s["test_episodes_per_split_per_seed"]
+    md = ["# STeP study", "",
+          f"Seeds {', '.join(map(str, s['seeds']))}; test episodes per split per seed: "
+          + ", ".join(f"{sp} {n[sp]}" for sp in splits) + ". 95% confidence intervals from a two-level bootstrap "
+          "(seeds, then episodes within a seed); differences are paired on the same task and seed.", ""]
+    if command:
+        md += ["Command:", "", f"    {command}", ""]
+    md += ["## Success rate (%)", "", "| method | " + " | ".join(splits) + " | per seed (" + " / ".join(splits) + ") |",
+           "|---|" + "---:|" * len(splits) + "---|"]
+    for m, title in s["methods"].items():
+        per_seed = "; ".join(" / ".join(f"{d.get(sp, 0):.0f}" for sp in splits) for d in s["per_seed_success"][m])
+        md.append(f"| {title} | " + " | ".join(_pct(s["success"][m][sp]) for sp in splits) + f" | {per_seed} |")
+    md += ["", "## Paired differences (percentage points)", "", "| comparison | " + " | ".join(splits) + " |",
+           "|---|" + "---:|" * len(splits)]
+    for name in PAIRS:
+        if f"{name}_{splits[0]}" in s:
+            md.append(f"| {name.replace('_minus_', ' − ').replace('_', ' ')} | "
+                      + " | ".join(_ci(s.get(f"{name}_{sp}")) for sp in splits) + " |")
+    md += ["", "## Recovery benchmark (one injected error per episode)", "",
+           "| method | success % with the error | recovery rate (with ÷ without) |", "|---|---:|---:|"]
+    for m, title in s["methods"].items():
+        rec = s.get(f"recovery_{m}")
+        if rec:
+            md.append(f"| {title} | {_pct(s.get(f'success_injected_{m}'))} | "
+                      f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] |")
+    base = s["base_agent_success_u2"]
+    md += ["", "## Stage 2 and the base agent", "",
+           f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
+           "| seed | U2 episodes | success % with corrections | flagged steps / steps | recovery % | kept (Dr) |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for seed, st in zip(s["seeds"], s["stage2"]):
+        if st:
+            md.append(f"| {seed} | {st.get('episodes')} | {st.get('success_rate')} | {st.get('flagged_steps')} / "
+                      f"{st.get('steps')} | {st.get('recovery_rate')} | {st.get('kept')} |")
+    md += ["", "## Training (per seed)", "", "| method | epochs | optimizer steps | trained tokens |", "|---|---|---|---|"]
+    for m, runs in s["training"].items():
+        cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs) for k in ("epochs", "steps", "trained_tokens")]
+        md.append(f"| {s['methods'][m]} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def plot_study(s: dict, path: Path) -> Path:
+    from steptune.pipeline.report import _plt
+
+    plt = _plt()
+    splits = list(next(iter(s["success"].values())))
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / len(s["methods"])
+    for i, (m, title) in enumerate(s["methods"].items()):
+        xs = [j + i * width for j in range(len(splits))]
+        vals = [s["success"][m][sp] for sp in splits]
+        mean = [v["mean"] or 0 for v in vals]
+        err = [[max(0.0, (v["mean"] or 0) - (v["ci_low"] or 0)) for v in vals],
+               [max(0.0, (v["ci_high"] or 0) - (v["mean"] or 0)) for v in vals]]
+        ax.bar(xs, mean, width, yerr=err, capsize=3, label=title)
+    ax.set_xticks([j + width * (len(s["methods"]) - 1) / 2 for j in range(len(splits))], splits)
+    ax.set_ylabel("success % (95% CI)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict:
+    """study.json, study.md and study.html (with the plot) in `out`."""
+    import base64
+    import html
+
+    s = aggregate(out, seeds)
+    (out / "study.json").write_text(json.dumps(s, indent=2))
+    md = study_markdown(s, command)
+    png = plot_study(s, out / "study.png")
+    (out / "study.md").write_text(md + "\n![success with 95% CI](study.png)\n")
+    from steptune.evaluation.report import _block_to_html, _blocks
+
+    body = "\n".join(_block_to_html(b) for b in _blocks(md.splitlines()))
+    img = base64.b64encode(png.read_bytes()).decode()
+    (out / "study.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>steptune study</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+        f"</head><body>{body}<img alt='{html.escape('success with 95% CI')}' src='data:image/png;base64,{img}'>"
+        "</body></html>")
+    return s

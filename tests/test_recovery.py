@@ -1,0 +1,196 @@
+"""The recovery benchmark (error injection), the deterministic coin expert, per-episode sampling, and the study's
+statistics — on the real TextWorldExpress, with real tiny models."""
+
+import json
+
+import numpy as np
+import pytest
+from _react_model import react_model_fixture
+
+from steptune.agent.backends import make_backend
+from steptune.agent.backends.base import GenerationConfig
+from steptune.data.trajectory import Step, Trajectory, load_trajectories
+from steptune.envs.base import TaskRef
+from steptune.envs.expert import write_expert_trajectories
+from steptune.envs.pool import EnvPool
+from steptune.envs.twx import TextWorldExpressEnv
+from steptune.evaluation.eval import EvalConfig, evaluate
+from steptune.evaluation.injection import (
+    INVALID_ACTION,
+    NEUTRAL_THOUGHT,
+    InjectionConfig,
+    injected_error,
+    injection_summary,
+)
+from steptune.pipeline.study import _bootstrap
+
+FOUR_ROOMS = "numLocations=4,numDistractorItems=0,includeDoors=0"
+COIN4 = {"game": "coin", "game_params": FOUR_ROOMS, "max_steps": 8}
+
+
+@pytest.fixture(scope="module")
+def react_model_dir(tmp_path_factory):
+    return react_model_fixture(tmp_path_factory)
+
+
+def test_coin_expert_is_deterministic_shortest_and_replans():
+    """The simulator's own coin gold path is a random walk that the seed does not fix; ours is the BFS path."""
+    plans, gold_lengths = [], []
+    for _ in range(3):  # three fresh simulators
+        env = TextWorldExpressEnv(**COIN4)
+        try:
+            plans.append([(env.reset(TaskRef("twx", "coin", s, "train")), env.expert_actions())[1] for s in range(8)])
+            gold_lengths.append(len([a for a in env._gold if a != "look around"]))
+        finally:
+            env.close()
+    assert plans[0] == plans[1] == plans[2]
+    assert any(len(p) > 1 for p in plans[0]) and all(p[-1] == "take coin" for p in plans[0])
+
+    env = TextWorldExpressEnv(**COIN4)
+    try:
+        for seed in range(8):
+            env.reset(TaskRef("twx", "coin", seed, "train"))
+            plan = env.expert_actions()
+            gold = [a for a in env._gold if a != "look around"]
+            assert len(plan) <= len(gold)  # never longer than the simulator's own path
+            wrong = next((a for a in env.valid_actions() if a.startswith("move ") and a not in plan[:1]), None)
+            if wrong is None:  # a dead end whose only exit is the way to the coin
+                continue
+            assert not env.step(wrong).info["invalid"]
+            replanned = env.expert_actions()  # from the room the wrong move led to
+            assert len(replanned) <= len(plan) + 1 and replanned != plan
+            for action in replanned:
+                res = env.step(action)
+            assert res.info["won"], (seed, wrong, replanned)
+    finally:
+        env.close()
+
+
+def test_two_expert_runs_write_identical_golden_files(tmp_path):
+    for name in ("a", "b"):
+        write_expert_trajectories("twx", "train", tmp_path / f"{name}.jsonl", limit=12, env_kwargs=COIN4, workers=1,
+                                  progress=False)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert len(load_trajectories(tmp_path / "a.jsonl")) == 12
+
+
+def test_valid_actions_through_the_pool():
+    with EnvPool("twx", 2, COIN4) as pool:
+        reset = pool.reset(1, TaskRef("twx", "coin", 0, "train"))
+        valid = pool.valid_actions(1)
+        assert "look around" in valid and any(a.startswith("move ") for a in valid)
+        assert all(f"move {d}" not in valid or d.capitalize() in reset.observation for d in ("north", "south"))
+
+
+def test_error_model_prefers_a_valid_off_plan_action():
+    task = TaskRef("twx", "coin", 3, "seen")
+    cfg = InjectionConfig(seed=5)
+    valid = ["inventory", "look around", "move north", "move west", "take coin"]
+    action, kind = injected_error(cfg, task, valid, ["take coin"])
+    assert kind == "off_plan" and action in ("move north", "move west")
+    assert injected_error(cfg, task, valid, ["take coin"]) == (action, kind)  # seeded, not random per call
+    assert injected_error(cfg, task, ["look around", "take coin"], ["take coin"]) == (INVALID_ACTION, "invalid")
+    assert injected_error(cfg, task, None, ["take coin"]) == (INVALID_ACTION, "invalid")
+
+
+def test_injected_errors_are_executed_and_identical_for_two_models(react_model_dir, tiny_model_dir, tmp_path):
+    cfg = {"env": "twx", "splits": ["seen"], "limit": 6, "workers": 2, "max_new_tokens": 32, "env_kwargs": COIN4,
+           "inject": InjectionConfig(step=None, max_step=3, seed=1)}
+    summaries, runs = [], []
+    for name, model in (("react", react_model_dir), ("random", tiny_model_dir)):
+        summaries.append(evaluate(EvalConfig(model=str(model), out=str(tmp_path / name), **cfg), progress=False))
+        runs.append(sorted(load_trajectories(tmp_path / name / "injected.jsonl"), key=lambda t: t.id))
+    for a, b in zip(*runs):
+        ia, ib = a.meta["injection"], b.meta["injection"]
+        assert (ia["step"], ia["action"], ia["error"]) == (ib["step"], ib["action"], ib["error"])
+        k = ia["step"]
+        # the same expert prefix and the same injected step, executed, in both models' histories
+        assert [(s.action, s.observation, s.kind) for s in a.steps[:k]] == \
+               [(s.action, s.observation, s.kind) for s in b.steps[:k]]
+        injected = a.steps[k - 1]
+        assert injected.kind == "injected" and injected.weight == 0 and injected.thought == NEUTRAL_THOUGHT
+        assert all(s.kind == "expert" for s in a.steps[: k - 1]) and all(s.kind == "student" for s in a.steps[k:])
+    assert {t.meta["injection"]["step"] for t in runs[0]} != {1}  # drawn per task, not always the first step
+
+    # executed for real: a fresh simulator that replays the prefix and the error sees the same observation
+    t = next(t for t in runs[0] if t.meta["injection"]["error"] == "off_plan")
+    env = TextWorldExpressEnv(**COIN4)
+    try:
+        env.reset(TaskRef("twx", "coin", int(t.task_id.rsplit("/", 1)[1]), "seen"))
+        for step in t.steps[: t.meta["injection"]["step"]]:
+            res = env.step(step.action)
+            assert res.observation == step.observation and not res.info["invalid"]
+    finally:
+        env.close()
+    # the summary sits beside the plain figures and agrees with the episodes
+    for summary, trajs in zip(summaries, runs):
+        s = summary["injection"]["seen"]
+        back = [t.meta["injection"]["steps_to_plan"] is not None for t in trajs]
+        assert s["injected"] == 6 and s["back_on_plan"] == pytest.approx(100 * sum(back) / 6, abs=0.01)
+        assert s["success_rate"] == pytest.approx(100 * sum(t.success for t in trajs) / 6, abs=0.01)
+
+
+def _ep(i: int, success: bool, injection: dict | None = None, split: str = "seen") -> Trajectory:
+    return Trajectory(id=f"{split}:twx/coin/{i}", env="twx", task_id=f"twx/coin/{i}", split=split, task="t",
+                      success=success, reward=float(success), steps=[Step(action="take coin")],
+                      meta={"injection": injection} if injection else {})
+
+
+def test_injection_metrics_on_hand_made_episodes():
+    normal = [_ep(0, True), _ep(1, True), _ep(2, False), _ep(3, True)]
+    inj = lambda n: {"step": 1, "action": "move west", "error": "off_plan", "steps_to_plan": n}  # noqa: E731
+    injected = [_ep(0, True, inj(1)), _ep(1, False, inj(None)), _ep(2, True, inj(3)),
+                _ep(3, False, {"step": 2, "action": INVALID_ACTION, "error": "invalid", "steps_to_plan": 2}),
+                _ep(4, True, inj(2))]  # task 4 has no run without injection: not paired
+    s = injection_summary(normal, injected)["seen"]
+    assert s["episodes"] == 5 and s["injected"] == 5 and s["off_plan"] == 4
+    assert s["success_rate"] == 60.0 and s["paired_episodes"] == 4 and s["success_without"] == 75.0
+    assert s["recovery_rate"] == pytest.approx(2 / 3, abs=1e-3)  # 2 of 4 paired with the error, 3 of 4 without
+    assert s["back_on_plan"] == 80.0 and s["steps_to_plan"] == 2.0
+
+
+def test_sampling_depends_on_the_row_seed_not_the_batch(tiny_model_dir):
+    backend = make_backend(f"local:{tiny_model_dir}")
+    convs = [[{"role": "user", "content": f"Your task is to find the coin in room {i}."}] for i in range(4)]
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, row_seeds=[11, 22, 33, 44])
+    batched = backend.complete(convs, gen)
+    alone = [backend.complete([c], GenerationConfig(max_new_tokens=12, temperature=1.0, row_seeds=[s]))[0]
+             for c, s in zip(convs, gen.row_seeds)]
+    assert batched == alone
+    reordered = backend.complete(convs[::-1], GenerationConfig(max_new_tokens=12, temperature=1.0,
+                                                               row_seeds=gen.row_seeds[::-1]))
+    assert reordered[::-1] == batched
+    other = backend.complete(convs, GenerationConfig(max_new_tokens=12, temperature=1.0, row_seeds=[1, 2, 3, 4]))
+    assert other != batched  # the seed really drives the draw
+
+
+def test_synthesis_at_temperature_is_identical_across_runs_and_pool_sizes(react_model_dir, tmp_path):
+    from steptune.synthesis.synthesize import SynthesisConfig, synthesize
+
+    outs = []
+    for name, workers in (("a", 3), ("b", 3), ("c", 1)):
+        out = tmp_path / f"{name}.jsonl"
+        synthesize(SynthesisConfig(student=f"local:{react_model_dir}", env="twx", env_kwargs=COIN4, split="train",
+                                   limit=5, samples_per_task=2, temperature=0.5, max_new_tokens=32, workers=workers,
+                                   out=str(out), seed=3), progress=False)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]  # the same run twice: the same bytes
+    assert sorted(outs[0].splitlines()) == sorted(outs[2].splitlines())  # one slot: the same records, in end order
+    trajs = load_trajectories(tmp_path / "a.jsonl")
+    by_task = {}
+    for t in trajs:
+        by_task.setdefault(t.task_id, []).append([s.action for s in t.steps])
+    assert len(trajs) == 10 and any(a != b for a, b in by_task.values())  # the two samples of a task differ somewhere
+
+
+def test_bootstrap_ci_covers_the_mean_and_narrows_with_data():
+    rng = np.random.default_rng(1)
+    small = [rng.binomial(1, 0.5, 20).astype(float) for _ in range(3)]
+    large = [rng.binomial(1, 0.5, 400).astype(float) for _ in range(3)]
+    a, b = _bootstrap(small), _bootstrap(large)
+    for r, data in ((a, small), (b, large)):
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+        assert r["mean"] == pytest.approx(100 * np.concatenate(data).mean(), abs=0.01)
+    assert b["ci_high"] - b["ci_low"] < a["ci_high"] - a["ci_low"]
+    assert _bootstrap([np.array([])]) == {"mean": None, "ci_low": None, "ci_high": None}
+    json.dumps(a)  # plain floats, fit for study.json
