@@ -76,9 +76,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", message=".*pin_memory.*")  # the trainer's DataLoader on a machine without GPU
 
-WORDS = ("you see a the beaker thermometer kitchen stove water pot table door hallway greenhouse seed flower "
-         "orange blue substance temperature measure focus on move to pick up pour into activate wait look around "
-         "contains is in which an inventory room it celsius degrees").split()
+from train_throughput import trajectories  # noqa: E402 - the same synthetic trajectories as the CPU benchmark
 
 SCRIPTED_INSTRUCTION = (
     "You are an agent in a text-based house. You will be given a task and a description of the room; act to "
@@ -195,26 +193,6 @@ def peak_matmul(device, dtype, sizes: list[int], min_seconds: float) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------- data, model
-def trajectories(n: int, rng: random.Random, step_counts: list[int]):
-    """Synthetic ScienceWorld-like trajectories (as in benchmarks/train_throughput.py), ~10% weight-0 steps."""
-    from steptune.data.trajectory import Step, Trajectory
-    from steptune.envs.prompts import SCIWORLD_INSTRUCTION
-
-    out = []
-    for i in range(n):
-        steps = []
-        for _ in range(rng.choice(step_counts)):
-            wrong = rng.random() < 0.1
-            steps.append(Step(thought=" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))),
-                              action=" ".join(rng.choice(WORDS) for _ in range(3)),
-                              observation=" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))),
-                              kind="error" if wrong else "expert", weight=0 if wrong else 1))
-        out.append(Trajectory(id=str(i), env="sciworld", task_id=str(i), instruction=SCIWORLD_INSTRUCTION,
-                              task="Your task is to boil water. " + " ".join(rng.choice(WORDS) for _ in range(60)),
-                              steps=steps))
-    return out
-
-
 def prepare_model(kind: str, tmp: Path, trajs, model_dir: str | None) -> Path:
     if model_dir:
         return Path(model_dir)

@@ -38,11 +38,12 @@ WORDS = ("you see a the beaker thermometer kitchen stove water pot table door ha
          "contains is in which an inventory room it celsius degrees").split()
 
 
-def trajectories(n: int, rng: random.Random) -> list[Trajectory]:
+def trajectories(n: int, rng: random.Random, step_counts=(3, 5, 8, 12, 20, 30, 45, 60)) -> list[Trajectory]:
+    """Synthetic ScienceWorld-like trajectories with a STeP-like share (~10%) of weight-0 steps."""
     out = []
     for i in range(n):
         steps = []
-        for _ in range(rng.choice([3, 5, 8, 12, 20, 30, 45, 60])):
+        for _ in range(rng.choice(step_counts)):
             wrong = rng.random() < 0.1  # a STeP-like share of weight-0 steps
             steps.append(Step(thought=" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))),
                               action=" ".join(rng.choice(WORDS) for _ in range(3)),

@@ -2,12 +2,13 @@
 what the expert teacher counts as an error, what counts as success, and what `unmask_errors` trains."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from test_tokenize import trained_runs
 
 from steptune.agent.backends.base import ChatBackend, GenerationConfig
 from steptune.agent.rollout import Episode, run_episodes
-from steptune.data.tokenize import IGNORE_INDEX
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
 from steptune.envs.pool import EnvPool
@@ -188,18 +189,6 @@ def test_a_real_game_partly_done_is_not_a_success():
 
 # 4. `unmask_errors` trains exactly the error steps as well ---------------------------------------------------
 
-def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
-    runs, cur = [], []
-    for tok, label in zip(input_ids, labels):
-        if label != IGNORE_INDEX:
-            assert label == tok
-            cur.append(tok)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
-
-
 @pytest.mark.parametrize("unmask_errors", [False, True], ids=["step", "step_unmasked"])
 def test_unmask_errors_labels_exactly_the_error_steps(tmp_path, unmask_errors):
     """STeP keeps the wrong step in context with no label; the "without masking" ablation trains it too — its own
@@ -211,7 +200,7 @@ def test_unmask_errors_labels_exactly_the_error_steps(tmp_path, unmask_errors):
     cfg = TrainConfig(model="unused", data=[str(data)], output_dir=str(tmp_path / "out"), unmask_errors=unmask_errors)
     dataset, stats = build_dataset(cfg, tok)
     [row] = dataset
-    runs = [tok.decode(r) for r in trained_runs(row["input_ids"], row["labels"])]
+    runs = [tok.decode(r) for r in trained_runs(SimpleNamespace(input_ids=row["input_ids"], labels=row["labels"]))]
     error = traj.steps[1]
     assert error.kind == "error" and error.weight == 0
     expected = [s.text() + "<|im_end|>" for s in traj.steps if unmask_errors or s.weight == 1]

@@ -49,6 +49,7 @@ class TextWorldExpressEnv(Env):
         self._coin_map: _CoinMap | None = None  # coin's rooms, mapped on the first expert call of an episode
         self._room = ""
         self._opened: set[tuple[str, str]] = set()  # (room, direction) of the doors opened this episode
+        self._visited: set[str] = set()  # rooms the agent has been in this episode
 
     def tasks(self, split: str) -> list[TaskRef]:
         if split not in FOLDS:
@@ -73,6 +74,7 @@ class TextWorldExpressEnv(Env):
         self._score = 0.0
         self._task, self._coin_map = task, None
         self._room, self._opened = _room_of(obs), set()
+        self._visited = {self._room}
         return Reset(task=f"{info['taskDescription']}\n{obs}", observation=obs, info={"task_type": task.name})
 
     def step(self, action: str) -> StepResult:
@@ -86,6 +88,7 @@ class TextWorldExpressEnv(Env):
                 self._opened.add((self._room, action.removeprefix("open door to ")))
             elif action.startswith("move "):
                 self._room = _room_of(obs) or self._room
+                self._visited.add(self._room)
         self._score = max(self._score, min(1.0, max(0.0, float(info["score"]))))
         won = bool(info["tasksuccess"])
         return StepResult(obs, 1.0 if won else self._score, bool(done) or won,
@@ -100,8 +103,10 @@ class TextWorldExpressEnv(Env):
     def expert_actions(self) -> list[str] | None:
         """The expert's plan from the current state.
 
-        Coin: the shortest path to the coin's room from where the agent stands, then `take coin` (see
-        `_CoinMap`): the simulator's own gold path for coin is a random walk that the seed does not fix. Other
+        Coin: a deterministic explorer's route from where the agent stands — the nearest room not yet visited, again
+        and again, until the coin is in sight, then `take coin` (see `_CoinMap.plan`): the simulator's own gold path
+        for coin is a random walk that the seed does not fix, and a shortest path to a coin the agent cannot see
+        would teach guessing. Other
         games: while the agent's valid actions are a prefix of the gold path, the rest of the gold path. After a
         divergence, TWC re-plans from the state: for each gold `put X in Y` not yet done, `take X` if it is not
         held, `open Y` if needed, then the put — checked against the currently valid actions. Other games can
@@ -142,7 +147,7 @@ class TextWorldExpressEnv(Env):
         if self._coin_map is None:
             self._coin_map = _CoinMap.explore(self._env, self._task, FOLDS[self._task.split])
             self._replay()  # exploring moved the simulator; put it back where the episode stands
-        return self._coin_map.plan(self._room, self._valid, self._opened)
+        return self._coin_map.plan(self._room, self._valid, self._opened, self._visited)
 
     def _replay(self) -> None:
         assert self._task is not None
@@ -165,9 +170,9 @@ def _room_of(observation: str) -> str:
 
 
 class _CoinMap:
-    """Coin's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and the
-    shortest path from any room to the coin. Deterministic: exits are tried in sorted order, so ties between
-    equally short paths always break the same way. Doors (`includeDoors=1`) are opened on the way."""
+    """Coin's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and an explorer's
+    route to the coin from any room (`plan`). Deterministic: exits are tried in sorted order, so ties always break
+    the same way. Doors (`includeDoors=1`) are opened on the way."""
 
     def __init__(self, exits: dict[str, dict[str, str]], coin_room: str, doors: set[tuple[str, str]]):
         self.exits, self.coin_room, self.doors = exits, coin_room, doors
@@ -202,27 +207,42 @@ class _CoinMap:
                     queue.append(neighbour)
         return cls(exits, coin_room, doors)
 
-    def plan(self, room: str, valid: list[str], opened: set[tuple[str, str]]) -> list[str]:
-        """Moves along the shortest path to the coin's room (doors opened first), then `take coin`."""
-        if "take coin" in valid or room == self.coin_room:
-            return ["take coin"]
-        back = {room: []}
-        queue = [room]
-        while queue and self.coin_room not in back:
-            here = queue.pop(0)
-            for direction, there in sorted(self.exits.get(here, {}).items()):
-                if there not in back:
-                    back[there] = back[here] + [(here, direction)]
-                    queue.append(there)
-        if self.coin_room not in back:
-            return []
-        plan = []
-        for i, (here, direction) in enumerate(back[self.coin_room]):
-            # the door right here is known open or closed from the valid actions; further ones from the episode
-            there = self.exits[here][direction]
-            closed = f"open door to {direction}" in valid if i == 0 else (here, direction) in self.doors and \
-                (here, direction) not in opened and (there, _OPPOSITE.get(direction, "")) not in opened
-            if closed:
-                plan.append(f"open door to {direction}")
-            plan.append(f"move {direction}")
+    def plan(self, room: str, valid: list[str], opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
+        """An explorer's route from `room`: while the coin is not in sight, walk the shortest path to the nearest
+        room not yet visited (ties broken by the path's directions, in alphabetical order), opening doors on the
+        way; in the coin's room, `take coin`. Only the stop needs the coin's room: every move is one an agent could
+        choose from what it has seen (the exits the rooms name, the rooms it has been in)."""
+        plan, here, seen, opened = [], room, set(visited) | {room}, set(opened)
+        while here != self.coin_room and "take coin" not in (valid if here == room else []):
+            path = self._nearest_unvisited(here, seen)
+            if path is None:
+                return []
+            for i, (at, direction) in enumerate(path):
+                # the door right here is known open or closed from the valid actions; further ones from the episode
+                there = self.exits[at][direction]
+                closed = f"open door to {direction}" in valid if at == room and not plan else \
+                    (at, direction) in self.doors and (at, direction) not in opened and \
+                    (there, _OPPOSITE.get(direction, "")) not in opened
+                if closed:
+                    plan.append(f"open door to {direction}")
+                    opened.add((at, direction))
+                plan.append(f"move {direction}")
+            here = self.exits[path[-1][0]][path[-1][1]]
+            seen.add(here)
         return plan + ["take coin"]
+
+    def _nearest_unvisited(self, start: str, seen: set[str]) -> list[tuple[str, str]] | None:
+        paths = {start: []}
+        frontier = [start]
+        while frontier:
+            nxt = []
+            for here in frontier:
+                for direction, there in sorted(self.exits.get(here, {}).items()):
+                    if there not in paths:
+                        paths[there] = paths[here] + [(here, direction)]
+                        nxt.append(there)
+            targets = sorted((tuple(d for _, d in paths[r]), r) for r in nxt if r not in seen)
+            if targets:
+                return paths[targets[0][1]]
+            frontier = nxt
+        return None

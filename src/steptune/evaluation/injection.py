@@ -6,10 +6,12 @@ The rule (what `steptune eval --inject-error` does to each episode):
    expert plan, re-planned every step, with the expert's thoughts as in golden trajectories), so every method
    reaches step k in the same state with the same history. `k` is capped so that at least one expert action is
    left: the error never comes after the task could have been finished.
-2. **What** (the error model). A valid action that is not in the expert's remaining plan, chosen by the same
-   seeded generator among the environment's valid actions in sorted order, leaving out pure look-ups
-   (`look`, `inventory`, `examine`, ... — they change nothing, so they are no mistake to recover from). Where the
-   environment lists no valid actions, or none is off-plan, the fixed invalid action `INVALID_ACTION`.
+2. **What** (the error model). A valid action that is not the expert's next action, chosen by the same seeded
+   generator among the environment's valid actions in sorted order: one that is nowhere in the expert's remaining
+   plan if there is such an action, else one that the plan only takes later (out of order, e.g. the way back
+   before the way there). Pure look-ups (`look`, `inventory`, `examine`, ...) are left out: they change nothing,
+   so they are no mistake to recover from. Where the environment lists no valid actions, or none qualifies, the
+   fixed invalid action `INVALID_ACTION`.
 3. **How.** The injected action is executed and stays in the agent's history as if the agent had written it, with
    the neutral thought `NEUTRAL_THOUGHT` (step kind "injected", weight 0). Then the agent continues on its own.
 So the same seed gives the same injected steps and actions for every model (given a deterministic expert).
@@ -58,12 +60,13 @@ def injection_step(cfg: InjectionConfig, task: TaskRef) -> int:
 
 def injected_error(cfg: InjectionConfig, task: TaskRef, valid: list[str] | None, plan: list[str]) -> tuple[str, str]:
     """(action, "off_plan" | "invalid") for the task's state, per the error model above."""
-    on_plan = {" ".join(a.split()) for a in plan}
-    candidates = sorted(a for a in valid or [] if " ".join(a.split()) not in on_plan and not a.startswith(LOOKUPS))
+    plan = [" ".join(a.split()) for a in plan]
+    acts = sorted(a for a in valid or [] if not a.startswith(LOOKUPS) and " ".join(a.split()) != plan[0])
+    nowhere = [a for a in acts if " ".join(a.split()) not in plan]
     rng = _rng(cfg, task)
     rng.random()  # the first draw is the step's; keep the two independent of whether `step` is fixed
-    if candidates:
-        return rng.choice(candidates), "off_plan"
+    if nowhere or acts:
+        return rng.choice(nowhere or acts), "off_plan"
     return INVALID_ACTION, "invalid"
 
 

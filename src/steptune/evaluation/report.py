@@ -79,8 +79,10 @@ def plot_injection(summaries: list[dict], path: Path) -> Path:
     return grouped_bars(groups, series, path, "success %")
 
 
-def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, ylabel: str) -> Path:
-    """One bar per series in each group (e.g. methods within splits); values on a 0-100 scale."""
+def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, ylabel: str,
+                 errors: dict[str, list[list[float]]] | None = None) -> Path:
+    """One bar per series in each group (e.g. methods within splits); values on a 0-100 scale; `errors` gives a
+    series' [below, above] error-bar lengths (e.g. a confidence interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +91,8 @@ def grouped_bars(groups: list[str], series: dict[str, list[float]], path: Path, 
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.8 + 0.8 * len(groups) * max(1, len(series))), 3.2))
     for i, (name, vals) in enumerate(series.items()):
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=name)
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=name,
+               yerr=(errors or {}).get(name), capsize=3)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], groups,
                   rotation=20 if len(groups) > 4 else 0, fontsize=8)
     ax.set_ylabel(ylabel)
@@ -123,12 +126,17 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     body = "\n".join(_block_to_html(block) for block in _blocks(md))
     imgs = "".join(f"<img alt='{title}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
                    for title, p in images)
-    (out / "report.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>steptune report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body>{body}{imgs}</body></html>")
+    (out / "report.html").write_text(html_page("steptune report", body + imgs))
     return {"markdown": out / "report.md", "html": out / "report.html", "plot": images[0][1]}
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page: the reports' one stylesheet around `body`."""
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+            f"</head><body>{body}</body></html>")
 
 
 def _blocks(lines: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from steptune.evaluation.report import (
     _block_to_html,
     _blocks,
     grouped_bars,
+    html_page,
     injection_table,
     markdown_table,
     plot_injection,
@@ -169,11 +170,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     body = "\n".join(_block_to_html(b) for b in _blocks(md))
     imgs = "".join(f"<figure><img alt='{t}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
                    f"<figcaption>{t}</figcaption></figure>" for t, p in images)
-    (out / "report.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>steptune run report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body>{body}{imgs}</body></html>")
+    (out / "report.html").write_text(html_page("steptune run report", body + imgs))
     return {"markdown": out / "report.md", "html": out / "report.html"}
 
 

@@ -21,6 +21,8 @@ from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
 BOOTSTRAP = 2000
 PAIRS = {"step_minus_golden_d1": ("step", "golden_d1"), "step_minus_golden_all": ("step", "golden_all"),
          "step_minus_unmasked": ("step", "step_unmasked")}
+PAIR_TITLES = {"step_minus_golden_d1": "STeP − golden D1", "step_minus_golden_all": "STeP − golden D1 ∪ D2",
+               "step_minus_unmasked": "STeP − STeP unmasked"}
 # --quick: the same study, small enough for about 15 minutes on 2 CPU cores (its numbers say little)
 QUICK = {"golden.limit": 100, "eval.limit": 30, "synthesis.samples_per_task": 1}
 
@@ -144,7 +146,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
            "|---|" + "---:|" * len(splits)]
     for name in PAIRS:
         if f"{name}_{splits[0]}" in s:
-            md.append(f"| {name.replace('_minus_', ' − ').replace('_', ' ')} | "
+            md.append(f"| {PAIR_TITLES[name]} | "
                       + " | ".join(_ci(s.get(f"{name}_{sp}")) for sp in splits) + " |")
     md += ["", "## Recovery benchmark (one injected error per episode)", "",
            "| method | success % with the error | recovery rate (with ÷ without) |", "|---|---:|---:|"]
@@ -170,47 +172,29 @@ def study_markdown(s: dict, command: str | None = None) -> str:
 
 
 def plot_study(s: dict, path: Path) -> Path:
-    from steptune.pipeline.report import _plt
+    from steptune.evaluation.report import grouped_bars
 
-    plt = _plt()
     splits = list(next(iter(s["success"].values())))
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    width = 0.8 / len(s["methods"])
-    for i, (m, title) in enumerate(s["methods"].items()):
-        xs = [j + i * width for j in range(len(splits))]
-        vals = [s["success"][m][sp] for sp in splits]
-        mean = [v["mean"] or 0 for v in vals]
-        err = [[max(0.0, (v["mean"] or 0) - (v["ci_low"] or 0)) for v in vals],
-               [max(0.0, (v["ci_high"] or 0) - (v["mean"] or 0)) for v in vals]]
-        ax.bar(xs, mean, width, yerr=err, capsize=3, label=title)
-    ax.set_xticks([j + width * (len(s["methods"]) - 1) / 2 for j in range(len(splits))], splits)
-    ax.set_ylabel("success % (95% CI)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    cells = {title: [s["success"][m][sp] for sp in splits] for m, title in s["methods"].items()}
+    means = {title: [c["mean"] or 0.0 for c in row] for title, row in cells.items()}
+    errors = {title: [[max(0.0, (c["mean"] or 0) - (c["ci_low"] or 0)) for c in row],
+                      [max(0.0, (c["ci_high"] or 0) - (c["mean"] or 0)) for c in row]] for title, row in cells.items()}
+    return grouped_bars(splits, means, path, "success % (95% CI)", errors)
 
 
 def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict:
     """study.json, study.md and study.html (with the plot) in `out`."""
     import base64
-    import html
+
+    from steptune.evaluation.report import _block_to_html, _blocks, html_page
 
     s = aggregate(out, seeds)
     (out / "study.json").write_text(json.dumps(s, indent=2))
     md = study_markdown(s, command)
     png = plot_study(s, out / "study.png")
     (out / "study.md").write_text(md + "\n![success with 95% CI](study.png)\n")
-    from steptune.evaluation.report import _block_to_html, _blocks
-
     body = "\n".join(_block_to_html(b) for b in _blocks(md.splitlines()))
     img = base64.b64encode(png.read_bytes()).decode()
-    (out / "study.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>steptune study</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body>{body}<img alt='{html.escape('success with 95% CI')}' src='data:image/png;base64,{img}'>"
-        "</body></html>")
+    (out / "study.html").write_text(html_page("steptune study", f"{body}<img alt='success with 95% CI' "
+                                              f"src='data:image/png;base64,{img}'>"))
     return s
