@@ -100,7 +100,7 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     run = tmp_path / "killed"
     proc = quickstart(run, start_new_session=True)
     target = run / "eval" / "golden_d1" / "episodes.jsonl"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline and not (target.exists() and target.read_text().count("\n") >= 2):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and everything it started

@@ -52,7 +52,7 @@ class Episode:
     reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
     # recovery benchmark: {"step", "action", "error", "steps_to_plan"} once an error was injected (or {"skipped"})
     injection: dict[str, Any] | None = None
-    awaiting_plan: bool = False  # injected, and no action of the agent has been on the expert's plan since
+    awaiting_plan: bool = False  # injected, and the agent has not yet taken the expert's next action since
 
     @property
     def reward(self) -> float:
@@ -208,7 +208,8 @@ def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], ins
 def _per_row_seeds(gen: GenerationConfig, episodes: list[Episode]) -> GenerationConfig:
     if gen.temperature <= 0 or gen.seed is None:
         return gen
-    return replace(gen, row_seeds=[derive_seed(gen.seed, ep.trajectory.id, len(ep.trajectory.steps)) for ep in episodes])
+    seeds = [derive_seed(gen.seed, ep.trajectory.id, len(ep.trajectory.steps)) for ep in episodes]
+    return replace(gen, row_seeds=seeds)
 
 
 def derive_seed(*parts: object) -> int:

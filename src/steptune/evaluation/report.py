@@ -64,7 +64,8 @@ def injection_table(summaries: list[dict]) -> str:
     for s in summaries:
         for split, a in s.get("injection", {}).items():
             rows.append(f"| {s['name']} | {split} | {fmt(a['success_rate'])} | {fmt(a['success_without'])} | "
-                        f"{fmt(a['recovery_rate'], '{:.2f}')} | {fmt(a['back_on_plan'])} | {fmt(a['steps_to_plan'], '{:.2f}')} |")
+                        f"{fmt(a['recovery_rate'], '{:.2f}')} | {fmt(a['back_on_plan'])} | "
+                        f"{fmt(a['steps_to_plan'], '{:.2f}')} |")
     return "\n".join(rows)
 
 

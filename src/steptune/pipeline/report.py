@@ -211,5 +211,6 @@ def print_summary(run_dir: Path) -> None:
         console.print(inj)
     base = base_agent_u2(run_dir)
     if base:
-        console.print(f"base agent alone on the U2 tasks: {base['success_rate']:.1f}% success ({base['episodes']} episodes)")
+        console.print(f"base agent alone on the U2 tasks: {base['success_rate']:.1f}% success "
+                      f"({base['episodes']} episodes)")
     console.print(f"report: {run_dir / 'report' / 'report.html'}")

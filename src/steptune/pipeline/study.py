@@ -96,8 +96,8 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
                          for sa, sb in zip(success[a], success[b])]
                 result[f"{name}_{sp}"] = _bootstrap(diffs, rng=rng)
     for m in methods:
-        pairs = [np.array([(inj[sp][t], ok[sp][t]) for sp in inj for t in inj[sp] if t in ok.get(sp, {})]).reshape(-1, 2)
-                 for inj, ok in zip(injected[m], success[m])]
+        pairs = [np.array([(inj[sp][t], ok[sp][t]) for sp in inj for t in inj[sp] if t in ok.get(sp, {})])
+                 .reshape(-1, 2) for inj, ok in zip(injected[m], success[m])]
         if any(len(p) for p in pairs):
             rec = _bootstrap(pairs, stat=_ratio, rng=rng)
             result[f"recovery_{m}"] = {k: None if v is None else round(v / 100, 3) for k, v in rec.items()}
@@ -164,9 +164,11 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         if st:
             md.append(f"| {seed} | {st.get('episodes')} | {st.get('success_rate')} | {st.get('flagged_steps')} / "
                       f"{st.get('steps')} | {st.get('recovery_rate')} | {st.get('kept')} |")
-    md += ["", "## Training (per seed)", "", "| method | epochs | optimizer steps | trained tokens |", "|---|---|---|---|"]
+    md += ["", "## Training (per seed)", "", "| method | epochs | optimizer steps | trained tokens |",
+           "|---|---|---|---|"]
     for m, runs in s["training"].items():
-        cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs) for k in ("epochs", "steps", "trained_tokens")]
+        cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs)
+                 for k in ("epochs", "steps", "trained_tokens")]
         md.append(f"| {s['methods'][m]} | " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
 
