@@ -95,6 +95,11 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
                 diffs = [np.array([sa[sp][t] - sb[sp][t] for t in sa.get(sp, {}) if t in sb.get(sp, {})])
                          for sa, sb in zip(success[a], success[b])]
                 result[f"{name}_{sp}"] = _bootstrap(diffs, rng=rng)
+            # the same comparison with one injected error per episode (the recovery benchmark), splits pooled
+            diffs = [np.array([ia[sp][t] - ib[sp][t] for sp in ia for t in ia[sp] if t in ib.get(sp, {})])
+                     for ia, ib in zip(injected[a], injected[b])]
+            if any(len(d) for d in diffs):
+                result[f"{name}_injected"] = _bootstrap(diffs, rng=rng)
     for m in methods:
         pairs = [np.array([(inj[sp][t], ok[sp][t]) for sp in inj for t in inj[sp] if t in ok.get(sp, {})])
                  .reshape(-1, 2) for inj, ok in zip(injected[m], success[m])]
@@ -148,13 +153,17 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         if f"{name}_{splits[0]}" in s:
             md.append(f"| {PAIR_TITLES[name]} | "
                       + " | ".join(_ci(s.get(f"{name}_{sp}")) for sp in splits) + " |")
-    md += ["", "## Recovery benchmark (one injected error per episode)", "",
+    md += ["", "## Recovery benchmark (one injected error per episode, seen and unseen pooled)", "",
            "| method | success % with the error | recovery rate (with ÷ without) |", "|---|---:|---:|"]
     for m, title in s["methods"].items():
         rec = s.get(f"recovery_{m}")
         if rec:
             md.append(f"| {title} | {_pct(s.get(f'success_injected_{m}'))} | "
                       f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] |")
+    rows = [f"| {PAIR_TITLES[name]} | {_ci(s[f'{name}_injected'])} |" for name in PAIRS if f"{name}_injected" in s]
+    if rows:
+        md += ["", "Paired differences in success with the injected error (percentage points):", "",
+               "| comparison | with one injected error |", "|---|---:|", *rows]
     base = s["base_agent_success_u2"]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
