@@ -22,7 +22,7 @@ from steptune.evaluation.injection import (
     injected_error,
     injection_summary,
 )
-from steptune.pipeline.study import _bootstrap
+from steptune.pipeline.study import _bootstrap, _ratio
 
 FOUR_ROOMS = "numLocations=4,numDistractorItems=0,includeDoors=0"
 COIN4 = {"game": "coin", "game_params": FOUR_ROOMS, "max_steps": 8}
@@ -197,4 +197,6 @@ def test_bootstrap_ci_covers_the_mean_and_narrows_with_data():
         assert r["mean"] == pytest.approx(100 * np.concatenate(data).mean(), abs=0.01)
     assert b["ci_high"] - b["ci_low"] < a["ci_high"] - a["ci_low"]
     assert _bootstrap([np.array([])]) == {"mean": None, "ci_low": None, "ci_high": None}
+    # a recovery rate where nothing succeeded without the error is undefined, not NaN in study.json
+    assert _bootstrap([np.array([[0.0, 0.0], [1.0, 0.0]])], stat=_ratio)["mean"] is None
     json.dumps(a)  # plain floats, fit for study.json

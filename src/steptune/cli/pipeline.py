@@ -87,7 +87,7 @@ def study(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Pipeline YAML (see configs/ and presets)."),
     seeds: list[int] = typer.Option([0, 1, 2], "--seeds", help="Training seeds, one whole run each (repeatable)."),
     output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: seed-<S>/ runs + study.*"),
-    quick: bool = typer.Option(False, help="Smaller runs (100 golden, 30 test episodes per split, 1 sample per task)."),
+    quick: bool = typer.Option(False, help="Smaller runs: 30 test episodes per split, 1 synthesis sample per task."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field in every run: --set eval.limit=200"),
 ) -> None:
     """Run the pipeline once per seed (resumable), then compare the methods with 95% confidence intervals:

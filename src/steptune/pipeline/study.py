@@ -23,8 +23,9 @@ PAIRS = {"step_minus_golden_d1": ("step", "golden_d1"), "step_minus_golden_all":
          "step_minus_unmasked": ("step", "step_unmasked")}
 PAIR_TITLES = {"step_minus_golden_d1": "STeP − golden D1", "step_minus_golden_all": "STeP − golden D1 ∪ D2",
                "step_minus_unmasked": "STeP − STeP unmasked"}
-# --quick: the same study, small enough for about 15 minutes on 2 CPU cores (its numbers say little)
-QUICK = {"golden.limit": 100, "eval.limit": 30, "synthesis.samples_per_task": 1}
+# --quick: the same study with 30 test games per split and one synthesis sample per U2 task, for a first look in
+# under 15 minutes on 2 CPU cores (its intervals are wide)
+QUICK = {"eval.limit": 30, "synthesis.samples_per_task": 1}
 
 
 def seed_dir(out: Path, seed: int) -> Path:
@@ -57,6 +58,8 @@ def _bootstrap(per_seed: list[np.ndarray], stat=np.mean, rng: np.random.Generato
     if not per_seed:
         return {"mean": None, "ci_low": None, "ci_high": None}
     point = float(stat(np.concatenate(per_seed)))
+    if not np.isfinite(point):  # e.g. a recovery rate where nothing succeeded without the error
+        return {"mean": None, "ci_low": None, "ci_high": None}
     draws = []
     for _ in range(BOOTSTRAP):
         seeds = rng.integers(0, len(per_seed), len(per_seed))
@@ -158,8 +161,8 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     for m, title in s["methods"].items():
         rec = s.get(f"recovery_{m}")
         if rec:
-            md.append(f"| {title} | {_pct(s.get(f'success_injected_{m}'))} | "
-                      f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}] |")
+            ratio = "–" if rec["mean"] is None else f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}]"
+            md.append(f"| {title} | {_pct(s.get(f'success_injected_{m}'))} | {ratio} |")
     rows = [f"| {PAIR_TITLES[name]} | {_ci(s[f'{name}_injected'])} |" for name in PAIRS if f"{name}_injected" in s]
     if rows:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",
