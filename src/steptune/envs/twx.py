@@ -213,11 +213,11 @@ class _CoinMap:
         way; in the coin's room, `take coin`. Only the stop needs the coin's room: every move is one an agent could
         choose from what it has seen (the exits the rooms name, the rooms it has been in)."""
         plan, here, seen, opened = [], room, set(visited) | {room}, set(opened)
-        while here != self.coin_room and "take coin" not in (valid if here == room else []):
+        while here != self.coin_room:
             path = self._nearest_unvisited(here, seen)
             if path is None:
                 return []
-            for i, (at, direction) in enumerate(path):
+            for at, direction in path:
                 # the door right here is known open or closed from the valid actions; further ones from the episode
                 there = self.exits[at][direction]
                 closed = f"open door to {direction}" in valid if at == room and not plan else \
