@@ -202,7 +202,7 @@ class Run:
         from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 
         s, env = self.cfg.synthesis, self.cfg.env
-        u2 = sorted({t.meta.get("task_ref_id", t.id) for t in load_trajectories(self.d2)})
+        u2 = self.u2_tasks()
         teacher_model = None
         if s.teacher == "llm":
             teacher_model = f"openai:{s.teacher_model}@{s.teacher_base_url}" if s.teacher_base_url else s.teacher_model
@@ -229,26 +229,29 @@ class Run:
         return report
 
     def _evaluate(self, method: str) -> dict:
-        from steptune.evaluation.eval import EvalConfig, evaluate
-
         cfg = self.cfg
-        summary = evaluate(EvalConfig(
-            model=f"{cfg.env.rollout_backend}:{self.model_dir(method)}", env=cfg.env.name, splits=cfg.eval.splits,
-            limit=cfg.eval.limit, workers=cfg.env.workers, out=str(self.eval_dir(method)), name=method,
-            max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs, inject=cfg.eval.inject))
+        summary = self._run_eval(method, method, splits=cfg.eval.splits, limit=cfg.eval.limit, inject=cfg.eval.inject)
         return {"splits": summary["splits"], **({"injection": summary["injection"]} if cfg.eval.inject else {})}
 
     def _evaluate_base_agent_u2(self) -> dict:
         """The base agent alone (greedy, no teacher) on the synthesis tasks U2."""
+        summary = self._run_eval("golden_d1", "base_agent_u2", name="base agent on U2",
+                                 splits=[self.cfg.golden.split], tasks=self.u2_tasks())
+        return {"splits": summary["splits"]}
+
+    def _run_eval(self, method: str, out: str, **settings) -> dict:
+        """`steptune eval` of a method's model into eval/<out>, with the run's env, workers and token budget."""
         from steptune.evaluation.eval import EvalConfig, evaluate
 
         cfg = self.cfg
-        u2 = sorted({t.meta.get("task_ref_id", t.id) for t in load_trajectories(self.d2)})
-        summary = evaluate(EvalConfig(
-            model=f"{cfg.env.rollout_backend}:{self.model_dir('golden_d1')}", env=cfg.env.name,
-            splits=[cfg.golden.split], tasks=u2, workers=cfg.env.workers, out=str(self.eval_dir("base_agent_u2")),
-            name="base agent on U2", max_new_tokens=cfg.eval.max_new_tokens, env_kwargs=cfg.env.kwargs))
-        return {"splits": summary["splits"]}
+        return evaluate(EvalConfig(**{
+            "model": f"{cfg.env.rollout_backend}:{self.model_dir(method)}", "env": cfg.env.name,
+            "workers": cfg.env.workers, "out": str(self.eval_dir(out)), "name": out,
+            "max_new_tokens": cfg.eval.max_new_tokens, "env_kwargs": cfg.env.kwargs, **settings}))
+
+    def u2_tasks(self) -> list[str]:
+        """The task ids of U2 (the synthesis tasks), from D2."""
+        return sorted({t.meta.get("task_ref_id", t.id) for t in load_trajectories(self.d2)})
 
     def _report(self) -> dict:
         from steptune.pipeline.report import write_run_report
