@@ -1,6 +1,28 @@
 """`steptune` command line. Each module below adds the commands of one pipeline area to `app`."""
 
-from steptune.cli.app import app
-from steptune.cli import data, envs, train, agent, synth, pipeline  # noqa: E402,F401  (registers commands)
+import sys
 
-__all__ = ["app"]
+import typer
+
+from steptune.cli import agent, data, envs, pipeline, synth, train  # noqa: F401  (registers commands)
+from steptune.cli.app import app
+from steptune.errors import UserError
+
+DEBUG_FLAG = "--debug"
+
+
+def main() -> None:
+    """The `steptune` entry point: user errors end as one line on stderr and exit status 2."""
+    debug = DEBUG_FLAG in sys.argv[1:]
+    if debug:
+        sys.argv.remove(DEBUG_FLAG)
+    try:
+        app()
+    except UserError as e:
+        if debug:
+            raise
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+__all__ = ["app", "main"]

@@ -26,6 +26,7 @@ from steptune.data.trajectory import (
     format_observation,
     format_react,
 )
+from steptune.errors import UserError
 
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
            "observation": "user", "function": "user"}
@@ -33,7 +34,7 @@ _REACT = re.compile(r"^\s*(?:Thought:\s*(?P<thought>.*?)\s*)?Action:\s*(?P<actio
 _ACK = {"ok", "ok.", "okay", "okay."}
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     pass
 
 

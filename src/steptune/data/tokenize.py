@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from steptune.data.trajectory import Message, Trajectory
+from steptune.errors import UserError
 
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """The chat template renders messages in a way the span finder cannot prove exact."""
 
 

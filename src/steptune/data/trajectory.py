@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from steptune.errors import UserError
+
 StepKind = Literal["expert", "student", "error", "reflection", "injected"]  # injected: the recovery benchmark
 Role = Literal["system", "user", "assistant"]
 
@@ -132,7 +134,7 @@ class RecordError:
         return f"{self.path}:{self.line}: {self.message}"
 
 
-class TrajectoryFileError(ValueError):
+class TrajectoryFileError(UserError, ValueError):
     """Raised when a trajectory file has malformed records; lists every one of them."""
 
     def __init__(self, errors: list[RecordError]):

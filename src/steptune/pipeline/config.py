@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from steptune.errors import UserError
 from steptune.evaluation.injection import InjectionConfig
 from steptune.models.tiny import TinyModelConfig
 
@@ -104,7 +105,7 @@ class PipelineConfig(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

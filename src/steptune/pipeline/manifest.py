@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from steptune.errors import UserError
+
 LIBRARIES = ["steptune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "scienceworld",
              "textworld-express", "alfworld", "vllm", "openai"]
 
@@ -51,7 +53,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(UserError, ValueError):
     """A stage name (--from / --until) that the run does not have."""
 
 
