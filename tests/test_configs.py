@@ -23,14 +23,15 @@ def test_config_loads_and_its_files_exist(path):
 
         assert make_env(cfg.env.name, **cfg.env.kwargs).tasks(cfg.golden.split)
     # the shared training options are valid TrainConfig fields
-    TrainConfig.model_validate({**cfg.train, "model": "m", "data": ["d"], "output_dir": "o"})
+    TrainConfig.model_validate({**cfg.train.model_dump(), "model": "m", "data": ["d"], "output_dir": "o"})
     if cfg.launcher and cfg.launcher.accelerate_config:
         acc = ROOT / cfg.launcher.accelerate_config
         assert acc.exists(), acc
         assert yaml.safe_load(acc.read_text())["distributed_type"] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
     if cfg.synthesis.teacher == "llm":
-        assert cfg.synthesis.teacher_model and cfg.synthesis.teacher_base_url
-        assert "key" not in str(cfg.synthesis.teacher_base_url).lower()  # keys come from the environment only
+        teacher = cfg.synthesis.teacher_backend
+        assert teacher.kind == "openai" and teacher.model and teacher.base_url and teacher.api_key_env
+        assert "key" not in str(teacher.base_url).lower()  # keys come from the environment only
 
 
 def test_there_is_a_config_for_each_paper_benchmark_and_the_cpu_model():

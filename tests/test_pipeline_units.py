@@ -31,10 +31,10 @@ def test_split_is_by_task_stratified_and_seeded():
 
 def test_config_errors_name_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {base: x}\nenv: {name: twx, workerz: 2}\nsynthesis: {max_errors: two}\n")
+    bad.write_text("model: {base: x}\nenv: {name: twx, workerz: 2}\nfilter: {max_errors: two}\n")
     with pytest.raises(ConfigError) as err:
         load_config(bad)
-    assert "bad.yaml" in str(err.value) and "env.workerz" in str(err.value) and "synthesis.max_errors" in str(err.value)
+    assert "bad.yaml" in str(err.value) and "env.workerz" in str(err.value) and "filter.max_errors" in str(err.value)
     (tmp_path / "none.yaml").write_text("env: {name: twx}\n")
     with pytest.raises(ConfigError, match="model"):
         load_config(tmp_path / "none.yaml")
@@ -46,8 +46,8 @@ def test_config_errors_name_file_and_field(tmp_path):
 def test_overrides_and_manifest_keys(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("model: {base: some/model}\n")
-    cfg = load_config(cfg_path, {"synthesis.max_errors": 1, "env.workers": 3})
-    assert cfg.synthesis.max_errors == 1 and cfg.env.workers == 3
+    cfg = load_config(cfg_path, {"filter.max_errors": 1, "env.workers": 3})
+    assert cfg.filter.max_errors == 1 and cfg.env.workers == 3
     data = tmp_path / "d.jsonl"
     data.write_text("a\n")
     k1 = stage_key({"x": 1}, [data])

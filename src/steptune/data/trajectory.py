@@ -93,6 +93,14 @@ class Trajectory(BaseModel):
         return r
 
     @property
+    def task_type(self) -> str:
+        """`meta["task_type"]` where the writer knew it, else the type part of the task id (`env/type/variation`)."""
+        if self.meta.get("task_type"):
+            return str(self.meta["task_type"])
+        parts = self.task_id.split("/")
+        return parts[1] if len(parts) == 3 else parts[0]
+
+    @property
     def n_errors(self) -> int:
         return sum(s.kind == "error" for s in self.steps)
 

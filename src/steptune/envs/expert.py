@@ -130,7 +130,7 @@ def _replay_batch(pool: EnvPool, tasks: list[TaskRef], instruction: str, retries
                 episodes[s] = (task, r, steps, res.reward, res.done or bool(res.info.get("won")))
         for s, (task, r, steps, rew, _) in episodes.items():
             if rew >= 1.0:
-                yield Trajectory(id=task.id, env=task.env, task_id=f"{task.name}/{task.variation}", split=task.split,
+                yield Trajectory(id=task.id, env=task.env, task_id=task.id, split=task.split,
                                  instruction=instruction, task=r.task, steps=steps, reward=1.0, success=True,
                                  meta={"task_type": task.name, "source": "expert", **r.info}), ""
             else:

@@ -115,7 +115,7 @@ def summarize(trajs: list[Trajectory], **header: Any) -> dict:
     for t in trajs:
         split = t.split or "unknown"
         by_split[split].append(t)
-        by_type[split][t.meta.get("task_type", t.task_id.split("/")[1] if "/" in t.task_id else t.task_id)].append(t)
+        by_type[split][t.task_type].append(t)
     return {
         **header,
         "overall": _aggregate(trajs),

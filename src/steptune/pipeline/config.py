@@ -1,4 +1,9 @@
-"""The one YAML file that describes a whole STeP run (`steptune run CONFIG.yaml`)."""
+"""The one YAML file that describes a whole STeP run (`steptune run CONFIG.yaml`).
+
+Every section is the typed config of the stage that uses it (the trainer's `TrainSettings`, the backends'
+`BackendConfig`, the filter's `FilterConfig`), so a YAML file is checked completely, ranges included, when it is
+loaded, before any work starts.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from steptune.agent.backends import BackendConfig
 from steptune.errors import UserError
 from steptune.evaluation.injection import InjectionConfig
 from steptune.models.tiny import TinyModelConfig
+from steptune.synthesis.filtering import FilterConfig
+from steptune.training.sft import TrainSettings
 
 Method = Literal["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
 METHOD_TITLES = {
@@ -29,19 +37,31 @@ class _Strict(BaseModel):
 class EnvSection(_Strict):
     name: str = "twx"  # sciworld | twx | alfworld | webshop
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
-    workers: int = 2  # concurrent episodes = environment processes
-    rollout_backend: Literal["local", "vllm"] = "local"  # how the student is run in synthesis and evaluation
+    workers: int = Field(2, ge=1)  # concurrent episodes = environment processes
+
+
+class StudentBackend(BackendConfig):
+    """How the student runs in synthesis and evaluation; the model is each stage's own (base agent, methods)."""
+
+    kind: Literal["local", "vllm"] = "local"
+    model: str | None = None  # filled in by the pipeline
 
 
 class GoldenSection(_Strict):
     source: Literal["expert", "file"] = "expert"
     path: str | None = None  # source: file — our JSONL or any format `steptune convert` reads
     split: str = "train"
-    limit: int | None = None  # number of tasks taken from the split
+    limit: int | None = Field(None, ge=1)  # number of tasks taken from the split
+
+    @model_validator(mode="after")
+    def _file_has_path(self) -> GoldenSection:
+        if self.source == "file" and not self.path:
+            raise ValueError("golden.source is 'file' but golden.path is not set")
+        return self
 
 
 class SplitSection(_Strict):
-    d1_fraction: float = 0.5
+    d1_fraction: float = Field(0.5, gt=0, lt=1)
     stratify: bool = True  # by task type
 
 
@@ -52,28 +72,34 @@ class ModelSection(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
         if (self.base is None) == (self.init is None):
-            raise ValueError("model: give exactly one of `base` (hub id or path) or `init` (a small model to build)")
+            raise ValueError("give exactly one of `base` (hub id or path) or `init` (a small model to build)")
         return self
 
 
 class SynthesisSection(_Strict):
     teacher: Literal["expert", "llm", "self"] = "expert"
-    teacher_model: str | None = None  # llm/hybrid: model name at the OpenAI-compatible server, or a local path
-    teacher_base_url: str | None = None  # e.g. http://localhost:8000/v1 (vLLM / SGLang / TGI / OpenAI)
-    teacher_api_key_env: str = "OPENAI_API_KEY"  # the *name* of the variable; keys never go in configs
+    # teacher llm: e.g. {kind: openai, model: Qwen2-72B-Instruct, base_url: http://host:8000/v1,
+    # api_key_env: OPENAI_API_KEY} (the variable's *name*; keys never go in configs), or {kind: local, model: PATH}
+    teacher_backend: BackendConfig | None = None
     use_golden_reference: bool = True
-    samples_per_task: int = 1
-    temperature: float = 0.0  # > 0 for several distinct samples per task
-    max_errors: int = 2  # filter: keep successful trajectories with at most k erroneous steps
-    keep_error_free: bool = True
-    limit: int | None = None  # number of U2 tasks to run
+    samples_per_task: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)  # > 0 for several distinct samples per task
+    limit: int | None = Field(None, ge=1)  # number of U2 tasks to run
     seed: int | None = None  # sampling; None: the run's seed
+
+    @model_validator(mode="after")
+    def _llm_has_backend(self) -> SynthesisSection:
+        if self.teacher == "llm" and self.teacher_backend is None:
+            raise ValueError("teacher 'llm' needs teacher_backend, e.g. {kind: openai, model: NAME, base_url: URL}")
+        if self.teacher_backend and self.teacher_backend.kind == "openai" and not self.teacher_backend.base_url:
+            raise ValueError("teacher_backend of kind openai needs base_url, e.g. http://localhost:8000/v1")
+        return self
 
 
 class EvalSection(_Strict):
-    splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"])
-    limit: int | None = None  # episodes per split
-    max_new_tokens: int = 64
+    splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)
+    limit: int | None = Field(None, ge=1)  # episodes per split
+    max_new_tokens: int = Field(64, ge=1)  # per turn, in synthesis too
     # the recovery benchmark (steptune.evaluation.injection): every method also runs each task with one injected error
     inject: InjectionConfig | None = None
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
@@ -83,7 +109,7 @@ class LauncherSection(_Strict):
     """Run each training stage under `accelerate launch` (several GPUs or nodes; DeepSpeed / FSDP configs)."""
 
     accelerate_config: str | None = None  # e.g. configs/accelerate/deepspeed_zero3.yaml
-    num_processes: int | None = None
+    num_processes: int | None = Field(None, ge=1)
     extra_args: list[str] = Field(default_factory=list)  # e.g. ["--num_machines", "2", "--machine_rank", "0"]
 
 
@@ -95,14 +121,24 @@ class PipelineConfig(_Strict):
     # each episode's turns draw from seeds derived from (seed, sample index, episode, step)
     seed: int = 0
     env: EnvSection = Field(default_factory=EnvSection)
+    student: StudentBackend = Field(default_factory=StudentBackend)
     golden: GoldenSection = Field(default_factory=GoldenSection)
     split: SplitSection = Field(default_factory=SplitSection)
     model: ModelSection
-    train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields shared by every training run
+    train: TrainSettings = Field(default_factory=TrainSettings)  # shared by every method's training
     launcher: LauncherSection | None = None  # None: train in this process
     synthesis: SynthesisSection = Field(default_factory=SynthesisSection)
-    methods: list[Method] = Field(default_factory=lambda: ["golden_d1", "golden_all", "step", "step_unmasked", "sequential"])
+    # stage 2's filter; the paper keeps successful trajectories with at most k = 2 erroneous steps
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    methods: list[Method] = Field(default_factory=lambda: ["golden_d1", "golden_all", "step", "step_unmasked",
+                                                           "sequential"], min_length=1)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _base_agent_first(self) -> PipelineConfig:
+        if "golden_d1" not in self.methods:
+            raise ValueError("methods must include golden_d1: it trains the base agent that stage 2 runs")
+        return self
 
 
 class ConfigError(UserError, ValueError):
@@ -110,14 +146,14 @@ class ConfigError(UserError, ValueError):
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load and validate a YAML config; errors name the file and the offending field."""
+    """Load and validate a YAML config; an error is one line naming the file and each offending key path."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -125,9 +161,20 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: cannot set {dotted}: {key} is not a section")
         node[leaf] = value
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path}: invalid config:\n" + "\n".join(lines)) from e
+        raise ConfigError(f"{path}: {validation_message(e)}") from e
+
+
+def validation_message(e: ValidationError) -> str:
+    """pydantic's errors as one line: `train.max_stpes: Extra inputs are not permitted; ...`."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -87,8 +87,11 @@ class Manifest:
                    outputs={str(p): file_digest(p) for p in outputs if p.exists()}, info=info or {})
         self.save()
 
-    def invalidate_from(self, stages: list[str], first: str) -> None:
-        check_stage(stages, first)
-        for s in stages[stages.index(first):]:
-            self.data["stages"].pop(s, None)
+    def key(self, stage: str) -> str | None:
+        return self.data["stages"].get(stage, {}).get("key")
+
+    def fail(self, stage: str, t0: float, error: BaseException) -> None:
+        rec = self.data["stages"][stage]
+        message = " ".join(str(error).split())[:500] or type(error).__name__
+        rec.update(status="failed", seconds=round(time.perf_counter() - t0, 2), error=message)
         self.save()

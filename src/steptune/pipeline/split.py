@@ -9,11 +9,6 @@ from collections import defaultdict
 from steptune.data.trajectory import Trajectory
 
 
-def task_type(traj: Trajectory) -> str:
-    """The stratum of a trajectory: ScienceWorld task name, TWX game, ALFWorld task type, ..."""
-    return str(traj.meta.get("task_type") or traj.task_id.split("/")[0])
-
-
 def split_by_task(trajs: list[Trajectory], fraction: float = 0.5, seed: int = 0,
                   stratify: bool = True) -> tuple[list[Trajectory], list[Trajectory]]:
     """Return (D1, D2). All trajectories of a task land on the same side; with `stratify`, each task type is
@@ -25,7 +20,7 @@ def split_by_task(trajs: list[Trajectory], fraction: float = 0.5, seed: int = 0,
         by_task[t.task_id].append(t)
     strata: dict[str, list[str]] = defaultdict(list)
     for task_id, group in by_task.items():
-        strata[task_type(group[0]) if stratify else "all"].append(task_id)
+        strata[group[0].task_type if stratify else "all"].append(task_id)
     rng = random.Random(seed)
     u1: set[str] = set()
     for key in sorted(strata):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from steptune.data.trajectory import Trajectory
 
@@ -16,8 +16,8 @@ from steptune.data.trajectory import Trajectory
 class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_errors: int = 2
-    min_errors: int = 0  # 1: only trajectories that contain a reflection
+    max_errors: int = Field(2, ge=0)  # k
+    min_errors: int = Field(0, ge=0)  # 1: only trajectories that contain a reflection
     keep_error_free: bool = True
     require_success: bool = True
 

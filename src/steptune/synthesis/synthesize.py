@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steptune.agent.backends import make_backend
+from steptune.agent.backends import BackendConfig, make_backend
 from steptune.agent.backends.base import GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
@@ -23,7 +23,7 @@ from steptune.envs.base import TaskRef
 class SynthesisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    student: str  # backend spec of the base agent: local:PATH, vllm:PATH, openai:MODEL@URL
+    student: str | BackendConfig  # backend spec of the base agent: local:PATH, vllm:PATH, openai:MODEL@URL
     env: str
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     split: str = "train"
@@ -34,7 +34,7 @@ class SynthesisConfig(BaseModel):
     max_new_tokens: int = 128
     workers: int = 2
     teacher: Literal["expert", "llm", "self"] = "expert"
-    teacher_model: str | None = None  # backend spec of the LLM teacher
+    teacher_model: str | BackendConfig | None = None  # backend spec of the LLM teacher
     golden: str | None = None  # golden trajectories (JSONL) shown to the LLM teacher as a reference
     out: str
     seed: int = 0

@@ -35,30 +35,28 @@ class LoraSection(BaseModel):
     merge: bool = True  # save the merged model (loads like any model) rather than the adapter alone
 
 
-class TrainConfig(BaseModel):
+class TrainSettings(BaseModel):
+    """How to train: a pipeline config's `train:` section (every method of a run shares it)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str  # hub id or local path, exactly as transformers takes it
-    data: list[str]  # trajectory files (our JSONL or any format `steptune convert` reads)
-    output_dir: str
     chat_template: str | None = None  # override the model's template (chatml, llama2, llama3, mistral, gemma)
-    max_length: int = 4096  # longer trajectories are cut at a step boundary, never mid-step
+    max_length: int = Field(4096, ge=16)  # longer trajectories are cut at a step boundary, never mid-step
     # HF's name; every method of a run trains this many epochs over its own data, as in the paper ("epochs" works too)
     num_train_epochs: float = Field(3.0, gt=0, validation_alias=AliasChoices("num_train_epochs", "epochs"))
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    learning_rate: float = 2e-5
+    max_steps: int = Field(-1, ge=-1)  # > 0 overrides num_train_epochs
+    learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    batch_size: int = 4  # per device: packed rows of max_length tokens when packing, else samples
-    grad_accum: int = 1
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(4, ge=1)  # per device: packed rows of max_length tokens when packing, else samples
+    grad_accum: int = Field(1, ge=1)
     packing: bool = True
     lora: LoraSection | None = None
-    unmask_errors: bool = False  # ablation "STeP without masking": train the erroneous steps too
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2
+    seed: int | None = None  # data order and dropout; None: 0, or in a pipeline the run's seed
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     gradient_checkpointing: bool = False
@@ -71,6 +69,15 @@ class TrainConfig(BaseModel):
     # None: per-sample SDPA on packed rows (steptune.models.packed_attention), else the model's default;
     # any name transformers takes ("flash_attention_2", "sdpa", "eager", ...) overrides
     attn_implementation: str | None = None
+
+
+class TrainConfig(TrainSettings):
+    """One training run: the settings plus what to train, on what, into where."""
+
+    model: str  # hub id or local path, exactly as transformers takes it
+    data: list[str]  # trajectory files (our JSONL or any format `steptune convert` reads)
+    output_dir: str
+    unmask_errors: bool = False  # ablation "STeP without masking": train the erroneous steps too
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -190,7 +197,7 @@ def sft_args(cfg: TrainConfig, precision: str):
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
+        seed=cfg.seed or 0,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,

@@ -1,0 +1,114 @@
+"""A run directory always matches its config: a changed setting never reuses what older settings wrote, a failed
+stage says so, config mistakes stop the run before any work, and ids mean one thing (issue 15).
+
+Real runs of the smoke preset through the real CLI (real TextWorldExpress, tiny Llama), cut short with --until.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from steptune.data.trajectory import load_trajectories, save_trajectories
+from steptune.envs.registry import make_env
+from steptune.pipeline.config import load_config
+from steptune.pipeline.run import Run
+
+PRESET = Path(__file__).resolve().parents[1] / "src/steptune/resources/presets/smoke.yaml"
+CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
+FAST = ["--set", "golden.limit=12", "--set", "train.num_train_epochs=1"]
+
+
+def steptune(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def smoke(run: Path, *args) -> subprocess.CompletedProcess:
+    proc = steptune("run", PRESET, "--output", run, *FAST, *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def weights(model_dir: Path) -> dict:
+    return load_file(model_dir / "model.safetensors")
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_changed_setting_never_reuses_what_older_settings_wrote(tmp_path):
+    run = tmp_path / "run"
+    # a run of another size was here (as when a smoke run goes into an interrupted quickstart's folder)
+    smoke(run, "--set", "model.init.hidden_size=32", "--until", "train:golden_d1")
+    smoke(run, "--until", "train:golden_d1")  # used to crash: its checkpoint had the other size
+    assert weights(run / "models" / "golden_d1")["model.embed_tokens.weight"].shape[1] == 64
+    first = weights(run / "models" / "golden_d1")
+
+    # a new learning rate trains again from the start (it used to resume the old final checkpoint: loss 0.0)
+    smoke(run, "--set", "train.learning_rate=0.0001", "--until", "train:golden_d1")
+    summary = json.loads((run / "models" / "golden_d1" / "train_summary.json").read_text())
+    assert summary["train_loss"] > 0
+    again = weights(run / "models" / "golden_d1")
+    assert any(not (again[k] == first[k]).all() for k in first)
+
+    # fewer golden tasks: golden.jsonl holds exactly those (it used to keep the earlier 12), and everything that
+    # came from the old golden set is gone
+    proc = smoke(run, "--set", "golden.limit=6", "--until", "split")
+    assert len(load_trajectories(run / "data" / "golden.jsonl")) == 6
+    assert len(load_trajectories(run / "data" / "d1.jsonl")) + len(load_trajectories(run / "data" / "d2.jsonl")) == 6
+    assert not (run / "models").exists() or not any((run / "models").iterdir())
+    assert list(manifest(run)["stages"]) == ["golden", "split"]
+    assert "removed its outputs" in proc.stdout
+
+
+def test_a_failed_stage_is_recorded_as_failed_and_reported_in_one_line(tmp_path):
+    bad = tmp_path / "golden.jsonl"
+    bad.write_text('{"id": "a", "env": "twx"\n')  # truncated record
+    run = tmp_path / "run"
+    proc = steptune("run", PRESET, "--output", run, "--set", "golden.source=file", "--set", f"golden.path={bad}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "golden.jsonl" in proc.stderr
+    stage = manifest(run)["stages"]["golden"]
+    assert stage["status"] == "failed" and stage["error"]
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("train.max_stpes=3", "train.max_stpes"),
+    ("filter.max_errors=-1", "filter.max_errors"),
+    ("env.workers=-2", "env.workers"),
+    ("train.learning_rate=-0.001", "train.learning_rate"),
+    ("synthesis.teacher=llm", "synthesis"),
+])
+def test_config_mistakes_stop_the_run_at_load_in_one_line_and_create_nothing(tmp_path, setting, key):
+    run = tmp_path / "run"
+    proc = steptune("run", PRESET, "--output", run, "--set", setting, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "smoke.yaml" in lines[0] and key in lines[0]
+    assert not run.exists()
+
+
+def test_the_synthesis_tasks_are_the_d2_tasks_whatever_the_golden_files_record_ids(tmp_path):
+    """golden.source: file with record ids of the file's own (not the environment's task ids)."""
+    expert = tmp_path / "expert"
+    smoke(expert, "--until", "golden")
+    golden = load_trajectories(expert / "data" / "golden.jsonl")
+    for i, t in enumerate(golden):
+        t.id = f"record-{i}"  # any file's record ids; task_id names the environment's task
+    save_trajectories(golden, tmp_path / "golden.jsonl")
+    run = tmp_path / "run"
+    smoke(run, "--set", "golden.source=file", "--set", f"golden.path={tmp_path / 'golden.jsonl'}", "--until", "split")
+
+    cfg = load_config(PRESET, {"golden.source": "file", "golden.path": str(tmp_path / "golden.jsonl")})
+    tasks = Run(cfg, run).synthesis_config().tasks
+    d2 = load_trajectories(run / "data" / "d2.jsonl")
+    assert tasks and set(tasks) == {t.task_id for t in d2}
+    env = make_env(cfg.env.name, **cfg.env.kwargs)
+    assert set(tasks) <= {t.id for t in env.tasks(cfg.golden.split)}
