@@ -132,7 +132,7 @@ def _scienceworld_jvms() -> set[int]:
 
 def test_expert_trajectories_replay_to_success_and_resume(tmp_path):
     from steptune.data.trajectory import load_trajectories
-    from steptune.envs.expert import write_expert_trajectories
+    from steptune.synthesis.golden import write_expert_trajectories
 
     out = tmp_path / "expert.jsonl"
     stats = write_expert_trajectories("sciworld", "seen", out, limit=2, workers=1)

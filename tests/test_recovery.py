@@ -11,7 +11,7 @@ from steptune.agent.backends import make_backend
 from steptune.agent.backends.base import GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
-from steptune.envs.expert import write_expert_trajectories
+from steptune.synthesis.golden import write_expert_trajectories
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.evaluation.eval import EvalConfig, evaluate

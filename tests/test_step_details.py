@@ -56,7 +56,7 @@ def test_each_method_trains_from_the_right_model_on_the_right_data(tmp_path, mon
     names = list(stages)
     for stage in stages.values():
         if stage.name.startswith("train:"):
-            stage.fn()
+            stage.fn(stage.config())
 
     base = str(tmp_path / "models" / "init") if source == "init" else "org/base-llm"
     agent = tmp_path / "models" / "golden_d1"

@@ -22,7 +22,7 @@ def expert(
     thought_model: Optional[str] = typer.Option(None, help="Backend spec of an LLM that writes the thoughts."),
 ) -> None:
     """Write golden trajectories from the environment's expert (gold path / planner), replayed to success."""
-    from steptune.envs.expert import write_expert_trajectories
+    from steptune.synthesis.golden import write_expert_trajectories
 
     backend = None
     if thought_model:

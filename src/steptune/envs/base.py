@@ -56,11 +56,9 @@ class Env(ABC):
     @abstractmethod
     def step(self, action: str) -> StepResult: ...
 
+    @abstractmethod
     def instruction(self) -> str:
         """The prompt that explains the environment to the agent (action list, format rules)."""
-        from steptune.envs.prompts import instruction_for
-
-        return instruction_for(self.name)
 
     def max_steps(self, task: TaskRef) -> int:
         return self.max_steps_default

@@ -1,5 +1,5 @@
 """Instruction prompts per environment, in one place: what the agent is told about the world, its actions and
-the ReAct format. ALFWorld's and WebShop's texts live beside their adapters (ETO's wording) and are re-exported."""
+the ReAct format. ALFWorld's and WebShop's texts live beside their adapters (ETO's wording)."""
 
 from __future__ import annotations
 
@@ -29,19 +29,3 @@ SCIWORLD_INSTRUCTION = (
     "move an object to the inventory\n pour OBJ into OBJ: pour a liquid into a container\n mix OBJ: chemically "
     "mix a container\n teleport to LOC: teleport to a specific room\n focus on OBJ: signal intent on a task "
     "object\n wait: task no action for 10 steps\n wait1: task no action for a step\n" + REACT_FORMAT)
-
-
-def instruction_for(env_name: str) -> str:
-    if env_name == "twx":
-        return TWX_INSTRUCTION
-    if env_name == "sciworld":
-        return SCIWORLD_INSTRUCTION
-    if env_name == "alfworld":
-        from steptune.envs.alfworld import ALFWORLD_INSTRUCTION
-
-        return ALFWORLD_INSTRUCTION
-    if env_name == "webshop":
-        from steptune.envs.webshop import WEBSHOP_INSTRUCTION
-
-        return WEBSHOP_INSTRUCTION
-    raise KeyError(f"no instruction prompt for environment {env_name!r}")

@@ -20,6 +20,7 @@ from functools import cache
 from importlib import resources
 
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
+from steptune.envs.prompts import SCIWORLD_INSTRUCTION
 
 SPLIT_FILES = {"train": "train_indices.json", "seen": "dev_indices.json", "dev": "dev_indices.json",
                "unseen": "test_indices.json", "test": "test_indices.json"}
@@ -70,6 +71,9 @@ class ScienceWorldEnv(Env):
                                  f"known: {', '.join(sorted(known))}")
             pairs = [(name, var) for name, var in pairs if name in self.task_types]
         return [TaskRef(self.name, name, int(var), split) for name, var in pairs]
+
+    def instruction(self) -> str:
+        return SCIWORLD_INSTRUCTION
 
     def max_steps(self, task: TaskRef) -> int:
         if self.max_steps_override is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
+from steptune.envs.prompts import TWX_INSTRUCTION
 
 FOLDS = {"train": "train", "seen": "dev", "dev": "dev", "unseen": "test", "test": "test"}
 SEED_BLOCKS = {"train": 0, "dev": 1, "test": 2}  # by fold, in units of tasks_per_split
@@ -93,6 +94,9 @@ class TextWorldExpressEnv(Env):
         won = bool(info["tasksuccess"])
         return StepResult(obs, 1.0 if won else self._score, bool(done) or won,
                           {"invalid": invalid, "won": won, "lost": bool(info["taskfailure"])})
+
+    def instruction(self) -> str:
+        return TWX_INSTRUCTION
 
     def max_steps(self, task: TaskRef) -> int:
         return self.max_steps_default

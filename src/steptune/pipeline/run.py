@@ -155,7 +155,7 @@ class Run:
 
             trajs = read_any(g.path, env=self.cfg.env.name)[: g.limit]
             return {"trajectories": save_trajectories(trajs, self.golden)}
-        from steptune.envs.expert import write_expert_trajectories
+        from steptune.synthesis.golden import write_expert_trajectories
 
         stats = write_expert_trajectories(self.cfg.env.name, g.split, self.golden, limit=g.limit,
                                           env_kwargs=self.cfg.env.kwargs, workers=self.cfg.env.workers)
