@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from steptune.cli import app; app()", "serve", "--model", str(model_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-c", "from steptune.cli import main; main()", "serve", "--model", str(model_dir), "--port", "0",
                              "--served-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env)
     try:

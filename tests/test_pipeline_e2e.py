@@ -16,7 +16,7 @@ from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import METHOD_TITLES
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-c", "from steptune.cli import app; app()"]
+CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
 METHODS = ["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
 
 

@@ -69,7 +69,7 @@ def test_run_until_a_stage_stops_there_and_says_so(tmp_path):
     import sys
 
     preset = Path(__file__).resolve().parents[1] / "src/steptune/resources/presets/smoke.yaml"
-    cli = [sys.executable, "-c", "from steptune.cli import app; app()", "run", str(preset), "--output", str(tmp_path)]
+    cli = [sys.executable, "-c", "from steptune.cli import main; main()", "run", str(preset), "--output", str(tmp_path)]
     proc = subprocess.run([*cli, "--until", "split"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]

@@ -13,10 +13,10 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "resources" / "presets"
 
 
 def _load(config: Path, overrides: list[str], defaults: dict | None = None):
-    """The validated config, with `defaults` then `--set KEY=VALUE` applied; a bad one exits 2 with the message."""
+    """The validated config, with `defaults` then `--set KEY=VALUE` applied (a bad one is a one-line ConfigError)."""
     import yaml
 
-    from steptune.pipeline.config import ConfigError, load_config
+    from steptune.pipeline.config import load_config
 
     parsed = dict(defaults or {})
     for item in overrides:
@@ -24,25 +24,16 @@ def _load(config: Path, overrides: list[str], defaults: dict | None = None):
             raise typer.BadParameter(f"--set expects KEY=VALUE (e.g. train.max_steps=100), got {item!r}")
         key, value = item.split("=", 1)
         parsed[key] = yaml.safe_load(value)
-    try:
-        return load_config(config, parsed)
-    except ConfigError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from e
+    return load_config(config, parsed)
 
 
 def _run(config: Path, output: Optional[Path], from_stage: Optional[str], overrides: list[str],
          until_stage: Optional[str] = None) -> Path:
-    from steptune.pipeline.manifest import UnknownStageError
     from steptune.pipeline.report import print_summary
     from steptune.pipeline.run import run_pipeline
 
     cfg = _load(config, overrides)
-    try:
-        run_dir = run_pipeline(cfg, output, from_stage, until_stage)
-    except UnknownStageError as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(2) from e
+    run_dir = run_pipeline(cfg, output, from_stage, until_stage)
     print_summary(run_dir)
     return run_dir
 
