@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from steptune.data.formats import read_any, record_to_trajectory, trajectory_to_openai, trajectory_to_sharegpt, write_as
+from steptune.data.formats import (
+    read_any,
+    record_to_trajectory,
+    trajectory_to_openai,
+    trajectory_to_sharegpt,
+    write_as,
+)
 from steptune.data.trajectory import (
     Critique,
     Step,

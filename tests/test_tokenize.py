@@ -13,8 +13,9 @@ from steptune.data.templates import TEMPLATES, apply_chat_template_override
 from steptune.data.tokenize import IGNORE_INDEX, TemplateError, encode_trajectory
 from steptune.data.trajectory import Critique, Step, Trajectory
 
-WORDS = ("take open go to kitchen fridge knife the a carrot slice north south look around inventory examine "
-         "drawer 3 12 wardrobe shirt clean brown put in on with, because. I need should first then").split()
+WORDS = ["take", "open", "go", "to", "kitchen", "fridge", "knife", "the", "a", "carrot", "slice", "north",
+         "south", "look", "around", "inventory", "examine", "drawer", "3", "12", "wardrobe", "shirt", "clean",
+         "brown", "put", "in", "on", "with,", "because.", "I", "need", "should", "first", "then"]
 
 
 def smollm2_dir() -> Path | None:
