@@ -333,6 +333,8 @@ def _array_items(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise FormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); truncated?") from None
+        except ValueError as e:  # e.g. an integer beyond Python's digit limit
+            raise FormatError(f"{path}:{_line_of(text, pos)}: not valid JSON ({e})") from None
         yield _line_of(text, pos), item
         pos, first = end, False
 
@@ -348,10 +350,12 @@ def _items(path: Path, text: str) -> list[tuple[int, Any]]:
                 items.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 errors.append(RecordError(str(path), lineno, f"not valid JSON: {e.msg}"))
+            except ValueError as e:  # e.g. an integer beyond Python's digit limit
+                errors.append(RecordError(str(path), lineno, f"not valid JSON: {e}"))
     if errors and stripped.startswith("{"):
         try:  # one pretty-printed record rather than JSON Lines
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except ValueError:
             whole = None
         if isinstance(whole, dict):
             return [(_line_of(text, text.index("{")), whole)]
