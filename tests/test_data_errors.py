@@ -33,7 +33,7 @@ EXPECTED = {  # file: (line, what the message says)
     "weight_true.jsonl": (3, "weight must be 0 or 1, got True"),
     "weight_half.jsonl": (3, "weight must be 0 or 1, got 0.5"),
     "loss_string.jsonl": (3, "loss must be true or false, got 'false'"),
-    "loss_null.jsonl": (3, "loss must be true or false, got None"),
+    "weight_null.jsonl": (3, "weight must be 0 or 1, got None"),
     "flags_disagree.jsonl": (3, "flags disagree"),
     "steptune_weight_string.jsonl": (1, "steps.0.weight"),
     "steptune_weight_true.jsonl": (2, "steps.0.weight"),

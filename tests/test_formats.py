@@ -241,7 +241,7 @@ def test_thought_that_mentions_action_survives_export(tmp_path):
 
 @pytest.mark.parametrize("flag,value", [("weight", "1"), ("weight", True), ("weight", "0"), ("weight", 0.5),
                                         ("weight", None), ("weight", 2), ("train", "false"), ("train", 0),
-                                        ("loss", None), ("loss", "true")])
+                                        ("loss", 0), ("loss", "true")])
 def test_only_real_flags_are_accepted(tmp_path, flag, value):
     rec = {"id": "x", "messages": [{"role": "user", "content": "Find the coin."},
                                    {"role": "assistant", "content": "Action: go north", flag: value}]}

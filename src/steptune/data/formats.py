@@ -11,7 +11,8 @@ then a user turn with the real task ("Now, it's your turn ..." in later versions
 user turn that is not an "Observation:"). The example becomes the trajectory's `example` (context, never trained).
 
 Training flags: `weight` takes 0 or 1 (0.0 and 1.0 too: JSON writers emit whole numbers as floats), `train` and
-`loss` take true or false; anything else ("1", null, 0.5) is refused with its file and line, never guessed. A turn
+`loss` take true or false (null: no flag, as AgentGym writes on user turns); anything else ("1", a null weight,
+0.5) is refused with its file and line, never guessed. A turn
 flagged as not trained becomes an `error` step.
 
 Round trips: fields a record has beyond the conversation (ALFWorld's `game_file`, ETO's `meta`) are kept in the
@@ -87,6 +88,8 @@ def _flag(turn: dict[str, Any], index: int) -> bool | None:
         if key not in turn:
             continue
         value = turn[key]
+        if value is None and key != "weight":  # AgentGym writes `"loss": null` on the turns it never trains
+            continue
         if key == "weight":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
                 raise FormatError(f"turn {index}: weight must be 0 or 1, got {value!r}")
