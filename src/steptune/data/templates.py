@@ -6,6 +6,12 @@ these in (`--chat-template llama2`), e.g. for a base model whose tokenizer has n
 
 from __future__ import annotations
 
+from steptune.errors import UserError
+
+
+class TemplateError(UserError, ValueError):
+    """A chat template that is missing, unknown, or renders messages in a way the span finder cannot prove exact."""
+
 _ALTERNATE = (
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
@@ -62,17 +68,42 @@ GEMMA = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
-TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "mistral": MISTRAL, "gemma": GEMMA}
+# meta-llama/Llama-3.1-8B-Instruct without tools: a system turn is always written, with a date header.
+LLAMA31 = (
+    "{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{- 'Today Date: ' + date_string + '\n\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+# microsoft/Phi-3-mini-4k-instruct: without a generation prompt the conversation ends with EOS, after the last
+# turn's own `<|end|>` — text that belongs to no message.
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "llama31": LLAMA31,
+                             "mistral": MISTRAL, "gemma": GEMMA, "phi3": PHI3}
 
 
 def apply_chat_template_override(tokenizer, name: str | None):
     """Replace the tokenizer's chat template by a named one (None keeps the model's own)."""
     if name is None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; choose one with "
+            raise TemplateError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; choose one with "
                              f"--chat-template ({', '.join(TEMPLATES)})")
         return tokenizer
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+        raise TemplateError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
     tokenizer.chat_template = TEMPLATES[name]
     return tokenizer

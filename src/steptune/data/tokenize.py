@@ -10,6 +10,8 @@ that character range, so a token that merges a template space with the content's
 
 Spans are found by incremental prefix rendering: the rendering of messages[:k] (with the generation prompt) and
 of messages[:k+1] must both be prefixes of the full rendering, which proves the pieces reproduce it exactly.
+Text a template writes after the last message only (Phi-3 ends the conversation with EOS) belongs to no
+message: it is found once, taken off each prefix rendering before the check, and never trained.
 The full string is tokenized once (no special tokens added: the template owns BOS) and characters are mapped to
 tokens through the offset mapping; only when a token would straddle the end of a turn (a template whose
 end-of-turn marker is not a special token of this tokenizer) is it tokenized turn by turn instead.
@@ -17,17 +19,16 @@ end-of-turn marker is not a special token of this tokenizer) is it tokenized tur
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import jinja2
+
+from steptune.data.templates import TemplateError
 from steptune.data.trajectory import Message, Trajectory
-from steptune.errors import UserError
 
 IGNORE_INDEX = -100
-
-
-class TemplateError(UserError, ValueError):
-    """The chat template renders messages in a way the span finder cannot prove exact."""
 
 
 @dataclass
@@ -55,17 +56,39 @@ def _template_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
+def _trailer(tokenizer, conv: list[dict], full: str) -> str:
+    """Text the template writes after the last message when no generation prompt is asked for, belonging to no
+    message (Phi-3 closes the conversation with EOS). Found on the first message alone: its rendering is a prefix
+    of the whole one followed by a suffix that the whole rendering ends with too. The cut is put at a token
+    boundary: character by character, `<|endoftext|>` and the next turn's `<|assistant|>` share a `<|`."""
+    try:
+        first = _render(tokenizer, conv[:1])
+    except jinja2.TemplateError:  # a template that refuses a lone user turn; then no trailer can be told apart
+        return ""
+    if full.startswith(first):
+        return ""
+    offsets = tokenizer(first, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    boundaries = {a for a, _ in offsets}
+    for cut in range(len(os.path.commonprefix([first, full])), -1, -1):  # the shortest trailer that fits
+        if cut in boundaries and full.endswith(first[cut:]) and len(first) - cut < len(full):
+            return first[cut:]
+    return ""
+
+
 def assistant_char_spans(messages: Sequence[Message], tokenizer) -> tuple[str, list[tuple[int, int, int]]]:
     """The full rendering and, for each assistant message, (char_start, char_end, message_index) of the text
     to train: content start to the end of the end-of-turn marker."""
     conv = [{"role": m.role, "content": m.content} for m in messages]
     full = _render(tokenizer, conv)
+    trailer = _trailer(tokenizer, conv, full) if len(conv) > 1 else ""
     spans = []
     for k, msg in enumerate(messages):
         if msg.role != "assistant":
             continue
         before = _render(tokenizer, conv[:k], add_generation_prompt=True) if k else ""
         upto = _render(tokenizer, conv[: k + 1])
+        if trailer and upto.endswith(trailer):
+            upto = upto[: len(upto) - len(trailer)]  # the closing text is no part of this message
         if not full.startswith(before) or not full.startswith(upto) or not upto.startswith(before):
             raise TemplateError(
                 f"chat template of {_template_name(tokenizer)!r} does not render message {k} as a prefix of the whole "

