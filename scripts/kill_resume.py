@@ -7,9 +7,11 @@ One uninterrupted run is the reference (kept in OUT/reference and reused by late
 the same command in a fresh run directory, SIGKILLs its whole process group at a drawn moment, reruns the command
 to completion and compares the run directory with the reference. The moments are drawn per stage: the stages are
 dealt out in a seeded random order (every stage is hit once before any is hit twice), and the kill comes a uniform
-fraction of that stage's reference duration after the stage shows up as running in the manifest. The stage the
-kill actually landed in is read from the manifest afterwards (tiny stages such as `split` are often over before
-the kill comes). Finished trials are kept in OUT/trial-NN/result.json, so an interrupted invocation continues.
+fraction of that stage's expected duration after the stage shows up as running in the manifest, or as soon as the
+stage is over if that comes first. Expected: the reference's duration scaled by how fast this trial ran the stages
+before (a shared machine's load changes stage times several-fold). The stage the kill actually landed in is read
+from the manifest afterwards (tiny stages such as `split` are often over before the kill comes). Finished trials
+are kept in OUT/trial-NN/result.json, so an interrupted invocation continues.
 
 What is compared, file by file (every file of either run directory):
 * byte for byte after one normalization: the run directory's path is replaced by a placeholder (it is written
@@ -18,8 +20,10 @@ What is compared, file by file (every file of either run directory):
   and episodes, train_summary numbers, train_log, tokenizers, configs, manifest keys/outputs/info) must match.
 * binary files (model weights, optimizer, scheduler and RNG states of checkpoints) by sha256.
 * left out, with the reason: report/ (report.md and report.html print stage timings; every number in them comes
-  from files compared here) and checkpoints' training_args.bin (a pickle of the trainer arguments, holding the
-  run directory's path).
+  from files compared here), checkpoints' training_args.bin (a pickle of the trainer arguments, holding the run
+  directory's path), checkpoints/README.md (TRL's model card: it lists its tags in the order of a Python set,
+  which differs between any two processes), and the manifest's stage keys and output digests (they hash the
+  stages' files, which hold the run directory's path and timing fields; the files themselves are compared).
 A JSONL file whose records are the same but in another order is reported as "order", not as identical: record
 order feeds training (dr.jsonl) and is part of what a rerun must reproduce.
 
@@ -52,7 +56,9 @@ TIMING_FIELDS = {
     "train_runtime", "train_samples_per_second", "train_steps_per_second",  # transformers' speed metrics
 }
 SKIPPED = {"report": "prints stage timings; its numbers come from the files compared",
-           "training_args.bin": "pickled trainer arguments holding the run directory's path"}
+           "training_args.bin": "pickled trainer arguments holding the run directory's path",
+           "checkpoints/README.md": "TRL's model card, tags in set order"}
+MANIFEST_DIGESTS = {"key", "outputs"}  # hashes of files holding the run directory's path and timings
 BINARY = {".safetensors", ".pt", ".pth", ".bin", ".png"}
 
 
@@ -151,14 +157,14 @@ def last_line(log: Path) -> str:
 
 # comparison --------------------------------------------------------------------------------------------------
 def skipped(rel: Path) -> bool:
-    return rel.parts[0] in SKIPPED or rel.name in SKIPPED
+    return rel.parts[0] in SKIPPED or rel.name in SKIPPED or "/".join(rel.parts[-2:]) in SKIPPED
 
 
-def drop_timing(obj):
+def drop_timing(obj, fields=TIMING_FIELDS):
     if isinstance(obj, dict):
-        return {k: drop_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+        return {k: drop_timing(v, fields) for k, v in obj.items() if k not in fields}
     if isinstance(obj, list):
-        return [drop_timing(v) for v in obj]
+        return [drop_timing(v, fields) for v in obj]
     return obj
 
 
@@ -168,6 +174,8 @@ def canonical(path: Path, run_dir: Path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
     text = path.read_text(errors="replace").replace(str(run_dir.resolve()), "<RUN>")
     try:
+        if path.name == "manifest.json":
+            return drop_timing(json.loads(text), TIMING_FIELDS | MANIFEST_DIGESTS)
         if path.suffix == ".json":
             return drop_timing(json.loads(text))
         if path.suffix == ".jsonl":
@@ -205,6 +213,13 @@ def schedule(ref: dict, trials: int, seed: int) -> list[tuple[str, float]]:
     return [(name, rng.random()) for name in order[:trials]]
 
 
+def pace(ref: dict, stages: dict[str, dict]) -> float:
+    """How long this run took for the stages it has finished, relative to the reference."""
+    done = [k for k, rec in stages.items() if rec.get("status") == "done" and ref["stages"].get(k)]
+    took, ref_took = sum(stages[k]["seconds"] for k in done), sum(ref["stages"][k] for k in done)
+    return took / ref_took if took and ref_took else 1.0
+
+
 def trial(out: Path, ref: dict, preset: str, index: int, target: str, fraction: float, keep: bool) -> dict:
     tdir = out / f"trial-{index:02d}"
     result_path = tdir / "result.json"
@@ -215,16 +230,16 @@ def trial(out: Path, ref: dict, preset: str, index: int, target: str, fraction: 
     shutil.rmtree(tdir, ignore_errors=True)
     tdir.mkdir(parents=True)
     run_dir, log = tdir / "run", tdir / "log.txt"
-    delay = fraction * ref["stages"][target]
     token = uuid.uuid4().hex
     t0 = time.monotonic()
     proc = start(preset, run_dir, token, log)
     fire_at = None
     while proc.poll() is None:
-        state = stages_state(run_dir).get(target, {})
-        if fire_at is None and state:  # the target stage has started (or is already over: fire at once)
-            fire_at = time.monotonic() + (delay if state.get("status") == "running" else 0.0)
-        if fire_at is not None and time.monotonic() >= fire_at:
+        stages = stages_state(run_dir)
+        state = stages.get(target, {})
+        if fire_at is None and state:
+            fire_at = time.monotonic() + fraction * ref["stages"][target] * pace(ref, stages)
+        if fire_at is not None and (time.monotonic() >= fire_at or state.get("status") == "done"):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
