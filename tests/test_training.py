@@ -1,8 +1,11 @@
 """Masked SFT with real transformers / TRL / peft on a tiny Llama: masks, loss, packing, learning, LoRA, resume."""
 
+import itertools
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,9 +40,9 @@ def data_file(tmp_path_factory):
 
 
 def base_cfg(model_dir, data_file, out, **kw) -> TrainConfig:
-    defaults = dict(model=str(model_dir), data=[str(data_file)], output_dir=str(out), max_length=512, max_steps=4,
-                    learning_rate=3e-3, batch_size=2, logging_steps=1, save_steps=1000, num_threads=1,
-                    warmup_ratio=0.0, lr_scheduler="constant", progress=False)
+    defaults = {"model": str(model_dir), "data": [str(data_file)], "output_dir": str(out), "max_length": 512,
+                "max_steps": 4, "learning_rate": 3e-3, "batch_size": 2, "logging_steps": 1, "save_steps": 1000,
+                "num_threads": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "progress": False}
     return TrainConfig(**(defaults | kw))
 
 
@@ -98,7 +101,7 @@ def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_
         trainer_loss = trainer.compute_loss(model, dict(batch)).item()
         # by hand: each sample on its own (no packing, no attention across samples), summed token CE / tokens
         total, count = 0.0, 0
-        for a, b in zip(starts, starts[1:]):
+        for a, b in itertools.pairwise(starts):
             ids = batch["input_ids"][:, a:b]
             labels = batch["labels"][:, a:b]
             logits = model(input_ids=ids).logits[0, :-1]
@@ -168,6 +171,70 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, data_file, tm
     assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps"] == 6
 
 
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, data_file, tmp_path_factory):
+    """4 steps of 3 per epoch (the last checkpoint ends inside an epoch), checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    return out
+
+
+def rerun(tiny_model_dir, data_file, finished_run, tmp_path, damage=None) -> Path:
+    """A copy of the finished run, damaged as a kill would have left it, trained again with the same config."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    if damage:
+        damage(out / "checkpoints" / "checkpoint-4")
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    return out
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+KILLED_WHILE_SAVING = {
+    # transformers writes weights, optimizer, scheduler, RNG state, then trainer_state.json
+    "before-trainer-state": lambda ckpt: (ckpt / "trainer_state.json").unlink(),
+    "mid-trainer-state": lambda ckpt: cut_in_half(ckpt / "trainer_state.json"),
+    "mid-weights": lambda ckpt: [cut_in_half(ckpt / "model.safetensors"), (ckpt / "trainer_state.json").unlink()],
+    "before-checkpoint-dir": shutil.rmtree,
+    # not from a kill while saving: one while rotation deletes a checkpoint, and a disk that filled up
+    "weights-deleted": lambda ckpt: (ckpt / "model.safetensors").unlink(),
+    "weights-truncated": lambda ckpt: cut_in_half(ckpt / "model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("damage", KILLED_WHILE_SAVING.values(), ids=KILLED_WHILE_SAVING.keys())
+def test_rerun_after_a_kill_while_saving_resumes_from_the_last_complete_checkpoint_and_matches_the_whole_run(
+        tiny_model_dir, data_file, finished_run, tmp_path, damage):
+    out = rerun(tiny_model_dir, data_file, finished_run, tmp_path, damage)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    reference = json.loads((finished_run / "train_summary.json").read_text())
+    # the loss of steps 1-2 (trained before the kill) counts as much as that of steps 3-4
+    assert summary["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    assert summary["epochs"] == reference["epochs"]
+    log = (out / "train_log.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in log.splitlines()] == [1, 2, 3, 4]
+    assert log == (finished_run / "train_log.jsonl").read_text()
+    # the resumed run ends where the uninterrupted one did, to the bit
+    assert (out / "model.safetensors").read_bytes() == (finished_run / "model.safetensors").read_bytes()
+
+
+def test_rerun_after_the_final_checkpoint_trains_no_further_step(tiny_model_dir, data_file, finished_run, tmp_path):
+    out = rerun(tiny_model_dir, data_file, finished_run, tmp_path)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps"] == 4
+    assert json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / "checkpoints" / "checkpoint-5").exists()
+    assert summary["train_loss"] == json.loads((finished_run / "train_summary.json").read_text())["train_loss"]
+    assert (out / "train_log.jsonl").read_text() == (finished_run / "train_log.jsonl").read_text()
+    assert (out / "model.safetensors").read_bytes() == (finished_run / "model.safetensors").read_bytes()
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, data_file, tmp_path):
     cfg = base_cfg(tiny_model_dir, data_file, tmp_path / "ddp", max_steps=3)
@@ -176,7 +243,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, data_file, tmp
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "steptune.training.sft", str(path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["steps"] == 3
@@ -206,7 +273,7 @@ def test_packed_batches_keep_every_mask_exact(tiny_model_dir, data_file, tmp_pat
     for batch in trainer.get_train_dataloader():
         pos = batch["position_ids"][0].tolist()
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        for a, b in zip(starts, starts[1:]):
+        for a, b in itertools.pairwise(starts):
             ids = tuple(batch["input_ids"][0, a:b].tolist())
             labels = batch["labels"][0, a:b].tolist()
             runs, cur = [], []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from functools import cache
@@ -23,6 +24,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
+TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint
 
 
 class LoraSection(BaseModel):
@@ -107,6 +109,12 @@ def masked_sft_trainer():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def _run_epoch(self, *args, **kwargs):
+            # transformers tests max_steps only after a step: resumed from the last checkpoint of a run whose
+            # max_steps ends inside an epoch, it would train one step too many
+            if self.state.global_step < self.state.max_steps:
+                super()._run_epoch(*args, **kwargs)
+
     return MaskedSFTTrainer
 
 
@@ -156,22 +164,88 @@ def build_dataset(cfg: TrainConfig, tokenizer):
     return Dataset.from_dict(rows), stats
 
 
+def _log_line(entry: dict) -> str:
+    # sorted keys, as trainer_state.json stores log_history: a log rebuilt from a checkpoint reads byte for byte
+    # as the one written live
+    return json.dumps(entry, sort_keys=True) + "\n"
+
+
 def _log_callback(path: Path):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # a log at every checkpoint and at the last step: log_history (which checkpoints carry) then holds
+            # every step's loss exactly once, so a resumed run still knows the whole run's loss
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
+            # the end-of-train record is left out: its loss and speed cover only this call (the summary has the run's)
+            if state.is_world_process_zero and logs and "train_runtime" not in logs:
                 with path.open("a") as fh:
-                    fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                    fh.write(_log_line({**logs, "step": state.global_step}))
 
     return JsonlLog()
 
 
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _safetensors_whole(path: Path) -> bool:
+    """The file is as long as its header says: 8 bytes of header length, the JSON header, then the tensors."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + size + end
 
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[1])
+
+
+def _checkpoint_complete(ckpt: Path) -> bool:
+    """A kill while a checkpoint is written leaves it without trainer_state.json (written last); a kill while
+    transformers rotates old checkpoints out can leave one with its state but without weights or optimizer."""
+    try:
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        names = {p.name for p in ckpt.iterdir()}
+        if state.get("global_step") != _step(ckpt):
+            return False
+        if any((ckpt / n).is_dir() for n in names):
+            return True  # a DeepSpeed / FSDP layout: its engine checks its own shards
+        weights = [ckpt / n for n in names if n.startswith(("model", "adapter_model", "pytorch_model"))
+                   and n.endswith((".safetensors", ".bin"))]  # not training_args.bin
+        return (bool(weights) and {"optimizer.pt", "scheduler.pt"} <= names
+                and all(_safetensors_whole(w) for w in weights if w.suffix == ".safetensors"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint. Incomplete ones are deleted (by the main process): transformers and every
+    later rerun would otherwise take the newest of them for the place to resume from."""
+    candidates = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+    complete = [p for p in candidates if _checkpoint_complete(p)]
+    if int(os.environ.get("RANK", "0")) == 0:
+        for p in set(candidates) - set(complete):
+            shutil.rmtree(p, ignore_errors=True)
+    return max(complete, key=_step, default=None)
+
+
+def _restart_log(path: Path, checkpoint: Path | None) -> None:
+    """The log as it stood at the checkpoint (steps logged after it will be trained and logged again)."""
+    history = json.loads((checkpoint / TRAINER_STATE).read_text())["log_history"] if checkpoint else []
+    path.write_text("".join(_log_line(e) for e in history if "train_runtime" not in e))
+
+
+def _whole_run_loss(log_history: list[dict]) -> float | None:
+    """Mean loss per optimizer step over the whole run, resumed parts included (each logged loss is the mean
+    over the steps since the previous log)."""
+    total, last = 0.0, 0
+    for e in log_history:
+        if "loss" in e:
+            total += e["loss"] * (e["step"] - last)
+            last = e["step"]
+    return total / last if last else None
 
 
 def sft_args(cfg: TrainConfig, precision: str):
@@ -238,8 +312,10 @@ def train(cfg: TrainConfig) -> Path:
                                    peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
     trainer.fused_lm_head = torch.cuda.is_available() if cfg.fused_lm_head is None else cfg.fused_lm_head
     resume = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    if trainer.is_world_process_zero():
+        _restart_log(out / TRAIN_LOG, resume)
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     if trainer.is_world_process_zero():
         final = trainer.model
@@ -248,11 +324,15 @@ def train(cfg: TrainConfig) -> Path:
         final.config.use_cache = True  # a saved model generates as usual (only training turns the cache off)
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        summary = {**stats, "train_loss": result.training_loss, "steps": result.global_step,
-                   "epochs": round(float(trainer.state.epoch or 0.0), 3),
-                   "seconds": round(seconds, 2), "precision": precision, "resumed_from": resume,
+        # all but seconds (this call's wall time) and resumed_from cover the whole run, however often resumed
+        summary = {**stats, "train_loss": _whole_run_loss(trainer.state.log_history),
+                   "steps": trainer.state.global_step, "epochs": round(float(trainer.state.epoch or 0.0), 3),
+                   "seconds": round(seconds, 2), "precision": precision,
+                   "resumed_from": str(resume) if resume else None,
                    "lora": cfg.lora is not None, "world_size": trainer.accelerator.num_processes}
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+        tmp = out / f"{SUMMARY}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / SUMMARY)
     trainer.accelerator.wait_for_everyone()
     return out
 
