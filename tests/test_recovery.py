@@ -169,12 +169,13 @@ def test_sampling_depends_on_the_row_seed_not_the_batch(tiny_model_dir):
 
 
 def test_synthesis_at_temperature_is_identical_across_runs_and_pool_sizes(react_model_dir, tmp_path):
+    from steptune.agent.backends import BackendConfig
     from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 
     outs = []
     for name, workers in (("a", 3), ("b", 3), ("c", 1)):
         out = tmp_path / f"{name}.jsonl"
-        synthesize(SynthesisConfig(student=f"local:{react_model_dir}", env="twx", env_kwargs=COIN4, split="train",
+        synthesize(SynthesisConfig(student=BackendConfig(model=str(react_model_dir)), env="twx", env_kwargs=COIN4, split="train",
                                    limit=5, samples_per_task=2, temperature=0.5, max_new_tokens=32, workers=workers,
                                    out=str(out), seed=3), progress=False)
         outs.append(out.read_bytes())
