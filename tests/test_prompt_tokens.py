@@ -16,7 +16,14 @@ from steptune.data.templates import TEMPLATES, apply_chat_template_override
 def sentencepiece_style_tokenizer(prepend_scheme: str):
     """Trained on the fly like Llama-2's converted tokenizer: '▁' for spaces, '▁' prepended (to every piece
     between special tokens by the normalizer, or only to the first by Metaspace 'first')."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(byte_fallback=True))
     if prepend_scheme == "normalizer":

@@ -11,7 +11,6 @@ from steptune.agent.backends import make_backend
 from steptune.agent.backends.base import GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
-from steptune.synthesis.golden import write_expert_trajectories
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.evaluation.eval import EvalConfig, evaluate
@@ -23,6 +22,7 @@ from steptune.evaluation.injection import (
     injection_summary,
 )
 from steptune.pipeline.study import _bootstrap, _ratio
+from steptune.synthesis.golden import write_expert_trajectories
 
 FOUR_ROOMS = "numLocations=4,numDistractorItems=0,includeDoors=0"
 COIN4 = {"game": "coin", "game_params": FOUR_ROOMS, "max_steps": 8}
@@ -169,12 +169,13 @@ def test_sampling_depends_on_the_row_seed_not_the_batch(tiny_model_dir):
 
 
 def test_synthesis_at_temperature_is_identical_across_runs_and_pool_sizes(react_model_dir, tmp_path):
+    from steptune.agent.backends import BackendConfig
     from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 
     outs = []
     for name, workers in (("a", 3), ("b", 3), ("c", 1)):
         out = tmp_path / f"{name}.jsonl"
-        synthesize(SynthesisConfig(student=f"local:{react_model_dir}", env="twx", env_kwargs=COIN4, split="train",
+        synthesize(SynthesisConfig(student=BackendConfig(model=str(react_model_dir)), env="twx", env_kwargs=COIN4, split="train",
                                    limit=5, samples_per_task=2, temperature=0.5, max_new_tokens=32, workers=workers,
                                    out=str(out), seed=3), progress=False)
         outs.append(out.read_bytes())

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from steptune.agent.backends import BackendConfig
 from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.agent.rollout import run_episodes
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
@@ -17,8 +18,14 @@ from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.synthesis.filtering import FilterConfig, filter_trajectories
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
+from steptune.teacher.base import StepToJudge
 from steptune.teacher.expert import ExpertTeacher
 from steptune.teacher.llm import LLMTeacher, parse_judgement
+
+
+def to_judge(step: Step, task_text: str = "Tidy up.") -> StepToJudge:
+    return StepToJudge(task=TaskRef("twx", "twc", 0), task_text=task_text, history=[], step=step, reward_before=0.0,
+                       reward_after=0.0, done=False)
 
 
 class ScriptedStudent(ChatBackend):
@@ -42,11 +49,10 @@ def test_expert_teacher_flags_wrong_steps_and_corrects_with_the_experts_action()
     with EnvPool("twx", 1, {"game": "twc", "max_steps": 12}) as pool:
         pool.reset(0, task)
         gold = pool.expert_actions(0)
-        item = gold[0].removeprefix("take ")
         other = "chest of drawers" if "chest of drawers" not in " ".join(gold) else "wardrobe"
         student = ScriptedStudent(pool, {0: "dance around", 2: f"open {other}"})
         teacher = ExpertTeacher()
-        [ep] = run_episodes(pool, [task], student, GenerationConfig(max_new_tokens=32), judge=teacher,
+        [ep] = run_episodes(pool, [task], student, GenerationConfig(max_new_tokens=32), teacher=teacher,
                             progress=False)
     steps = ep.trajectory.steps
     kinds = [s.kind for s in steps]
@@ -91,18 +97,15 @@ def test_llm_teacher_parses_repairs_and_counts_failures():
                        "corrected_action": "take shirt"})
     backend = Replies(["not json at all", good, "{broken", "still broken", '{"is_error": false}'])
     teacher = LLMTeacher(backend)
-    traj = Trajectory(id="x", env="twx", task_id="t", task="Tidy up.")
-
-    class Ep:
-        trajectory, task = traj, TaskRef("twx", "twc", 0)
-
     step = Step(thought="hm", action="put shirt in drawer", observation="Done.", kind="student")
-    crits = teacher([(Ep, step, None), (Ep, step, None), (Ep, step, None)])
+    verdicts = teacher.judge([to_judge(step)] * 3)
+    crits = [v.critique for v in verdicts]
     # first round: broken, good, broken; repair round for items 0 and 2: still broken, valid "not an error"
     assert crits[0] is None  # unjudged after a failed repair: never a guessed label
+    assert "unusable reply twice" in verdicts[0].why_unjudged
     assert crits[1].is_error and crits[1].corrected_action == "take shirt" and crits[1].teacher == "llm"
     assert crits[2].is_error is False
-    assert (teacher.repairs, teacher.failures, teacher.flagged) == (2, 1, 1)
+    assert [(v.requests, v.invalid_replies, v.failed_requests) for v in verdicts] == [(2, 2, 0), (1, 0, 0), (2, 1, 0)]
     assert "That answer was not usable" in backend.seen[-1][-1]["content"]
 
 
@@ -119,15 +122,14 @@ def test_llm_teacher_keeps_the_judgements_of_a_partly_failed_batch():
                 raise BackendError("HTTP 400", [good, None], {1: "HTTP 400"})
             return ['{"is_error": false}'] * len(conversations)
 
-    teacher = LLMTeacher(SecondRequestRefused())
-
-    class Ep:
-        trajectory, task = Trajectory(id="x", env="twx", task_id="t", task="Tidy up."), TaskRef("twx", "twc", 0)
-
+    backend = SecondRequestRefused()
+    teacher = LLMTeacher(backend)
     step = Step(thought="hm", action="put shirt in drawer", observation="Done.", kind="student")
-    crits = teacher([(Ep, step, None), (Ep, step, None)])
-    assert crits[0].is_error and crits[0].corrected_action == "take shirt"  # kept, not asked again
-    assert crits[1].is_error is False and teacher.repairs == 1
+    first, second = teacher.judge([to_judge(step)] * 2)
+    assert first.critique.is_error and first.critique.corrected_action == "take shirt"  # kept, not asked again
+    # the backend has already retried a failed request: it is counted and left unjudged, not re-asked
+    assert second.critique is None and (second.requests, second.failed_requests) == (1, 1) and backend.calls == 1
+    assert "request failed: HTTP 400" in second.why_unjudged
 
 
 @pytest.mark.slow
@@ -135,15 +137,10 @@ def test_llm_teacher_against_a_real_local_model_never_crashes(tiny_model_dir):
     from steptune.agent.backends.local import LocalBackend
 
     teacher = LLMTeacher(LocalBackend(str(tiny_model_dir)), max_new_tokens=24)
-    traj = Trajectory(id="x", env="twx", task_id="t", task="Find the coin.")
-
-    class Ep:
-        trajectory, task = traj, TaskRef("twx", "coin", 0)
-
     step = Step(thought="north", action="move north", observation="You can't go that way.", kind="student")
-    crits = teacher([(Ep, step, None)] * 2)
-    assert crits == [None, None]  # a random model writes no valid JSON: unjudged, counted, no crash
-    assert teacher.failures == 2 and teacher.calls == 4
+    verdicts = teacher.judge([to_judge(step, "Find the coin.")] * 2)
+    # a random model writes no valid JSON: unjudged, counted, no crash
+    assert all(v.critique is None and v.requests == 2 and v.invalid_replies == 2 for v in verdicts)
 
 
 def test_filtering_keeps_successes_with_few_errors():
@@ -161,8 +158,9 @@ def test_filtering_keeps_successes_with_few_errors():
 
 SYNTH = """
 import sys
+from steptune.agent.backends import parse_backend_spec
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
-synthesize(SynthesisConfig(student=sys.argv[1], env="twx", env_kwargs={"game": "twc", "max_steps": 6},
+synthesize(SynthesisConfig(student=parse_backend_spec(sys.argv[1]), env="twx", env_kwargs={"game": "twc", "max_steps": 6},
                            split="train", limit=12, workers=2, out=sys.argv[2], max_new_tokens=24), progress=False)
 """
 
@@ -179,9 +177,15 @@ def test_killed_synthesis_resumes_without_loss_or_duplicates(tiny_model_dir, tmp
     proc.wait()
     n_before = len(out.read_text().splitlines())
     assert 3 <= n_before < 12
-    stats = synthesize(SynthesisConfig(student=f"local:{tiny_model_dir}", env="twx",
+    stats = synthesize(SynthesisConfig(student=BackendConfig(model=str(tiny_model_dir)), env="twx",
                                        env_kwargs={"game": "twc", "max_steps": 6}, split="train", limit=12,
                                        workers=2, out=str(out), max_new_tokens=24), progress=False)
     ids = [t.id for t in load_trajectories(out)]
     assert len(ids) == len(set(ids)) == 12 == stats["episodes"]
     assert ids[:n_before] == [json.loads(line)["id"] for line in out.read_text().splitlines()[:n_before]]
+    # the teacher's accounting covers the killed part too: every student step of the file is in the totals
+    trajs = load_trajectories(out)
+    student_steps = sum(s.kind in ("student", "error") for t in trajs for s in t.steps)
+    teacher = stats["teacher"]
+    assert teacher["episodes_without_counts"] == 0 and teacher["judged"] + teacher["unjudged"] == student_steps
+    assert teacher["flagged"] == sum(t.n_errors for t in trajs)

@@ -2,11 +2,12 @@
 
 One episode per pool slot; every round the pending turns of all active episodes go to the model in one
 `backend.complete` call and all their actions to the environments in one `step_many` call. Finished
-episodes leave, queued tasks take their slots. With a `judge`, each student step is judged as soon as it
-has been executed: a wrong step is kept (kind "error", weight 0, critique attached) and followed by the
-teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env; then the
-student carries on. With an `injection` (the recovery benchmark, steptune.evaluation.injection), each episode
-begins with the expert's steps up to the injection point, then one injected wrong action, then the agent alone.
+episodes leave, queued tasks take their slots. With a `teacher` (steptune.teacher.base.Teacher), each student
+step is judged as soon as it has been executed: a wrong step is kept (kind "error", weight 0, critique attached)
+and followed by the teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env;
+then the student carries on; what the teacher did and cost is counted per episode (meta "teacher_counts"). With
+an `injection` (the recovery benchmark, steptune.evaluation.injection), each episode begins with the expert's
+steps up to the injection point, then one injected wrong action, then the agent alone.
 
 Sampling (temperature > 0 with a seed) draws every turn from its own generator, seeded from (seed, episode id,
 step index): what an episode samples does not depend on which other episodes share its batch.
@@ -28,8 +29,9 @@ from steptune.agent.policy import (
     build_conversation,
     parse_react,
 )
-from steptune.data.trajectory import Critique, Step, Trajectory
+from steptune.data.trajectory import Step, Trajectory
 from steptune.envs.base import Reset, StepResult, TaskRef
+from steptune.teacher.base import StepToJudge, Teacher, TeacherCounts, Verdict
 
 if TYPE_CHECKING:  # the pool lives in steptune.envs.pool; only its interface is used here
     from steptune.envs.pool import EnvPool
@@ -46,9 +48,11 @@ class Episode:
     invalid_actions: int = 0
     truncations: int = 0  # turns whose context was cut to fit the window
     dropped_steps: int = 0  # oldest steps left out of the latest prompt to fit the window
-    # the expert's plan from the state AFTER the step just executed, for judges that set wants_plan_after
-    # (an expert-grounded teacher must correct from where the wrong step left the world)
-    expert_plan_after: list[str] | None = None
+    # the expert's plan for the current state, fetched only for whom needs it (a teacher with uses_expert_plan, an
+    # injected episode awaiting its way back); it comes back with each step, so each state costs no extra round trip
+    plan: list[str] | None = None
+    plan_fresh: bool = False  # `plan` is for the current state
+    teacher: TeacherCounts | None = None  # with a teacher: its accounting for this episode
     reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
     # recovery benchmark: {"step", "action", "error", "steps_to_plan"} once an error was injected (or {"skipped"})
     injection: dict[str, Any] | None = None
@@ -66,15 +70,13 @@ class Episode:
         return {"steps_taken": self.steps_taken, "done": self.done, "failure": self.failure,
                 "invalid_actions": self.invalid_actions, "truncations": self.truncations,
                 "n_errors": self.trajectory.n_errors,
-                **({"injection": self.injection} if self.injection is not None else {})}
+                **({"injection": self.injection} if self.injection is not None else {}),
+                **({"teacher_counts": self.teacher.as_meta()} if self.teacher is not None else {})}
 
 
-# Called after every round with (episode, the student step just executed incl. its observation, the expert's
-# remaining plan from BEFORE the step or None); returns one Critique or None per item, in order. A judge object
-# with `wants_expert_plan = False` spares the pool the expert_actions calls. A BackendError from the model
-# fails the episodes whose conversations failed in that round (all of them unless the backend says which); they are
-# recorded with failure "backend: ..." and counted, not retried; the others go on.
-JudgeFn = Callable[[list[tuple[Episode, Step, "list[str] | None"]]], "list[Critique | None]"]
+# A BackendError from the student's model fails the episodes whose conversations failed in that round (all of them
+# unless the backend says which); they are recorded with failure "backend: ..." and counted, not retried; the
+# others go on.
 
 
 @dataclass
@@ -91,7 +93,7 @@ class RolloutTotals:
 
 
 def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
-                 judge: JudgeFn | None = None, on_episode_end: Callable[[Episode], None] | None = None,
+                 teacher: Teacher | None = None, on_episode_end: Callable[[Episode], None] | None = None,
                  max_context_tokens: int | None = None, progress: bool = True, example: str | None = None,
                  totals: RolloutTotals | None = None, injection: InjectionConfig | None = None) -> list[Episode]:
     """Run every task to the end; returns the episodes in the order of `tasks`.
@@ -106,7 +108,10 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     if max_context_tokens is None and window:
         max_context_tokens = window - gen.max_new_tokens
     count_tokens = getattr(backend, "count_tokens", approx_token_count)
-    wants_plan = judge is not None and getattr(judge, "wants_expert_plan", True)
+    teacher_plans = teacher is not None and teacher.uses_expert_plan
+
+    def wants_plan(ep: Episode) -> bool:
+        return teacher_plans or ep.awaiting_plan
     instruction = pool.instruction()
 
     queue = list(enumerate(tasks))
@@ -129,6 +134,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             started = _start_episodes(pool, starting, instruction, totals)  # reset in parallel
             for slot, idx, ep in started:
                 active[slot] = (idx, ep)
+                ep.teacher = TeacherCounts() if teacher is not None else None
             if injection is not None:
                 _inject_errors(pool, [(slot, ep) for slot, _, ep in started], injection, totals)
             for slot, _, ep in started:
@@ -165,15 +171,18 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             totals.model_seconds += dt
             totals.model_calls += 1
 
-            plans = [pool.expert_actions(s) if wants_plan or ep.awaiting_plan else None
-                     for s, ep in zip(slots, episodes)]
+            stale = [(s, ep) for s, ep in zip(slots, episodes) if wants_plan(ep) and not ep.plan_fresh]
+            if stale:  # episodes just started, or just got an injected error or a correction without a plan
+                for (_, ep), plan in zip(stale, pool.expert_actions_many([s for s, _ in stale])):
+                    ep.plan, ep.plan_fresh = plan, True
+            plans = [ep.plan if wants_plan(ep) else None for ep in episodes]
             steps = [_student_step(reply) for reply in replies]
-            _execute(pool, slots, episodes, steps, totals)
+            _execute(pool, slots, episodes, steps, totals, wants_plan)
             if injection is not None:
                 _note_back_on_plan(episodes, steps, plans)
 
-            if judge is not None:
-                _judge_and_correct(pool, slots, episodes, steps, plans, judge, totals)
+            if teacher is not None:
+                _judge_and_correct(pool, slots, episodes, steps, plans, teacher, totals, wants_plan)
 
             for s, ep in zip(slots, episodes):
                 if ep.done or ep.failure is not None or ep.steps_taken >= pool.max_steps(ep.task):
@@ -222,7 +231,11 @@ def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode]], injection:
     """The recovery benchmark's opening (steptune.evaluation.injection): the expert's steps until the injection
     step, then the injected error, all executed; one round of env calls per step for all new episodes."""
     from steptune.envs.expert import explain
-    from steptune.evaluation.injection import NEUTRAL_THOUGHT, injected_error, injection_step
+    from steptune.evaluation.injection import (
+        NEUTRAL_THOUGHT,
+        injected_error,
+        injection_step,
+    )
 
     pending = [(slot, ep, injection_step(injection, ep.task)) for slot, ep in started if ep.failure is None]
     while pending:
@@ -266,23 +279,33 @@ def _student_step(reply: str) -> Step:
     return Step(thought=parsed.thought, action=parsed.action, kind="student", weight=1)
 
 
-def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: list[Step],
-             totals: RolloutTotals) -> None:
-    """Append each step to its episode and run its action; an invalid step gets the format observation."""
-    calls = [(s, st.action) for s, st in zip(slots, steps) if st.action]
+def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: list[Step], totals: RolloutTotals,
+             wants_plan: Callable[[Episode], bool] | None = None) -> None:
+    """Append each step to its episode and run its action; an invalid step gets the format observation. Episodes
+    for which `wants_plan` holds get the expert's plan from the new state in the same round trip."""
+    want = {i: wants_plan is not None and wants_plan(ep) for i, ep in enumerate(episodes)}
+    calls = [(s, st.action, want[i]) for i, (s, st) in enumerate(zip(slots, steps)) if st.action]
     t0 = time.perf_counter()
-    outcomes = iter(pool.step_many(calls)) if calls else iter(())
+    if not calls:
+        outcomes = iter(())
+    elif any(w for _, _, w in calls):
+        outcomes = iter(pool.step_many_with_plans(calls))
+    else:  # the plain call: pools without an expert (benchmarks' scripted pools) need only step_many
+        outcomes = iter((res, None) for res in pool.step_many([(s, a) for s, a, _ in calls]))
     dt = time.perf_counter() - t0
     totals.env_seconds += dt
-    for ep, st in zip(episodes, steps):
+    for i, (ep, st) in enumerate(zip(episodes, steps)):
         ep.trajectory.steps.append(st)
         ep.steps_taken += 1
         totals.agent_steps += 1
-        if not st.action:
+        ep.reward_before = ep.trajectory.reward
+        if not st.action:  # nothing ran: the state, and so a fresh plan, stays as it was
             ep.invalid_actions += 1
             st.observation = INVALID_FORMAT_OBSERVATION
             continue
-        _apply(ep, st, next(outcomes))
+        outcome, plan = next(outcomes)
+        ep.plan, ep.plan_fresh = plan, want[i]
+        _apply(ep, st, outcome)
 
 
 def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
@@ -291,7 +314,6 @@ def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
         ep.failure = f"env step: {getattr(outcome, 'reason', outcome)}"
         return
     st.observation = outcome.observation
-    ep.reward_before = ep.trajectory.reward
     if outcome.info.get("invalid"):
         ep.invalid_actions += 1
     ep.trajectory.reward = min(1.0, max(0.0, float(outcome.reward)))
@@ -300,24 +322,29 @@ def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
 
 
 def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: list[Step],
-                       plans: list[list[str] | None], judge: JudgeFn, totals: RolloutTotals) -> None:
-    # Only steps that were really executed are judged: a failed env step has nothing to judge.
-    batch = [(i, (ep, st, plan)) for i, (ep, st, plan) in enumerate(zip(episodes, steps, plans))
-             if ep.failure is None]
+                       plans: list[list[str] | None], teacher: Teacher, totals: RolloutTotals,
+                       wants_plan: Callable[[Episode], bool]) -> None:
+    batch, items = [], []
+    for i, (ep, st, plan) in enumerate(zip(episodes, steps, plans)):
+        if ep.failure is not None:  # a failed env step has nothing to judge; counted so that every step is accounted
+            ep.teacher.add(Verdict(why_unjudged=ep.failure), len(ep.trajectory.steps) - 1)
+            continue
+        batch.append(i)
+        items.append(StepToJudge(task=ep.task, task_text=ep.trajectory.task, history=ep.trajectory.steps[:-1],
+                                 step=st, reward_before=ep.reward_before, reward_after=ep.trajectory.reward,
+                                 done=ep.done, plan_before=plan, plan_after=ep.plan if ep.plan_fresh else None))
     if not batch:
         return
     t0 = time.perf_counter()
-    if getattr(judge, "wants_plan_after", False):
-        for i, (ep, _, _) in batch:
-            ep.expert_plan_after = pool.expert_actions(slots[i])
-    critiques = judge([item for _, item in batch])
-    dt = time.perf_counter() - t0
-    totals.judge_seconds += dt
-    if len(critiques) != len(batch):
-        raise ValueError(f"judge returned {len(critiques)} critiques for {len(batch)} steps")
+    verdicts = teacher.judge(items)
+    totals.judge_seconds += time.perf_counter() - t0
+    if len(verdicts) != len(batch):
+        raise ValueError(f"teacher returned {len(verdicts)} verdicts for {len(batch)} steps")
 
     fix_slots, fix_eps, fixes = [], [], []
-    for (i, (ep, st, _)), crit in zip(batch, critiques):
+    for i, v in zip(batch, verdicts):
+        ep, st, crit = episodes[i], steps[i], v.critique
+        ep.teacher.add(v, len(ep.trajectory.steps) - 1)
         if crit is None or not crit.is_error:
             continue
         st.kind, st.weight, st.critique = "error", 0, crit
@@ -328,7 +355,9 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
         fix_eps.append(ep)
         fixes.append(Step(thought=thought, action=crit.corrected_action.strip(), kind="reflection", weight=1))
     if fixes:
-        _execute(pool, fix_slots, fix_eps, fixes, totals)
+        _execute(pool, fix_slots, fix_eps, fixes, totals, wants_plan)
+        for ep in fix_eps:
+            ep.teacher.corrected += 1
 
 
 class _Progress:

@@ -22,16 +22,23 @@ def synthesize(
     temperature: float = typer.Option(0.0),
     teacher: str = typer.Option("expert", help="expert | llm | self"),
     teacher_model: Optional[str] = typer.Option(None, help="LLM teacher backend spec, e.g. openai:Qwen1.5-110B-Chat@http://host:8000/v1"),
+    teacher_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the teacher's API key."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the base agent's API key (openai:)."),
     golden: Optional[Path] = typer.Option(None, help="Golden trajectories shown to an LLM teacher as reference."),
     workers: int = typer.Option(2, help="Environment processes."),
     env_kwargs: str = typer.Option("{}", help="Adapter options as JSON."),
 ) -> None:
     """Run the base agent with a teacher judging every step; write self-reflected trajectories."""
-    from steptune.synthesis.synthesize import SynthesisConfig, synthesize as run
+    from steptune.agent.backends import parse_backend_spec
+    from steptune.synthesis.synthesize import SynthesisConfig
+    from steptune.synthesis.synthesize import synthesize as run
 
-    stats = run(SynthesisConfig(student=model, env=env, env_kwargs=json.loads(env_kwargs), split=split, limit=limit,
+    student = parse_backend_spec(model).model_copy(update={"api_key_env": api_key_env})
+    teacher_backend = (parse_backend_spec(teacher_model).model_copy(update={"api_key_env": teacher_api_key_env})
+                       if teacher_model else None)
+    stats = run(SynthesisConfig(student=student, env=env, env_kwargs=json.loads(env_kwargs), split=split, limit=limit,
                                 samples_per_task=samples, temperature=temperature, teacher=teacher,
-                                teacher_model=teacher_model, golden=str(golden) if golden else None,
+                                teacher_backend=teacher_backend, golden=str(golden) if golden else None,
                                 workers=workers, out=str(out)))
     typer.echo(json.dumps(stats, indent=2))
 

@@ -241,9 +241,30 @@ class EnvPool:
     def step_many(self, calls: list[tuple[int, str]]) -> list[StepResult | EnvFailure]:
         return self._call_many([(slot, "step", action) for slot, action in calls])
 
+    def step_many_with_plans(self, calls: list[tuple[int, str, bool]]
+                             ) -> list[tuple[StepResult | EnvFailure, list[str] | None]]:
+        """Each (slot, action, want_plan): the step's result and, where wanted, the expert's plan from the state
+        the step left; a worker runs a slot's calls in order, so the plan rides in the same round trip."""
+        flat: list[tuple[int, str, Any]] = []
+        for slot, action, want_plan in calls:
+            flat.append((slot, "step", action))
+            if want_plan:
+                flat.append((slot, "expert", None))
+        out = iter(self._call_many(flat))
+        results = []
+        for _, _, want_plan in calls:
+            res = next(out)
+            plan = next(out) if want_plan else None
+            results.append((res, None if isinstance(plan, EnvFailure) else plan))
+        return results
+
     def expert_actions(self, slot: int) -> list[str] | None:
-        out = self._call_many([(slot, "expert", None)])[0]
-        return None if isinstance(out, EnvFailure) else out
+        return self.expert_actions_many([slot])[0]
+
+    def expert_actions_many(self, slots: list[int]) -> list[list[str] | None]:
+        """The expert's remaining plan for each slot (None where it cannot tell), all workers in parallel."""
+        return [None if isinstance(out, EnvFailure) else out
+                for out in self._call_many([(slot, "expert", None) for slot in slots])]
 
     def valid_actions(self, slot: int) -> list[str] | None:
         out = self._call_many([(slot, "valid", None)])[0]

@@ -2,7 +2,9 @@
 
 Each finished episode is appended to the output JSONL as soon as it ends (resumable: a rerun skips the
 (task, sample) pairs already there). Wrong steps stay with weight 0, each followed by the teacher's
-reflection-and-correction step (weight 1) that was executed in the environment.
+reflection-and-correction step (weight 1) that was executed in the environment. Each record carries its
+episode's teacher accounting (meta "teacher_counts": judged, unjudged, flagged, corrected, requests, failed
+requests, unusable replies), so totals summed over the file cover every run that appended to it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from steptune.agent.backends import BackendConfig, make_backend
 from steptune.agent.backends.base import GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
+from steptune.errors import UserError
+from steptune.teacher.base import COUNT_KEYS, Teacher
+
+
+class UnknownTasksError(UserError, ValueError):
+    """Task ids (e.g. from an imported golden file) that the environment does not have."""
 
 
 class SynthesisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    student: str | BackendConfig  # backend spec of the base agent: local:PATH, vllm:PATH, openai:MODEL@URL
+    # typed backends, so that settings a spec string cannot carry (api_key_env, timeout_s, max_retries) arrive;
+    # strings are parsed at the CLI edge (steptune.agent.backends.parse_backend_spec)
+    student: BackendConfig  # the base agent
     env: str
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     split: str = "train"
@@ -34,68 +44,80 @@ class SynthesisConfig(BaseModel):
     max_new_tokens: int = 128
     workers: int = 2
     teacher: Literal["expert", "llm", "self"] = "expert"
-    teacher_model: str | BackendConfig | None = None  # backend spec of the LLM teacher
+    teacher_backend: BackendConfig | None = None  # the LLM teacher (teacher "llm")
     golden: str | None = None  # golden trajectories (JSONL) shown to the LLM teacher as a reference
     out: str
     seed: int = 0
 
 
-def make_teacher(cfg: SynthesisConfig, student_backend):
+def make_teacher(cfg: SynthesisConfig, student_backend) -> tuple[Teacher, object | None]:
+    """The teacher, and the backend it owns (to close), if any."""
     if cfg.teacher == "expert":
         from steptune.teacher.expert import ExpertTeacher
 
-        return ExpertTeacher()
+        return ExpertTeacher(), None
     from steptune.teacher.llm import LLMTeacher
 
     golden = {}
     if cfg.golden:
         for t in load_trajectories(cfg.golden):
-            golden[t.id] = "\n".join(f"Action: {s.action}" for s in t.steps)
+            golden[t.task_id] = "\n".join(f"Action: {s.action}" for s in t.steps)
     if cfg.teacher == "self":
-        return LLMTeacher(student_backend, name="self", self_teacher=True, golden=golden)
-    if not cfg.teacher_model:
-        raise ValueError("teacher 'llm' needs teacher_model (a backend spec, e.g. openai:Qwen2-72B@http://host/v1)")
-    return LLMTeacher(make_backend(cfg.teacher_model), name="llm", golden=golden)
+        return LLMTeacher(student_backend, name="self", self_teacher=True, golden=golden), None
+    if cfg.teacher_backend is None:
+        raise ValueError("teacher 'llm' needs teacher_backend (e.g. kind openai, model Qwen2-72B, "
+                         "base_url http://host/v1, api_key_env MY_KEY)")
+    backend = make_backend(cfg.teacher_backend)
+    return LLMTeacher(backend, name="llm", golden=golden), backend
 
 
 def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -> dict:
     from steptune.agent.rollout import derive_seed, run_episodes
 
     if pool_factory is None:
-        from steptune.envs.pool import EnvPool as pool_factory  # noqa: N813
+        from steptune.envs.pool import EnvPool as pool_factory
     out = Path(cfg.out)
     pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
+    backend = teacher_backend = None
     try:
         all_tasks = pool.tasks(cfg.split)
         if cfg.tasks is not None:
             wanted = set(cfg.tasks)
+            if unknown := sorted(wanted - {t.id for t in all_tasks}):
+                raise UnknownTasksError(
+                    f"{len(unknown)} of {len(wanted)} task ids are not tasks of {cfg.env}/{cfg.split} (e.g. "
+                    f"{unknown[0]!r}); trajectories must name the environment's task in task_id, like "
+                    f"{all_tasks[0].id if all_tasks else 'env/type/variation'!r}")
             all_tasks = [t for t in all_tasks if t.id in wanted]
         tasks = all_tasks[: cfg.limit]
         with TrajectoryWriter(out) as writer:
             jobs: list[tuple[TaskRef, int]] = [(t, k) for k in range(cfg.samples_per_task) for t in tasks
                                                if _record_id(t, k) not in writer.done_ids]
-            if not jobs:
-                return summarize(out)
-            backend = make_backend(cfg.student)
-            teacher = make_teacher(cfg, backend)
-            gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+            if jobs:
+                backend = make_backend(cfg.student)
+                teacher, teacher_backend = make_teacher(cfg, backend)
+                gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       seed=cfg.seed)
 
-            def write(ep, k: int) -> None:
-                ep.trajectory.id = _record_id(ep.task, k)
-                ep.trajectory.meta.update({"sample": k, "teacher": teacher.name})
-                writer.write(ep.trajectory)
+                def write(ep, k: int) -> None:
+                    ep.trajectory.id = _record_id(ep.task, k)
+                    ep.trajectory.meta.update({"sample": k, "teacher": teacher.name})
+                    writer.write(ep.trajectory)
 
-            for k in range(cfg.samples_per_task):  # one pass per sample index keeps ids deterministic
-                batch = [t for t, kk in jobs if kk == k]
-                if batch:  # sample k of a task draws from seeds derived from (seed, k, task, step): see rollout
-                    run_episodes(pool, batch, backend, replace(gen, seed=derive_seed(cfg.seed, k)), judge=teacher,
-                                 progress=progress,
-                                 on_episode_end=lambda ep, k=k: write(ep, k))
-            (out.parent / (out.stem + "_teacher.json")).write_text(json.dumps(teacher.stats(), indent=2))
-            backend.close()
+                for k in range(cfg.samples_per_task):  # one pass per sample index keeps ids deterministic
+                    batch = [t for t, kk in jobs if kk == k]
+                    if batch:  # sample k of a task draws from seeds derived from (seed, k, task, step): see rollout
+                        run_episodes(pool, batch, backend, replace(gen, seed=derive_seed(cfg.seed, k)),
+                                     teacher=teacher, progress=progress, on_episode_end=lambda ep, k=k: write(ep, k))
     finally:
         pool.close()
-    return summarize(out)
+        for b in (teacher_backend, backend):
+            if b is not None:
+                b.close()
+    stats = summarize(out)
+    # the file's totals, not this run's: a resumed run must not report only its own part
+    (out.parent / (out.stem + "_teacher.json")).write_text(json.dumps(stats["teacher"], indent=2))
+    return stats
 
 
 def _record_id(task: TaskRef, sample: int) -> str:
@@ -108,6 +130,7 @@ def summarize(path: str | Path) -> dict:
 
 
 def synthesis_stats(trajs: list[Trajectory]) -> dict:
+    """Episode figures and, under "teacher", the teacher's accounting summed over the episodes' records."""
     n = len(trajs)
     with_err = [t for t in trajs if t.n_errors]
     return {
@@ -119,4 +142,20 @@ def synthesis_stats(trajs: list[Trajectory]) -> dict:
         "errors_per_episode": round(sum(t.n_errors for t in trajs) / n, 2) if n else 0.0,
         # recovery rate: of the episodes where the teacher flagged an error, how many still succeeded
         "recovery_rate": round(100 * sum(t.success for t in with_err) / len(with_err), 1) if with_err else 0.0,
+        "teacher": teacher_totals(trajs),
     }
+
+
+def teacher_totals(trajs: list[Trajectory]) -> dict[str, int]:
+    """The teacher counts (steptune.teacher.base.COUNT_KEYS) summed over the records, and how many records carry
+    none (written before the counts existed, or without a teacher)."""
+    totals = dict.fromkeys(COUNT_KEYS, 0)
+    missing = 0
+    for t in trajs:
+        counts = t.meta.get("teacher_counts")
+        if not isinstance(counts, dict):
+            missing += 1
+            continue
+        for k in COUNT_KEYS:
+            totals[k] += int(counts.get(k, 0))
+    return {**totals, "episodes_without_counts": missing}

@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass
 
 from steptune.agent.policy import INVALID_FORMAT_OBSERVATION
-from steptune.data.trajectory import Critique, Step
+from steptune.data.trajectory import Critique
 from steptune.envs.expert import explain
+from steptune.teacher.base import StepToJudge, Verdict
 
 _GOAL_VERBS = ("put ", "move ", "focus on ", "cook ", "prepare ", "eat ", "slice ", "use ", "pour ", "mix ",
                "connect ", "activate ", "click[buy")
@@ -36,34 +37,27 @@ def _subgoal(plan: list[str]) -> str:
 
 @dataclass
 class ExpertTeacher:
-    """JudgeFn for run_episodes (a batch of (episode, step, plan before the step) → critiques)."""
+    """A Teacher (steptune.teacher.base) that asks no model: every verdict costs no request."""
 
     name: str = "expert"
-    wants_expert_plan: bool = True
-    wants_plan_after: bool = True
-    calls: int = 0
-    flagged: int = 0
-    unjudged: int = 0
+    uses_expert_plan: bool = True
 
-    def __call__(self, batch) -> list[Critique | None]:
-        return [self.judge(ep, step, plan) for ep, step, plan in batch]
+    def judge(self, steps: list[StepToJudge]) -> list[Verdict]:
+        return [self.judge_one(s) for s in steps]
 
-    def judge(self, ep, step: Step, plan: list[str] | None) -> Critique | None:
-        self.calls += 1
-        before, after = ep.reward_before, ep.trajectory.reward
+    def judge_one(self, s: StepToJudge) -> Verdict:
+        step, plan = s.step, s.plan_before
         if plan is None:
-            self.unjudged += 1
-            return None
+            return Verdict(why_unjudged="the expert has no plan for this state")
         obs = step.observation or ""
         invalid = not step.action or obs == INVALID_FORMAT_OBSERVATION or any(h in obs.lower() for h in _INVALID_HINTS)
         on_plan = step.action in plan
-        if not invalid and (on_plan or after > before or not plan):
-            return Critique(is_error=False, teacher=self.name)
-        self.flagged += 1
-        fix_plan = ep.expert_plan_after if ep.expert_plan_after else plan
+        if not invalid and (on_plan or s.reward_after > s.reward_before or not plan):
+            return Verdict(Critique(is_error=False, teacher=self.name))
+        fix_plan = s.plan_after if s.plan_after else plan
         if not fix_plan:
-            return Critique(is_error=True, error="no progress", reason="the expert has no further plan",
-                            teacher=self.name)
+            return Verdict(Critique(is_error=True, error="no progress", reason="the expert has no further plan",
+                                    teacher=self.name))
         goal = _subgoal(fix_plan)
         did = f"I tried to {step.action}" if step.action else "I did not give a valid action"
         if invalid:
@@ -77,9 +71,6 @@ class ExpertTeacher:
                       f"'{plan[0]}' and the subgoal is to {goal}")
             reflection = (f"{did}: {_first_sentence(obs)} That does not bring me closer to the goal — what is "
                           f"missing is to {goal}. I should {fix_plan[0]} instead.")
-        return Critique(is_error=True, error=error, reason=reason, reflection=reflection,
-                        corrected_thought=explain(fix_plan[0], fix_plan[1:], obs), corrected_action=fix_plan[0],
-                        teacher=self.name)
-
-    def stats(self) -> dict[str, int]:
-        return {"teacher_calls": self.calls, "flagged": self.flagged, "unjudged": self.unjudged}
+        return Verdict(Critique(is_error=True, error=error, reason=reason, reflection=reflection,
+                                corrected_thought=explain(fix_plan[0], fix_plan[1:], obs),
+                                corrected_action=fix_plan[0], teacher=self.name))

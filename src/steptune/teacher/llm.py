@@ -2,21 +2,22 @@
 
 It answers in JSON, validated against `Judgement`; an invalid answer gets one repair round (the validation
 error is sent back); a second failure leaves the step unjudged and is counted — never a crash, never a label
-guessed from a broken answer. With the student's own backend it is the self-teacher (the paper's first open
-question: can the agent be its own teacher?).
+guessed from a broken answer. A request that fails for good (the backend has retried it) leaves the step
+unjudged too, counted apart from unusable replies. With the student's own backend it is the self-teacher (the
+paper's first open question: can the agent be its own teacher?).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
 from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.data.trajectory import Critique, Step, format_observation, format_react
+from steptune.teacher.base import StepToJudge, Verdict
 
 SYSTEM = (
     "You are an expert teacher watching a student agent act in a text environment. After each of its steps you "
@@ -44,7 +45,7 @@ class Judgement(BaseModel):
 
 def parse_judgement(text: str) -> Judgement:
     """The first JSON object in the reply (models like to wrap it in prose or ```json fences)."""
-    m = re.search(r"\{.*\}", text, re.S)
+    m = re.search(r"\{.*\}", text, re.DOTALL)
     if not m:
         raise ValueError("no JSON object in the reply")
     try:
@@ -74,59 +75,60 @@ def judge_prompt(task: str, history: list[Step], step: Step, golden: str | None)
 
 @dataclass
 class LLMTeacher:
+    """A Teacher (steptune.teacher.base) backed by a chat model; each verdict reports the requests it cost."""
+
     backend: ChatBackend
     name: str = "llm"
     self_teacher: bool = False
     golden: dict[str, str] = field(default_factory=dict)  # task id → golden trajectory text (reference)
     max_new_tokens: int = 384
-    wants_expert_plan: bool = False
-    calls: int = 0
-    repairs: int = 0
-    failures: int = 0
-    flagged: int = 0
-    seconds: float = 0.0
+    uses_expert_plan: bool = False
 
-    def __call__(self, batch) -> list[Critique | None]:
-        prompts = [judge_prompt(ep.trajectory.task, ep.trajectory.steps[:-1], step,
-                                self.golden.get(ep.task.id)) for ep, step, _ in batch]
+    def judge(self, steps: list[StepToJudge]) -> list[Verdict]:
         system = SELF_SYSTEM if self.self_teacher else SYSTEM
-        convs = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
-        replies = self._complete(convs)
-        out: list[Critique | None] = [None] * len(batch)
+        convs = [[{"role": "system", "content": system},
+                  {"role": "user", "content": judge_prompt(s.task_text, s.history, s.step, self.golden.get(s.task.id))}]
+                 for s in steps]
+        verdicts = [Verdict() for _ in steps]
         retry = []
-        for i, reply in enumerate(replies):
+        for i, (reply, failed) in enumerate(self._complete(convs)):
+            v = verdicts[i]
+            v.requests += 1
+            if failed is not None:  # the backend already retried; asking again in a repair round would not help
+                v.failed_requests += 1
+                v.why_unjudged = f"request failed: {failed}"
+                continue
             try:
-                out[i] = self._critique(parse_judgement(reply))
+                v.critique = self._critique(parse_judgement(reply))
             except (ValueError, ValidationError) as e:
+                v.invalid_replies += 1
                 retry.append((i, reply, str(e).splitlines()[0]))
         if retry:
-            self.repairs += len(retry)
             repair_convs = [convs[i] + [{"role": "assistant", "content": reply},
                                         {"role": "user", "content": f"That answer was not usable ({why}). Reply with "
                                          "the JSON object only, with the fields described."}]
                             for i, reply, why in retry]
-            for (i, _, _), reply in zip(retry, self._complete(repair_convs)):
+            for (i, _, why), (reply, failed) in zip(retry, self._complete(repair_convs)):
+                v = verdicts[i]
+                v.requests += 1
+                if failed is not None:
+                    v.failed_requests += 1
+                    v.why_unjudged = f"unusable reply ({why}), then the repair request failed: {failed}"
+                    continue
                 try:
-                    out[i] = self._critique(parse_judgement(reply))
-                except (ValueError, ValidationError):
-                    self.failures += 1  # left unjudged: the step stays a plain student step
-        return out
+                    v.critique = self._critique(parse_judgement(reply))
+                except (ValueError, ValidationError) as e:
+                    v.invalid_replies += 1
+                    v.why_unjudged = f"unusable reply twice: {str(e).splitlines()[0]}"
+        return verdicts
 
-    def _complete(self, convs) -> list[str]:
-        t0 = time.perf_counter()
-        self.calls += len(convs)
+    def _complete(self, convs) -> list[tuple[str, str | None]]:
+        """(reply, None) or ("", why the request failed), per conversation."""
         try:
-            return self.backend.complete(convs, GenerationConfig(max_new_tokens=self.max_new_tokens))
-        except BackendError as e:  # failed conversations are counted as failures by the caller's parse
-            return [reply or "" for reply in e.per_conversation(len(convs))[0]]
-        finally:
-            self.seconds += time.perf_counter() - t0
+            return [(r, None) for r in self.backend.complete(convs, GenerationConfig(max_new_tokens=self.max_new_tokens))]
+        except BackendError as e:  # the other conversations' replies are kept
+            replies, errors = e.per_conversation(len(convs))
+            return [(r or "", errors.get(i, "no reply") if r is None else None) for i, r in enumerate(replies)]
 
     def _critique(self, j: Judgement) -> Critique:
-        self.flagged += j.is_error
         return Critique(teacher=self.name, **j.model_dump())
-
-    def stats(self) -> dict[str, float]:
-        return {"teacher_calls": self.calls, "repairs": self.repairs, "unjudged_failures": self.failures,
-                "flagged": self.flagged, "teacher_seconds": round(self.seconds, 2),
-                "seconds_per_call": round(self.seconds / max(1, self.calls), 3)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from steptune.agent.backends.base import ChatBackend, Conversation, GenerationConfig
 from steptune.agent.backends.prompt_tokens import PromptEncoder, common_prefix_len

@@ -1,9 +1,11 @@
 """Any OpenAI-compatible chat-completions server (vLLM serve, SGLang, TGI, llama.cpp, `steptune serve`, OpenAI).
 
-Conversations of a batch are sent concurrently (bounded thread pool). Rate limits, 5xx, timeouts, dropped
-connections and unparsable replies are retried with exponential backoff; a request that still fails raises
-BackendError, which carries the completions of the batch's other conversations. The API key is read from an
-environment variable and never logged.
+Conversations of a batch are sent concurrently (bounded thread pool). HTTP-level failures — rate limits (429),
+408/409, 5xx, timeouts, dropped connections — are retried by the `openai` client itself (`max_retries`), which
+waits as long as the server's Retry-After / retry-after-ms says (up to 2 minutes; a longer one is not retried),
+else backs off exponentially. A 200 whose body is no usable completion is retried here, up to `max_retries`
+times too. A request that still fails raises BackendError, which carries the completions of the batch's other
+conversations. The API key is read from an environment variable and never logged.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,15 +33,31 @@ class OpenAICompatBackend(ChatBackend):
                  timeout_s: float = 60.0, max_retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 20.0):
         import openai
 
-        # The client's own retries are off: ours also cover garbage bodies, and count attempts in one place.
+        self._lock = threading.Lock()
+        self.retries = 0  # total retried attempts (HTTP-level and bad bodies), for reports
+        # every attempt the client makes passes the request hook: retries are counted where they happen
+        http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._on_request],
+                                                             "response": [self._on_response]})
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                                    timeout=timeout_s, max_retries=0)
+                                    timeout=timeout_s, max_retries=max_retries, http_client=http_client)
         self.model = model
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.backoff_s = backoff_s  # between retries of unusable bodies (HTTP retries use the client's backoff)
         self.max_backoff_s = max_backoff_s
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-compat")
-        self.retries = 0  # total retried attempts, for reports
+
+    def _on_request(self, request) -> None:
+        retry = int(request.headers.get("x-stainless-retry-count") or 0)
+        if retry:
+            with self._lock:
+                self.retries += 1
+            log.warning("chat completion attempt %d (retry %d of %d)", retry + 1, retry, self.max_retries)
+
+    def _on_response(self, response) -> None:
+        if response.status_code >= 400:
+            wait = response.headers.get("retry-after-ms") or response.headers.get("retry-after")
+            log.warning("chat completion attempt got HTTP %d%s", response.status_code,
+                        f" (Retry-After {wait})" if wait else "")
 
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
         seeds = gen.row_seeds or [gen.seed] * len(conversations)
@@ -63,7 +82,8 @@ class OpenAICompatBackend(ChatBackend):
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.retries += 1
+                with self._lock:
+                    self.retries += 1
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
                 time.sleep(delay * (0.5 + random.random() / 2))  # jitter spreads out a herd of retries
             try:
@@ -76,18 +96,27 @@ class OpenAICompatBackend(ChatBackend):
                     raise TypeError("reply has no message content")
                 # Servers may ignore stops beyond their limit or include the stop text; cut again locally.
                 return cut_at_stop(text, gen.stop)
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
-                last = e  # APIConnectionError covers timeouts too
-            except openai.APIStatusError as e:
-                if e.status_code not in (408, 409) and e.status_code < 500:
-                    raise BackendError(f"{type(e).__name__} (HTTP {e.status_code}); not retried") from e
-                last = e
+            except openai.APIStatusError as e:  # the client has retried what was worth retrying
+                n = _attempts(e.response.request)
+                raise BackendError(f"{type(e).__name__} (HTTP {e.status_code})"
+                                   f"{'; not retried' if n == 1 else f' after {n} attempts'}") from e
+            except openai.APIConnectionError as e:  # APITimeoutError included; retried by the client too
+                raise BackendError(f"{type(e).__name__} after {_attempts(e.request)} attempts") from e
             except (ValueError, TypeError, AttributeError, IndexError, openai.APIResponseValidationError) as e:
                 last = e  # garbage body: JSON that does not parse or lacks choices
-            log.warning("chat completion attempt %d failed: %s", attempt + 1, type(last).__name__)
+            log.warning("chat completion attempt %d returned no usable completion: %s", attempt + 1,
+                        type(last).__name__)
         raise BackendError(f"chat completion failed after {self.max_retries + 1} attempts: "
                            f"{type(last).__name__}: {last}") from last
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
         self.client.close()
+
+
+def _attempts(request) -> int:
+    """How many attempts the client made, read from the retry count it sends with each one."""
+    try:
+        return int(request.headers.get("x-stainless-retry-count") or 0) + 1
+    except (AttributeError, RuntimeError, ValueError):
+        return 1

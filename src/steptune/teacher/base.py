@@ -1,0 +1,80 @@
+"""What a teacher is to the rollout: it judges a batch of executed student steps and says, per step, what it found
+and what it cost (model requests, failed requests, unusable replies), so that the rollout can keep the accounting
+on each episode (trajectory meta "teacher_counts") and a resumed synthesis still sums to the whole run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from steptune.data.trajectory import Critique, Step
+from steptune.envs.base import TaskRef
+
+
+@dataclass
+class StepToJudge:
+    task: TaskRef
+    task_text: str  # the task as the agent saw it
+    history: list[Step]  # the episode's steps before this one
+    step: Step  # executed: its observation is set
+    reward_before: float
+    reward_after: float
+    done: bool  # the step ended the episode: a correction would not be executed
+    # only for teachers with uses_expert_plan: the environment expert's remaining plan from the state before the
+    # step and from the state the step left (a correction must be valid from there); None: the expert cannot tell
+    plan_before: list[str] | None = None
+    plan_after: list[str] | None = None
+
+
+@dataclass
+class Verdict:
+    critique: Critique | None = None  # None: the step is left unjudged (it stays a plain student step)
+    requests: int = 0  # model requests made for this step, repair requests included
+    failed_requests: int = 0  # requests that failed for good (HTTP error after the retries, timeout)
+    invalid_replies: int = 0  # replies that were no usable judgement
+    why_unjudged: str | None = None
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    name: str
+    # True: the rollout fetches the expert's plan before and after every student step (one extra round trip per
+    # episode start; afterwards the plan comes back with each step) and passes it in StepToJudge
+    uses_expert_plan: bool
+
+    def judge(self, steps: list[StepToJudge]) -> list[Verdict]:
+        """One verdict per step, in order. Never raises for a model failure: that is an unjudged, counted step."""
+        ...
+
+
+COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies")
+MAX_NOTES = 5  # reasons kept per episode for unjudged steps (the counts are complete; the notes are examples)
+
+
+@dataclass
+class TeacherCounts:
+    """One episode's teacher accounting, stored in trajectory meta["teacher_counts"]."""
+
+    judged: int = 0
+    unjudged: int = 0
+    flagged: int = 0  # judged wrong
+    corrected: int = 0  # judged wrong and followed by an executed correction
+    requests: int = 0
+    failed_requests: int = 0
+    invalid_replies: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, v: Verdict, step_index: int) -> None:
+        self.requests += v.requests
+        self.failed_requests += v.failed_requests
+        self.invalid_replies += v.invalid_replies
+        if v.critique is None:
+            self.unjudged += 1
+            if v.why_unjudged and len(self.notes) < MAX_NOTES:
+                self.notes.append(f"step {step_index + 1}: {v.why_unjudged}"[:300])
+        else:
+            self.judged += 1
+            self.flagged += v.critique.is_error
+
+    def as_meta(self) -> dict:
+        return {**{k: getattr(self, k) for k in COUNT_KEYS}, **({"notes": self.notes} if self.notes else {})}
