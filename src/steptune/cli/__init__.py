@@ -17,12 +17,20 @@ def main() -> None:
     if debug:
         sys.argv.remove(DEBUG_FLAG)
     try:
-        app()
+        status = app(standalone_mode=False)
     except UserError as e:
         if debug:
             raise
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # a missing or malformed option: one line too, not typer's panel
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.secho(f"error: {e.format_message()}{hint}", fg="red", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -56,12 +56,16 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
     """Run the not-yet-finished episodes of every split, then (re)write and return the summary."""
     from steptune.agent.rollout import run_episodes
 
+    backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
+    if backend_cfg.kind != "openai":
+        from steptune.models.gguf import check_model_path
+
+        check_model_path(backend_cfg.model, "model")  # before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     if pool_factory is None:
         from steptune.envs.pool import EnvPool as pool_factory
-    backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed)
 

@@ -100,6 +100,20 @@ def base_agent_u2(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())["overall"] if path.exists() else None
 
 
+def teacher_accounting(run_dir: Path) -> str | None:
+    """Stage 2's teacher accounting over the whole synthesis file (resumes included), in one sentence."""
+    path = run_dir / "data" / "synthesized_teacher.json"
+    if not path.exists():
+        return None
+    t = json.loads(path.read_text())
+    line = (f"teacher: {t.get('judged', 0)} student steps judged, {t.get('flagged', 0)} flagged, "
+            f"{t.get('corrected', 0)} corrected, {t.get('unjudged', 0)} left unjudged")
+    if t.get("requests"):
+        line += (f"; {t['requests']} model requests, {t.get('failed_requests', 0)} failed, "
+                 f"{t.get('invalid_replies', 0)} unusable replies")
+    return line
+
+
 def training_table(run_dir: Path, methods: list[str]) -> str:
     rows = ["| Method | trajectories | epochs | optimizer steps | trained tokens | masked error steps |",
             "|---|---:|---:|---:|---:|---:|"]
@@ -162,6 +176,8 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
         md += ["## Synthesis (stage 2)", "", "| statistic | value |", "|---|---:|"]
         md += [f"| {k} | {v} |" for k, v in stats.items() if not isinstance(v, dict)]
         md += [f"| dropped: {k} | {v} |" for k, v in stats.get("dropped", {}).items()] + [""]
+        if teacher := teacher_accounting(run_dir):
+            md += [teacher[0].upper() + teacher[1:] + ".", ""]
         images.append(("synthesis: kept and dropped trajectories", plot_synthesis(stats, out / "synthesis.png")))
     stage_rows = [f"| {name} | {rec.get('seconds', '–')} |" for name, rec in manifest["stages"].items()]
     md += ["## Stages", "", "| stage | seconds |", "|---|---:|", *stage_rows, ""]
@@ -185,6 +201,8 @@ def print_summary(run_dir: Path) -> None:
         stats = run_dir / "data" / "filter_stats.json"
         if stats.exists():
             console.print("synthesis and filtering (stage 2):", json.loads(stats.read_text()))
+        if teacher := teacher_accounting(run_dir):
+            console.print(teacher)
         console.print(f"run directory: {run_dir} (no evaluation yet, so no report)")
         return
     splits = sorted({sp for s in summaries for sp in s["splits"]})
@@ -213,4 +231,6 @@ def print_summary(run_dir: Path) -> None:
     if base:
         console.print(f"base agent alone on the U2 tasks: {base['success_rate']:.1f}% success "
                       f"({base['episodes']} episodes)")
+    if teacher := teacher_accounting(run_dir):
+        console.print(teacher)
     console.print(f"report: {run_dir / 'report' / 'report.html'}")

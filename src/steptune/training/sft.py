@@ -22,6 +22,8 @@ from typing import Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from steptune.errors import UserError
+
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint
@@ -35,6 +37,10 @@ class LoraSection(BaseModel):
     dropout: float = 0.05
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge: bool = True  # save the merged model (loads like any model) rather than the adapter alone
+
+
+class NoTrainingDataError(UserError, ValueError):
+    """Every trajectory given is empty, or too long to keep one whole step."""
 
 
 class TrainSettings(BaseModel):
@@ -160,7 +166,7 @@ def build_dataset(cfg: TrainConfig, tokenizer):
             stats["tokens"] += len(enc.input_ids)
             stats["trained_tokens"] += enc.n_trained_tokens
     if not rows["input_ids"]:
-        raise ValueError(f"no trainable trajectory in {cfg.data} (all empty or longer than max_length={cfg.max_length})")
+        raise NoTrainingDataError(f"no trainable trajectory in {cfg.data} (all empty or longer than max_length={cfg.max_length})")
     return Dataset.from_dict(rows), stats
 
 
@@ -293,12 +299,12 @@ def train(cfg: TrainConfig) -> Path:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = apply_chat_template_override(AutoTokenizer.from_pretrained(cfg.model), cfg.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset, stats = build_dataset(cfg, tokenizer)
+    dataset, stats = build_dataset(cfg, tokenizer)  # bad data stops here, before the output directory exists
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     precision = _precision(cfg.precision)
     model = load_model(cfg, precision)
     peft_config = None
