@@ -159,7 +159,9 @@ class Run:
 
         stats = write_expert_trajectories(self.cfg.env.name, g.split, self.golden, limit=g.limit,
                                           env_kwargs=self.cfg.env.kwargs, workers=self.cfg.env.workers)
-        return {"written": stats.written, "dropped": stats.dropped, "reasons": stats.reasons}
+        # the file's count, not this call's: a resumed stage writes only what was missing
+        return {"trajectories": len(load_trajectories(self.golden)), "dropped": stats.dropped,
+                "reasons": stats.reasons}
 
     def _split(self, _) -> dict:
         golden = load_trajectories(self.golden)
