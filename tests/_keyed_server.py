@@ -23,6 +23,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from _http import send  # this script's folder is on sys.path
+
 LOG_PATH, SCRIPT = sys.argv[1], json.loads(sys.argv[2])
 KEYS = {"student": os.environ["STUDENT_KEY"], "teacher": os.environ["TEACHER_KEY"]}
 lock = threading.Lock()
@@ -76,17 +78,7 @@ class Handler(BaseHTTPRequestHandler):
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]})
 
     def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up on a hung request
+        send(self, status, json.dumps(payload).encode(), headers)
 
 
 if __name__ == "__main__":
