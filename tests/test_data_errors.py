@@ -140,14 +140,16 @@ def test_eval_refuses_bad_model_or_env_before_writing(workdir, tiny_model_dir):
 
 
 def test_train_refuses_bad_data_or_model_before_writing(workdir, tiny_model_dir):
-    before = created(workdir, set())
     cases = [
         (["--model", str(tiny_model_dir), "--data", "system_only.jsonl"], "system_only.jsonl:2: conversation has"),
         (["--model", str(tiny_model_dir), "--data", "missing.jsonl"], "missing.jsonl: no such file"),
         (["--model", "./no-model", "--data", "eto.jsonl"], "--model ./no-model: no such file"),
         (["--data", "eto.jsonl"], "invalid training config: model: Field required"),
         (["missing.yaml", "--data", "eto.jsonl"], "missing.yaml: no such file"),
+        (["empty.yaml"], "invalid training config: model: Field required"),  # used to be an AttributeError
     ]
+    (workdir / "empty.yaml").write_text("")
+    before = created(workdir, set())
     for args, fragment in cases:
         assert_one_line_error(run_cli("train", *args, "--output", "trained", cwd=workdir), fragment)
     assert created(workdir, before) == set()  # no empty output directory left behind
