@@ -70,7 +70,7 @@ def build_conversation(
     """
     msgs = [{"role": m.role, "content": m.content} for m in traj.messages(include_final_observation=True)]
     if example:
-        msgs[0]["content"] = _with_example(traj, example)
+        msgs[0]["content"] = traj.model_copy(update={"example": example}).head()
     if max_context_tokens is None or _token_upper_bound(msgs) <= max_context_tokens:
         return msgs, False  # cheap: no tokenizer call while the chat is surely short enough
     head, rest = msgs[:1], msgs[1:]
@@ -99,8 +99,3 @@ def build_conversation(
 def _token_upper_bound(conversation: list[dict[str, str]]) -> int:
     """Byte-level tokenizers never make more tokens than UTF-8 bytes; 16 per message covers chat markup."""
     return sum(len(m["content"].encode()) + 16 for m in conversation)
-
-
-def _with_example(traj: Trajectory, example: str) -> str:
-    parts = [p for p in (traj.instruction, f"Here is an example:\n{example}", f"Now, it's your turn.\n{traj.task}") if p]
-    return "\n\n".join(parts)
