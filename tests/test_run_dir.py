@@ -112,3 +112,18 @@ def test_the_synthesis_tasks_are_the_d2_tasks_whatever_the_golden_files_record_i
     assert tasks and set(tasks) == {t.task_id for t in d2}
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     assert set(tasks) <= {t.id for t in env.tasks(cfg.golden.split)}
+
+
+def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
+    """What a changed stage takes down with it: its dependents through the files they read, and nothing else."""
+    from steptune.pipeline.run import dependents
+
+    stages = Run(load_config(PRESET), tmp_path).stages()
+    assert dependents(stages, "synthesize") == [
+        "synthesize", "filter", "train:step", "train:step_unmasked", "train:sequential", "eval:step",
+        "eval:step_unmasked", "eval:sequential", "report"]
+    assert dependents(stages, "train:golden_d1") == [
+        "train:golden_d1", "synthesize", "filter", "train:step", "train:step_unmasked", "train:sequential",
+        "eval:base_agent_u2", "eval:golden_d1", "eval:step", "eval:step_unmasked", "eval:sequential", "report"]
+    assert dependents(stages, "eval:golden_all") == ["eval:golden_all", "report"]
+    assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
