@@ -190,8 +190,15 @@ class TrajectoryFileError(FormatError):
         super().__init__(f"{head}{shown}{more}")
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<record>'}: {e['msg']}" for e in err.errors())
+def describe_validation_error(err: ValidationError, whole: str = "<record>") -> str:
+    """pydantic's errors as one line, each at its key path (`train.max_stpes: Extra inputs are not permitted`);
+    an error about the whole object is put at `whole`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-")) or whole
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 def iter_trajectories(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[Trajectory]:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from steptune.agent.backends import BackendConfig
+from steptune.data.trajectory import describe_validation_error
 from steptune.errors import UserError
 from steptune.evaluation.injection import InjectionConfig
 from steptune.models.tiny import TinyModelConfig
@@ -167,14 +168,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {validation_message(e)}") from e
-
-
-def validation_message(e: ValidationError) -> str:
-    """pydantic's errors as one line: `train.max_stpes: Extra inputs are not permitted; ...`."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+        raise ConfigError(f"{path}: {describe_validation_error(e, whole='')}") from e
