@@ -47,7 +47,7 @@ class OpenAICompatBackend(ChatBackend):
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-compat")
 
     def _on_request(self, request) -> None:
-        retry = int(request.headers.get("x-stainless-retry-count") or 0)
+        retry = _attempts(request) - 1
         if retry:
             with self._lock:
                 self.retries += 1
