@@ -491,9 +491,9 @@ class ScriptedPool:
 
 def rollout_rate(model_dir: Path, device, concurrency: int, episodes: int, first_task: int, turns: int,
                  max_new_tokens: int, observation_words: int, sample: bool, precision: str) -> dict:
-    from steptune.agent.backends.base import GenerationConfig
-    from steptune.agent.backends.local import LocalBackend
     from steptune.agent.rollout import RolloutTotals, run_episodes
+    from steptune.backends.base import GenerationConfig
+    from steptune.backends.local import LocalBackend
 
     backend = LocalBackend(model_dir, device=str(device), max_batch_size=concurrency,
                            dtype="bfloat16" if precision == "bf16" else "float32")

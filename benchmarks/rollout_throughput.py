@@ -29,9 +29,9 @@ def make_pool(size: int, env: str = "twx", workers: int | None = None):
 
 
 def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", workers: int | None = None) -> dict:
-    from steptune.agent.backends.base import GenerationConfig
-    from steptune.agent.backends.local import LocalBackend
     from steptune.agent.rollout import RolloutTotals, run_episodes
+    from steptune.backends.base import GenerationConfig
+    from steptune.backends.local import LocalBackend
 
     backend = LocalBackend(model_dir, max_batch_size=64)
     pool, pool_kind = make_pool(concurrency, env, workers)

@@ -3,10 +3,10 @@
 import pytest
 from _react_model import react_model_fixture, varied_prompts
 
-from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
-from steptune.agent.backends.base import GenerationConfig
-from steptune.agent.backends.local import LocalBackend, cut_at_stop
-from steptune.agent.policy import REACT_STOP, parse_react
+from steptune.backends import BackendConfig, make_backend, parse_backend_spec
+from steptune.backends.base import GenerationConfig
+from steptune.backends.local import LocalBackend, cut_at_stop
+from steptune.data.react import REACT_STOP, parse_react
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_no_output(backend):
 
 
 def test_prefix_cache_finds_the_longest_common_prefix():
-    from steptune.agent.backends.local import _PrefixCache
+    from steptune.backends.local import _PrefixCache
 
     cache = _PrefixCache(capacity=8)
     for ids, name in (([1, 3], "a"), ([1, 2, 9, 9, 9], "b"), ([1, 2, 3, 4, 5, 6], "c"), ([7, 8], "d"),
@@ -122,7 +122,7 @@ def test_packed_prefill_equals_padded_batch_prefill(backend, prompts):
 def test_packed_prefill_only_for_caches_that_keep_every_position():
     from transformers import LlamaConfig, MistralConfig
 
-    from steptune.agent.backends.local import _full_attention_only
+    from steptune.backends.local import _full_attention_only
 
     assert _full_attention_only(LlamaConfig()) and _full_attention_only(MistralConfig(sliding_window=None))
     assert not _full_attention_only(MistralConfig(sliding_window=16))
@@ -132,7 +132,7 @@ def test_rows_of_one_batch_share_their_prefixes(backend):
     """A prompt that continues another row of the same batch (or repeats it) is computed once."""
     from _react_model import golden_conversations
 
-    from steptune.agent.backends.prompt_tokens import common_prefix_len
+    from steptune.backends.prompt_tokens import common_prefix_len
 
     game = golden_conversations(1)[0]
     batch = [game[:1], game[:1], game[:3]]

@@ -42,8 +42,8 @@ def test_there_is_a_config_for_each_paper_benchmark_and_the_cpu_model():
 
 @pytest.mark.slow
 def test_smollm2_from_the_pypi_package_converts_and_chats(tmp_path):
-    from steptune.agent.backends import make_backend
-    from steptune.agent.backends.base import GenerationConfig
+    from steptune.backends import make_backend
+    from steptune.backends.base import GenerationConfig
     from steptune.models.gguf import convert_gguf, find_gguf
 
     try:

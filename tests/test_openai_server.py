@@ -14,11 +14,11 @@ import pytest
 from _http import send
 from _react_model import react_model_fixture, varied_prompts
 
-from steptune.agent.backends import make_backend
-from steptune.agent.backends.base import BackendError, GenerationConfig
-from steptune.agent.backends.local import LocalBackend
-from steptune.agent.backends.openai_compat import OpenAICompatBackend
-from steptune.agent.policy import REACT_STOP
+from steptune.backends import make_backend
+from steptune.backends.base import BackendError, GenerationConfig
+from steptune.backends.local import LocalBackend
+from steptune.backends.openai_compat import OpenAICompatBackend
+from steptune.data.react import REACT_STOP
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,11 @@ import pytest
 from _react_model import react_model_fixture
 from _twx_pool import twx_pool
 
-from steptune.agent.backends.base import GenerationConfig
-from steptune.agent.backends.local import LocalBackend
-from steptune.agent.policy import (
-    INVALID_FORMAT_OBSERVATION,
-    build_conversation,
-    parse_react,
-)
+from steptune.agent.policy import build_conversation
 from steptune.agent.rollout import RolloutTotals, run_episodes
+from steptune.backends.base import GenerationConfig
+from steptune.backends.local import LocalBackend
+from steptune.data.react import INVALID_FORMAT_OBSERVATION, parse_react
 from steptune.data.trajectory import Critique, Step, Trajectory
 from steptune.envs.base import TaskRef
 from steptune.teacher.base import Verdict

@@ -9,7 +9,7 @@ import pytest
 from test_tokenize import WORDS, smollm2_dir
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from steptune.agent.backends.prompt_tokens import PromptEncoder
+from steptune.backends.prompt_tokens import PromptEncoder
 from steptune.data.templates import TEMPLATES, apply_chat_template_override
 
 

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 from _react_model import react_model_fixture
 
-from steptune.agent.backends import make_backend
-from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.injection import (
+    INVALID_ACTION,
+    NEUTRAL_THOUGHT,
+    InjectionConfig,
+    injected_error,
+)
+from steptune.backends import make_backend
+from steptune.backends.base import GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.evaluation.eval import EvalConfig, evaluate
-from steptune.evaluation.injection import (
-    INVALID_ACTION,
-    NEUTRAL_THOUGHT,
-    InjectionConfig,
-    injected_error,
-    injection_summary,
-)
+from steptune.evaluation.recovery import injection_summary
 from steptune.pipeline.study import _bootstrap, _ratio
 from steptune.synthesis.golden import write_expert_trajectories
 
@@ -169,7 +169,7 @@ def test_sampling_depends_on_the_row_seed_not_the_batch(tiny_model_dir):
 
 
 def test_synthesis_at_temperature_is_identical_across_runs_and_pool_sizes(react_model_dir, tmp_path):
-    from steptune.agent.backends import BackendConfig
+    from steptune.backends import BackendConfig
     from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 
     outs = []

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from test_tokenize import trained_runs
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
 from steptune.agent.rollout import run_episodes
+from steptune.backends.base import ChatBackend, GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
 from steptune.envs.pool import EnvPool

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from steptune.agent.backends import BackendConfig
-from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.agent.rollout import run_episodes
+from steptune.backends import BackendConfig
+from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import EnvPool
@@ -134,7 +134,7 @@ def test_llm_teacher_keeps_the_judgements_of_a_partly_failed_batch():
 
 @pytest.mark.slow
 def test_llm_teacher_against_a_real_local_model_never_crashes(tiny_model_dir):
-    from steptune.agent.backends.local import LocalBackend
+    from steptune.backends.local import LocalBackend
 
     teacher = LLMTeacher(LocalBackend(str(tiny_model_dir)), max_new_tokens=24)
     step = Step(thought="north", action="move north", observation="You can't go that way.", kind="student")
@@ -158,7 +158,7 @@ def test_filtering_keeps_successes_with_few_errors():
 
 SYNTH = """
 import sys
-from steptune.agent.backends import parse_backend_spec
+from steptune.backends import parse_backend_spec
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 synthesize(SynthesisConfig(student=parse_backend_spec(sys.argv[1]), env="twx", env_kwargs={"game": "twc", "max_steps": 6},
                            split="train", limit=12, workers=2, out=sys.argv[2], max_new_tokens=24), progress=False)

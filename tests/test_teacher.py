@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _twx_pool import twx_kwargs
 
-from steptune.agent.backends import BackendConfig
+from steptune.backends import BackendConfig
 from steptune.data.trajectory import load_trajectories
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 from steptune.teacher.base import COUNT_KEYS, Teacher
@@ -113,7 +113,7 @@ def test_teacher_accounting_is_cumulative_across_a_resumed_run_and_counts_every_
 
 
 def test_teachers_follow_the_protocol():
-    from steptune.agent.backends.base import ChatBackend
+    from steptune.backends.base import ChatBackend
     from steptune.teacher.expert import ExpertTeacher
     from steptune.teacher.llm import LLMTeacher
 
@@ -130,8 +130,8 @@ def test_expert_plans_ride_with_the_steps_batched_across_slots(tmp_path):
     carries only expert calls happens once per batch of fresh episodes, never per slot and step."""
     from _twx_pool import twx_pool
 
-    from steptune.agent.backends.base import ChatBackend, GenerationConfig
     from steptune.agent.rollout import run_episodes
+    from steptune.backends.base import ChatBackend, GenerationConfig
     from steptune.teacher.expert import ExpertTeacher
 
     class LooksAroundThenTakes(ChatBackend):

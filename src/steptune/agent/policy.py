@@ -1,4 +1,5 @@
-"""The ReAct policy's text side: build the prompt from a trajectory in progress, parse the model's reply.
+"""The ReAct policy's prompt: the chat for the agent's next turn, cut to fit the context window (the text format
+itself, and the parsing of replies, is steptune.data.react).
 
 Prompts follow ETO: the first user turn holds the environment instruction (action list, format rules),
 an optional worked example, then the task; after that the turns alternate between the agent's
@@ -7,45 +8,14 @@ an optional worked example, then the task; after that the turns alternate betwee
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from steptune.data.trajectory import Trajectory
 
-# ETO's answer to a reply without an action (kept verbatim so scores stay comparable).
-INVALID_FORMAT_OBSERVATION = "Invalid format. The input must contain 'Action: '"
-
-# A ReAct turn ends with its Action line. A model that keeps going writes the environment's reply or its next
-# thought, so stopping at either ends the turn at the Action line (and stays within OpenAI's limit of 4 stops).
-REACT_STOP = ["\nObservation", "\nThought:", "\n\n"]
-
 # Steps are dropped in blocks so that the kept history starts at the same step for several turns in a row:
-# each prompt then extends the previous one, and a backend's prefix KV cache (steptune.agent.backends.local)
+# each prompt then extends the previous one, and a backend's prefix KV cache (steptune.backends.local)
 # prefills only the newest turn instead of the whole window.
 TRUNCATION_BLOCK = 4
-
-_ACTION_RE = re.compile(r"^\s*action\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
-_THOUGHT_RE = re.compile(r"^\s*thought\s*:\s*", re.IGNORECASE)
-
-
-@dataclass
-class ParsedStep:
-    thought: str
-    action: str
-
-
-def parse_react(text: str) -> ParsedStep | None:
-    """Parse `Thought: ...\\nAction: ...` (any casing and spacing). None when there is not exactly one
-    non-empty action line: guessing which of two actions the model meant would train on noise."""
-    matches = list(_ACTION_RE.finditer(text))
-    if len(matches) != 1:
-        return None
-    action = matches[0].group(1).strip()
-    if not action:
-        return None
-    thought = _THOUGHT_RE.sub("", text[: matches[0].start()].strip(), count=1).strip()
-    return ParsedStep(thought=thought, action=action)
 
 
 def approx_token_count(conversation: list[dict[str, str]]) -> int:

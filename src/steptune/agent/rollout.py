@@ -6,7 +6,7 @@ episodes leave, queued tasks take their slots. With a `teacher` (steptune.teache
 step is judged as soon as it has been executed: a wrong step is kept (kind "error", weight 0, critique attached)
 and followed by the teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env;
 then the student carries on; what the teacher did and cost is counted per episode (meta "teacher_counts"). With
-an `injection` (the recovery benchmark, steptune.evaluation.injection), each episode begins with the expert's
+an `injection` (the recovery benchmark, steptune.agent.injection), each episode begins with the expert's
 steps up to the injection point, then one injected wrong action, then the agent alone.
 
 Sampling (temperature > 0 with a seed) draws every turn from its own generator, seeded from (seed, episode id,
@@ -21,21 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
-from steptune.agent.policy import (
-    INVALID_FORMAT_OBSERVATION,
-    REACT_STOP,
-    approx_token_count,
-    build_conversation,
-    parse_react,
+from steptune.agent.injection import (
+    NEUTRAL_THOUGHT,
+    InjectionConfig,
+    injected_error,
+    injection_step,
 )
+from steptune.agent.policy import approx_token_count, build_conversation
+from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
+from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_STOP, parse_react
 from steptune.data.trajectory import Step, Trajectory
 from steptune.envs.base import Reset, StepResult, TaskRef
+from steptune.envs.expert import explain
 from steptune.teacher.base import StepToJudge, Teacher, TeacherCounts, Verdict
 
 if TYPE_CHECKING:  # the pool lives in steptune.envs.pool; only its interface is used here
     from steptune.envs.pool import EnvPool
-    from steptune.evaluation.injection import InjectionConfig
 
 
 @dataclass
@@ -228,15 +229,8 @@ def derive_seed(*parts: object) -> int:
 
 def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode]], injection: InjectionConfig,
                    totals: RolloutTotals) -> None:
-    """The recovery benchmark's opening (steptune.evaluation.injection): the expert's steps until the injection
+    """The recovery benchmark's opening (steptune.agent.injection): the expert's steps until the injection
     step, then the injected error, all executed; one round of env calls per step for all new episodes."""
-    from steptune.envs.expert import explain
-    from steptune.evaluation.injection import (
-        NEUTRAL_THOUGHT,
-        injected_error,
-        injection_step,
-    )
-
     pending = [(slot, ep, injection_step(injection, ep.task)) for slot, ep in started if ep.failure is None]
     while pending:
         slots, eps, steps, later = [], [], [], []

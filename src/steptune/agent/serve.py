@@ -13,7 +13,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
+from steptune.backends.base import ChatBackend, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _parse_request(req: dict) -> tuple[list[dict[str, str]], GenerationConfig]:
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None) -> None:
-    from steptune.agent.backends.local import LocalBackend
+    from steptune.backends.local import LocalBackend
 
     backend = LocalBackend(model_path)
     server = make_server(backend, model_name or str(model_path), host, port)

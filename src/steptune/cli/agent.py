@@ -31,7 +31,7 @@ def check_eval_config(fields: dict):
     config.json and episodes.jsonl): missing options, an unknown environment, a local model that is not there."""
     from pydantic import ValidationError
 
-    from steptune.agent.backends import parse_backend_spec
+    from steptune.backends import parse_backend_spec
     from steptune.data.trajectory import describe_validation_error
     from steptune.envs.registry import ENVS
     from steptune.evaluation.eval import EvalConfig

@@ -26,7 +26,7 @@ def expert(
 
     backend = None
     if thought_model:
-        from steptune.agent.backends import make_backend
+        from steptune.backends import make_backend
 
         backend = make_backend(thought_model)
     stats = write_expert_trajectories(env, split, out, limit=limit, env_kwargs=json.loads(env_kwargs),

@@ -29,7 +29,7 @@ def synthesize(
     env_kwargs: str = typer.Option("{}", help="Adapter options as JSON."),
 ) -> None:
     """Run the base agent with a teacher judging every step; write self-reflected trajectories."""
-    from steptune.agent.backends import parse_backend_spec
+    from steptune.backends import parse_backend_spec
     from steptune.synthesis.synthesize import SynthesisConfig
     from steptune.synthesis.synthesize import synthesize as run
 

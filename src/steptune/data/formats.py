@@ -32,17 +32,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from steptune.data.trajectory import (
+from steptune.data.react import (
     EXAMPLE_HEADER,
     YOUR_TURN,
+    format_observation,
+    format_react,
+    is_observation,
+    parse_observation,
+    parse_react,
+)
+from steptune.data.trajectory import (
     FormatError,
     RecordError,
     Step,
     Trajectory,
     TrajectoryFileError,
     describe_validation_error,
-    format_observation,
-    format_react,
 )
 
 __all__ = ["EXPORTERS", "FormatError", "TrajectoryFileError", "detect_format", "read_any", "record_to_trajectory",
@@ -50,35 +55,11 @@ __all__ = ["EXPORTERS", "FormatError", "TrajectoryFileError", "detect_format", "
 
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
            "observation": "user", "function": "user"}
-_ACTION_LINE = re.compile(r"^[ \t]*Action[ \t]*:", re.MULTILINE | re.IGNORECASE)
-_THOUGHT_PREFIX = re.compile(r"^\s*Thought\s*:\s*", re.IGNORECASE)
-_OBSERVATION_PREFIX = re.compile(r"^\s*Observation\s*:\s*", re.IGNORECASE)
 _YOUR_TURN = re.compile(r"^\s*(?:-{3,}\s*)?now,?\s+it['’]?s\s+your\s+turn", re.IGNORECASE)
 _EXAMPLES_INTRO = re.compile(r"^\s*here\s+(?:is\s+an\s+example|are\s+\d+\s+examples)\s*[.:]?[ \t]*\n", re.IGNORECASE)
 _ACK = {"ok", "ok.", "okay", "okay."}
 STEPTUNE_KEY = "steptune"  # steptune-only fields of an exported record
 _RESERVED = {"id", "conversations", "messages", "reward", "success", STEPTUNE_KEY}
-
-
-def _split_react(text: str) -> tuple[str, str]:
-    """Thought and action of an assistant turn. The action is on the last line that starts with `Action:` (a
-    thought may mention "Action:" itself); everything before it, less a `Thought:` label, is the thought."""
-    matches = list(_ACTION_LINE.finditer(text))
-    if not matches:
-        raise FormatError(f"assistant turn has no 'Action:': {text[:80]!r}")
-    last = matches[-1]
-    thought = _THOUGHT_PREFIX.sub("", text[: last.start()], count=1).strip()
-    return thought, text[last.end():].strip()
-
-
-def _observation(content: str) -> str:
-    if content.startswith("Observation: "):  # as format_observation writes it: undone exactly
-        return content[len("Observation: "):]
-    return _OBSERVATION_PREFIX.sub("", content, count=1)
-
-
-def _is_observation(content: str) -> bool:
-    return bool(_OBSERVATION_PREFIX.match(content))
 
 
 def _flag(turn: dict[str, Any], index: int) -> bool | None:
@@ -125,7 +106,7 @@ def _real_task_turn(turns: list[dict[str, Any]], start: int) -> int | None:
     if len(marked) > 1:
         raise FormatError(f"turns {turns[marked[0]]['index']} and {turns[marked[1]]['index']} both say \"Now, "
                           "it's your turn\": which one holds the task?")
-    candidates = marked or [j for j in users if not _is_observation(turns[j]["content"])]
+    candidates = marked or [j for j in users if not is_observation(turns[j]["content"])]
     if len(candidates) != 1 or (not marked and len(candidates) == len(users)):
         return None  # no marker, and not ETO's unmarked layout (one non-observation among observations)
     j = candidates[0]
@@ -188,13 +169,15 @@ def record_to_trajectory(record: dict[str, Any], env: str = "unknown", default_i
         turn = turns[i]
         if turn["role"] != "assistant":
             raise FormatError(f"turn {turn['index']}: expected an assistant turn, got a second user turn in a row")
-        thought, action = _split_react(turn["content"])
+        parsed = parse_react(turn["content"], recorded=True)
+        if parsed is None:
+            raise FormatError(f"assistant turn has no 'Action:': {turn['content'][:80]!r}")
         trained = turn["trained"] if turn["trained"] is not None else True
         observation = None
         if i + 1 < len(turns) and turns[i + 1]["role"] == "user":
-            observation = _observation(turns[i + 1]["content"])
+            observation = parse_observation(turns[i + 1]["content"])
             i += 1
-        steps.append(Step(thought=thought, action=action, observation=observation,
+        steps.append(Step(thought=parsed.thought, action=parsed.action, observation=observation,
                           weight=int(trained), kind="expert" if trained else "error"))
         i += 1
     steps = _restore_steps(steps, extra)

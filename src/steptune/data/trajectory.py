@@ -16,6 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from steptune.data.react import (
+    EXAMPLE_HEADER,
+    YOUR_TURN,
+    format_observation,
+    format_react,
+)
 from steptune.errors import UserError
 
 StepKind = Literal["expert", "student", "error", "reflection", "injected"]  # injected: the recovery benchmark
@@ -141,22 +147,10 @@ class Trajectory(BaseModel):
 
     def head(self) -> str:
         """The first user turn: instruction, the worked example if any, the task (the layout steptune's own
-        evaluation prompt uses, steptune.agent.policy)."""
+        evaluation prompt uses, steptune.data.react)."""
         parts = [self.instruction] if self.instruction else []
         parts += [EXAMPLE_HEADER + self.example, YOUR_TURN + self.task] if self.example else [self.task]
         return "\n\n".join(parts)
-
-
-EXAMPLE_HEADER = "Here is an example:\n"
-YOUR_TURN = "Now, it's your turn.\n"
-
-
-def format_react(thought: str, action: str) -> str:
-    return f"Thought: {thought}\nAction: {action}" if thought else f"Action: {action}"
-
-
-def format_observation(observation: str) -> str:
-    return f"Observation: {observation}"
 
 
 # ---------------------------------------------------------------------------------------------- JSONL I/O

@@ -3,7 +3,7 @@
 Layout of an eval run directory:
   episodes.jsonl   one Trajectory per finished episode (meta: steps, invalid actions, truncations, failure)
   injected.jsonl   with `inject`: the same tasks again, each with one injected error (the recovery benchmark,
-                   steptune.evaluation.injection; meta["injection"] says where, what, and when the agent got back)
+                   steptune.agent.injection; meta["injection"] says where, what, and when the agent got back)
   summary.json     average reward x100 and success rate, overall, per split and per task type; with `inject`,
                    the recovery metrics per split under "injection"
   config.json      the EvalConfig it ran with
@@ -21,10 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
-from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.injection import InjectionConfig
+from steptune.backends import BackendConfig, make_backend, parse_backend_spec
+from steptune.backends.base import GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
-from steptune.evaluation.injection import InjectionConfig, injection_summary
+from steptune.evaluation.recovery import injection_summary
 
 EPISODES_FILE = "episodes.jsonl"
 INJECTED_FILE = "injected.jsonl"
@@ -34,7 +35,7 @@ SUMMARY_FILE = "summary.json"
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | BackendConfig  # a backend spec string (see steptune.agent.backends) or a full config
+    model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
     env: str
     splits: list[str] = Field(default_factory=lambda: ["unseen"])
     limit: int | None = None  # first N tasks of each split

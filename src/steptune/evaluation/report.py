@@ -56,7 +56,7 @@ def task_type_table(summaries: list[dict], split: str) -> str:
 
 
 def injection_table(summaries: list[dict]) -> str:
-    """The recovery benchmark per method and split (steptune.evaluation.injection)."""
+    """The recovery benchmark per method and split (steptune.evaluation.recovery)."""
     head = ("| Method | split | success % with an injected error | success % without (same tasks) | "
             "recovery rate | back on the expert's plan % | steps to the plan |")
     rows = [head, "|---|---|---:|---:|---:|---:|---:|"]
@@ -124,7 +124,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         md += ["## Recovery benchmark: one injected error per episode", "", injection_table(summaries), ""]
         images.append(("success with and without an injected error", plot_injection(summaries, out / "recovery.png")))
     (out / "report.md").write_text("\n".join(md + [f"![{title}]({p.name})" for title, p in images]) + "\n")
-    body = "\n".join(_block_to_html(block) for block in _blocks(md))
+    body = markdown_to_html(md)
     imgs = "".join(f"<img alt='{title}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
                    for title, p in images)
     (out / "report.html").write_text(html_page("steptune report", body + imgs))
@@ -138,6 +138,11 @@ def html_page(title: str, body: str) -> str:
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
             f"</head><body>{body}</body></html>")
+
+
+def markdown_to_html(lines: list[str]) -> str:
+    """The reports' markdown (headings, paragraphs, pipe tables; blocks apart by blank lines) as HTML."""
+    return "\n".join(_block_to_html(b) for b in _blocks(lines))
 
 
 def _blocks(lines: list[str]) -> list[str]:

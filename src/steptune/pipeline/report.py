@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 from steptune.evaluation.report import (
-    _block_to_html,
-    _blocks,
     grouped_bars,
     html_page,
     injection_table,
     markdown_table,
+    markdown_to_html,
     plot_injection,
     plot_rewards,
     task_type_table,
@@ -158,7 +157,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     if any(s.get("injection") for s in summaries):
         md += ["## Recovery benchmark: one injected error per episode", "",
                "Each task again, with the expert's steps up to the injection step and then one wrong action "
-               "(steptune.evaluation.injection); recovery rate = success with the error ÷ success without it.", "",
+               "(steptune.agent.injection); recovery rate = success with the error ÷ success without it.", "",
                injection_table(summaries), ""]
     md += ["## Training", "", training_table(run_dir, manifest["config"]["methods"]), ""]
     images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]
@@ -183,7 +182,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     md += ["## Stages", "", "| stage | seconds |", "|---|---:|", *stage_rows, ""]
     md_text = "\n".join(md + [f"![{title}]({p.name})" for title, p in images]) + "\n"
     (out / "report.md").write_text(md_text)
-    body = "\n".join(_block_to_html(b) for b in _blocks(md))
+    body = markdown_to_html(md)
     imgs = "".join(f"<figure><img alt='{t}' src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
                    f"<figcaption>{t}</figcaption></figure>" for t, p in images)
     (out / "report.html").write_text(html_page("steptune run report", body + imgs))

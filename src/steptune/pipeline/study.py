@@ -200,14 +200,14 @@ def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict
     """study.json, study.md and study.html (with the plot) in `out`."""
     import base64
 
-    from steptune.evaluation.report import _block_to_html, _blocks, html_page
+    from steptune.evaluation.report import html_page, markdown_to_html
 
     s = aggregate(out, seeds)
     (out / "study.json").write_text(json.dumps(s, indent=2))
     md = study_markdown(s, command)
     png = plot_study(s, out / "study.png")
     (out / "study.md").write_text(md + "\n![success with 95% CI](study.png)\n")
-    body = "\n".join(_block_to_html(b) for b in _blocks(md.splitlines()))
+    body = markdown_to_html(md.splitlines())
     img = base64.b64encode(png.read_bytes()).decode()
     (out / "study.html").write_text(html_page("steptune study", f"{body}<img alt='success with 95% CI' "
                                               f"src='data:image/png;base64,{img}'>"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
+from steptune.backends.base import ChatBackend, GenerationConfig
 from steptune.data.trajectory import Step, Trajectory, TrajectoryWriter
 from steptune.envs.base import Reset, TaskRef
 from steptune.envs.expert import explain

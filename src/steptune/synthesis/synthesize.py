@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steptune.agent.backends import BackendConfig, make_backend
-from steptune.agent.backends.base import GenerationConfig
+from steptune.backends import BackendConfig, make_backend
+from steptune.backends.base import GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.errors import UserError
@@ -32,7 +32,7 @@ class SynthesisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # typed backends, so that settings a spec string cannot carry (api_key_env, timeout_s, max_retries) arrive;
-    # strings are parsed at the CLI edge (steptune.agent.backends.parse_backend_spec)
+    # strings are parsed at the CLI edge (steptune.backends.parse_backend_spec)
     student: BackendConfig  # the base agent
     env: str
     env_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from steptune.agent.policy import INVALID_FORMAT_OBSERVATION
+from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Critique
 from steptune.envs.expert import explain
 from steptune.teacher.base import StepToJudge, Verdict

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ValidationError
 
-from steptune.agent.backends.base import BackendError, ChatBackend, GenerationConfig
-from steptune.data.trajectory import Critique, Step, format_observation, format_react
+from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
+from steptune.data.react import format_observation, format_react
+from steptune.data.trajectory import Critique, Step
 from steptune.teacher.base import StepToJudge, Verdict
 
 SYSTEM = (

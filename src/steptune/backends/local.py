@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steptune.agent.backends.base import ChatBackend, Conversation, GenerationConfig
-from steptune.agent.backends.prompt_tokens import PromptEncoder, common_prefix_len
+from steptune.backends.base import ChatBackend, Conversation, GenerationConfig
+from steptune.backends.prompt_tokens import PromptEncoder, common_prefix_len
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

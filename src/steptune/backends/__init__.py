@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from steptune.agent.backends.base import (
+from steptune.backends.base import (
     BackendError,
     ChatBackend,
     Conversation,
@@ -48,14 +48,14 @@ def parse_backend_spec(spec: str) -> BackendConfig:
 def make_backend(spec: str | BackendConfig) -> ChatBackend:
     cfg = parse_backend_spec(spec) if isinstance(spec, str) else spec
     if cfg.kind == "local":
-        from steptune.agent.backends.local import LocalBackend
+        from steptune.backends.local import LocalBackend
 
         return LocalBackend(cfg.model, device=cfg.device, max_batch_size=cfg.max_batch_size, adapter=cfg.adapter)
     if cfg.kind == "vllm":
-        from steptune.agent.backends.vllm import VLLMBackend
+        from steptune.backends.vllm import VLLMBackend
 
         return VLLMBackend(cfg.model)
-    from steptune.agent.backends.openai_compat import OpenAICompatBackend
+    from steptune.backends.openai_compat import OpenAICompatBackend
 
     if not cfg.base_url:
         raise ValueError("the openai backend needs base_url")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steptune.agent.backends.base import ChatBackend, Conversation, GenerationConfig
+from steptune.backends.base import ChatBackend, Conversation, GenerationConfig
 
 
 class VLLMBackend(ChatBackend):

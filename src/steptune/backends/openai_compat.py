@@ -17,13 +17,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from steptune.agent.backends.base import (
+from steptune.backends.base import (
     BackendError,
     ChatBackend,
     Conversation,
     GenerationConfig,
 )
-from steptune.agent.backends.local import cut_at_stop
+from steptune.backends.local import cut_at_stop
 
 log = logging.getLogger(__name__)
 

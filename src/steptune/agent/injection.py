@@ -1,4 +1,5 @@
-"""The recovery benchmark: every method meets the same mistake at the same point, then must carry on alone.
+"""The recovery benchmark's injected error: every method meets the same mistake at the same point, then must carry
+on alone. The rollout loop (steptune.agent.rollout) executes it; its metrics are steptune.evaluation.recovery.
 
 The rule (what `steptune eval --inject-error` does to each episode):
 1. **Where.** The error comes at agent step `k`: `step` when it is set (1-based), else drawn per task uniformly from
@@ -15,21 +16,12 @@ The rule (what `steptune eval --inject-error` does to each episode):
 3. **How.** The injected action is executed and stays in the agent's history as if the agent had written it, with
    the neutral thought `NEUTRAL_THOUGHT` (step kind "injected", weight 0). Then the agent continues on its own.
 So the same seed gives the same injected steps and actions for every model (given a deterministic expert).
-
-Metrics (per split, paired with the same tasks' episodes without injection):
-  * success and reward with injection;
-  * recovery rate: success with injection ÷ success without, on the tasks run both ways;
-  * steps to the plan: agent steps from the injection to its first action that is the expert's next action of
-    that moment (1 = the very next action undoes or routes around the error), and the share of episodes that ever
-    get back on the plan.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections import defaultdict
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,32 +60,3 @@ def injected_error(cfg: InjectionConfig, task: TaskRef, valid: list[str] | None,
     if nowhere or acts:
         return rng.choice(nowhere or acts), "off_plan"
     return INVALID_ACTION, "invalid"
-
-
-def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]:
-    """Per split: the metrics above, from trajectories run without and with injection."""
-    without = {t.id: t for t in normal}
-    by_split: dict[str, list] = defaultdict(list)
-    for t in injected:
-        by_split[t.split or "unknown"].append(t)
-    out = {}
-    for split, trajs in sorted(by_split.items()):
-        info = [t.meta.get("injection") or {} for t in trajs]
-        hit = [i for i in info if "action" in i]
-        back = [i["steps_to_plan"] for i in hit if i.get("steps_to_plan") is not None]
-        paired = [(t, without[t.id]) for t in trajs if t.id in without]
-        base_success = sum(w.success for _, w in paired)
-        n = len(trajs)
-        out[split] = {
-            "episodes": n,
-            "injected": len(hit),
-            "off_plan": sum(i.get("error") == "off_plan" for i in hit),
-            "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
-            "avg_reward": round(100 * sum(t.reward for t in trajs) / n, 2) if n else 0.0,
-            "paired_episodes": len(paired),
-            "success_without": round(100 * base_success / len(paired), 2) if paired else None,
-            "recovery_rate": round(sum(t.success for t, _ in paired) / base_success, 3) if base_success else None,
-            "back_on_plan": round(100 * len(back) / len(hit), 2) if hit else None,
-            "steps_to_plan": round(sum(back) / len(back), 2) if back else None,
-        }
-    return out

@@ -1,0 +1,42 @@
+"""The recovery benchmark's metrics (the injected error itself: steptune.agent.injection), per split, paired with
+the same tasks' episodes without injection:
+  * success and reward with injection;
+  * recovery rate: success with injection ÷ success without, on the tasks run both ways;
+  * steps to the plan: agent steps from the injection to its first action that is the expert's next action of
+    that moment (1 = the very next action undoes or routes around the error), and the share of episodes that ever
+    get back on the plan.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+
+def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]:
+    """Per split: the metrics above, from trajectories run without and with injection."""
+    without = {t.id: t for t in normal}
+    by_split: dict[str, list] = defaultdict(list)
+    for t in injected:
+        by_split[t.split or "unknown"].append(t)
+    out = {}
+    for split, trajs in sorted(by_split.items()):
+        info = [t.meta.get("injection") or {} for t in trajs]
+        hit = [i for i in info if "action" in i]
+        back = [i["steps_to_plan"] for i in hit if i.get("steps_to_plan") is not None]
+        paired = [(t, without[t.id]) for t in trajs if t.id in without]
+        base_success = sum(w.success for _, w in paired)
+        n = len(trajs)
+        out[split] = {
+            "episodes": n,
+            "injected": len(hit),
+            "off_plan": sum(i.get("error") == "off_plan" for i in hit),
+            "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
+            "avg_reward": round(100 * sum(t.reward for t in trajs) / n, 2) if n else 0.0,
+            "paired_episodes": len(paired),
+            "success_without": round(100 * base_success / len(paired), 2) if paired else None,
+            "recovery_rate": round(sum(t.success for t, _ in paired) / base_success, 3) if base_success else None,
+            "back_on_plan": round(100 * len(back) / len(hit), 2) if hit else None,
+            "steps_to_plan": round(sum(back) / len(back), 2) if back else None,
+        }
+    return out
