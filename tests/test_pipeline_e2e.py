@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
 from steptune.data.trajectory import load_trajectories
-from steptune.pipeline.config import METHOD_TITLES
+from steptune.pipeline.methods import title
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
@@ -67,7 +67,7 @@ def test_smoke_pipeline_produces_every_artifact(smoke_run):
     assert json.loads((run / "models" / "step_unmasked" / "train_summary.json").read_text())["masked_error_steps"] == 0
     assert json.loads((run / "models" / "step" / "train_summary.json").read_text())["masked_error_steps"] > 0
     report = (run / "report" / "report.md").read_text()
-    assert all(METHOD_TITLES[m] in report for m in METHODS) and "Synthesis" in report
+    assert all(title(m) in report for m in METHODS) and "Synthesis" in report
     assert (run / "report" / "report.html").stat().st_size > 10_000  # plots embedded
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())

@@ -41,7 +41,8 @@ def test_each_method_trains_from_the_right_model_on_the_right_data(tmp_path, mon
     The real TrainConfig of every training stage is captured instead of training (the wiring is what is tested)."""
     model = {"base": {"base": "org/base-llm"}, "init": {"init": {"vocab_size": 256}}}[source]
     run = Run(PipelineConfig(model=model, train={"max_steps": 1}), tmp_path)
-    for path in (run.d1, run.d2, run.dr):
+    d1, d2, dr = (run.paths.dataset(name) for name in ("d1", "d2", "dr"))
+    for path in (d1, d2, dr):
         save_trajectories([tidy_trajectory()], path)
     trained: dict[str, TrainConfig] = {}
 
@@ -61,9 +62,8 @@ def test_each_method_trains_from_the_right_model_on_the_right_data(tmp_path, mon
 
     base = str(tmp_path / "models" / "init") if source == "init" else "org/base-llm"
     agent = tmp_path / "models" / "golden_d1"
-    expected = {"golden_d1": (base, [run.d1]), "golden_all": (base, [run.d1, run.d2]),
-                "step": (base, [run.d1, run.dr]), "step_unmasked": (base, [run.d1, run.dr]),
-                "sequential": (str(agent), [run.dr])}
+    expected = {"golden_d1": (base, [d1]), "golden_all": (base, [d1, d2]), "step": (base, [d1, dr]),
+                "step_unmasked": (base, [d1, dr]), "sequential": (str(agent), [dr])}
     assert set(trained) == set(expected)
     for method, (start, data) in expected.items():
         cfg = trained[method]

@@ -87,13 +87,11 @@ def study(
     import shlex
     import sys
 
-    from steptune.pipeline.study import QUICK, run_study, study_markdown
+    from steptune.pipeline.study import HEADLINE_KEYS, QUICK, run_study, study_markdown
 
     cfg = _load(config, set_, QUICK if quick else None)
     command = shlex.join(["steptune", *sys.argv[1:]])
     result = run_study(cfg, seeds, output, command)
     typer.echo(study_markdown(result, command))
     typer.echo(f"wrote {output / 'study.json'}, {output / 'study.md'}, {output / 'study.html'}")
-    keys = ["base_agent_success_u2", "step_minus_golden_d1_unseen", "step_minus_golden_all_unseen",
-            "step_minus_unmasked_unseen", "recovery_step", "recovery_golden_d1"]
-    typer.echo(json.dumps({k: result.get(k) for k in keys}))
+    typer.echo(json.dumps({k: result.get(k) for k in HEADLINE_KEYS}))

@@ -11,24 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig
 from steptune.data.trajectory import describe_validation_error
 from steptune.errors import UserError
 from steptune.models.tiny import TinyModelConfig
+from steptune.pipeline.methods import BASE_AGENT, METHODS
 from steptune.synthesis.filtering import FilterConfig
 from steptune.training.sft import TrainSettings
-
-Method = Literal["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
-METHOD_TITLES = {
-    "golden_d1": "Golden SFT on D1 (base agent)",
-    "golden_all": "Golden SFT on D1 ∪ D2",
-    "step": "STeP (D1 ∪ Dr, partial masking)",
-    "step_unmasked": "STeP without masking",
-    "sequential": "Sequential (base agent → Dr)",
-}
 
 
 class _Strict(BaseModel):
@@ -131,15 +123,17 @@ class PipelineConfig(_Strict):
     synthesis: SynthesisSection = Field(default_factory=SynthesisSection)
     # stage 2's filter; the paper keeps successful trajectories with at most k = 2 erroneous steps
     filter: FilterConfig = Field(default_factory=FilterConfig)
-    methods: list[Method] = Field(default_factory=lambda: ["golden_d1", "golden_all", "step", "step_unmasked",
-                                                           "sequential"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)  # steptune.pipeline.methods
     eval: EvalSection = Field(default_factory=EvalSection)
 
-    @model_validator(mode="after")
-    def _base_agent_first(self) -> PipelineConfig:
-        if "golden_d1" not in self.methods:
-            raise ValueError("methods must include golden_d1: it trains the base agent that stage 2 runs")
-        return self
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        if unknown := [m for m in methods if m not in METHODS]:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if BASE_AGENT not in methods:
+            raise ValueError(f"methods must include {BASE_AGENT}: it trains the base agent that stage 2 runs")
+        return methods
 
 
 class ConfigError(UserError, ValueError):

@@ -17,9 +17,8 @@ from steptune.evaluation.report import (
     plot_rewards,
     task_type_table,
 )
-from steptune.pipeline.config import METHOD_TITLES
-
-TRAIN_LOG = "train_log.jsonl"
+from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
+from steptune.pipeline.methods import title
 
 
 def _plt():
@@ -32,13 +31,14 @@ def _plt():
 
 
 def method_summaries(run_dir: Path) -> list[dict]:
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    paths = RunLayout(run_dir)
+    manifest = json.loads(paths.manifest.read_text())
     out = []
     for method in manifest["config"]["methods"]:
-        path = run_dir / "eval" / method / "summary.json"
+        path = paths.eval_summary(method)
         if path.exists():
             s = json.loads(path.read_text())
-            s["name"] = METHOD_TITLES.get(method, method)
+            s["name"] = title(method)
             s["method"] = method
             out.append(s)
     return out
@@ -46,7 +46,7 @@ def method_summaries(run_dir: Path) -> list[dict]:
 
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     curves = {}
-    for log in sorted((run_dir / "models").glob(f"*/{TRAIN_LOG}")):
+    for log in RunLayout(run_dir).train_logs():
         points = []
         for line in log.read_text().splitlines():
             rec = json.loads(line)
@@ -61,7 +61,7 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=METHOD_TITLES.get(name, name))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=title(name))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("masked SFT loss")
     ax.set_yscale("log")
@@ -95,13 +95,13 @@ def plot_synthesis(stats: dict, path: Path) -> Path:
 
 def base_agent_u2(run_dir: Path) -> dict | None:
     """The base agent's own success on the synthesis tasks U2 (eval:base_agent_u2), if it ran."""
-    path = run_dir / "eval" / "base_agent_u2" / "summary.json"
+    path = RunLayout(run_dir).eval_summary(BASE_AGENT_U2)
     return json.loads(path.read_text())["overall"] if path.exists() else None
 
 
 def teacher_accounting(run_dir: Path) -> str | None:
     """Stage 2's teacher accounting over the whole synthesis file (resumes included), in one sentence."""
-    path = run_dir / "data" / "synthesized_teacher.json"
+    path = RunLayout(run_dir).teacher_stats
     if not path.exists():
         return None
     t = json.loads(path.read_text())
@@ -117,10 +117,10 @@ def training_table(run_dir: Path, methods: list[str]) -> str:
     rows = ["| Method | trajectories | epochs | optimizer steps | trained tokens | masked error steps |",
             "|---|---:|---:|---:|---:|---:|"]
     for m in methods:
-        path = run_dir / "models" / m / "train_summary.json"
+        path = RunLayout(run_dir).train_summary(m)
         if path.exists():
             t = json.loads(path.read_text())
-            rows.append(f"| {METHOD_TITLES.get(m, m)} | {t.get('trajectories', '–')} | {t.get('epochs', '–')} | "
+            rows.append(f"| {title(m)} | {t.get('trajectories', '–')} | {t.get('epochs', '–')} | "
                         f"{t.get('steps', '–')} | {t.get('trained_tokens', '–')} | {t.get('masked_error_steps', '–')} |")
     return "\n".join(rows)
 
@@ -143,10 +143,11 @@ def headline(run_dir: Path) -> dict[str, float | None]:
 
 
 def write_run_report(run_dir: Path) -> dict[str, Path]:
-    out = run_dir / "report"
+    paths = RunLayout(run_dir)
+    out = paths.report_dir
     out.mkdir(parents=True, exist_ok=True)
     summaries = method_summaries(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = json.loads(paths.manifest.read_text())
     md = [f"# STeP run: {manifest['config']['name']}", "",
           f"Environment `{manifest['config']['env']['name']}`; average reward ×100 and success rate (%) per split.",
           "", markdown_table(summaries), ""]
@@ -169,7 +170,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     curves = loss_curves(run_dir)
     if curves:
         images.append(("training loss", plot_losses(curves, out / "loss.png")))
-    synth = run_dir / "data" / "filter_stats.json"
+    synth = paths.filter_stats
     if synth.exists():
         stats = json.loads(synth.read_text())
         md += ["## Synthesis (stage 2)", "", "| statistic | value |", "|---|---:|"]
@@ -197,7 +198,7 @@ def print_summary(run_dir: Path) -> None:
     console = Console()
     summaries = method_summaries(run_dir)
     if not summaries:
-        stats = run_dir / "data" / "filter_stats.json"
+        stats = RunLayout(run_dir).filter_stats
         if stats.exists():
             console.print("synthesis and filtering (stage 2):", json.loads(stats.read_text()))
         if teacher := teacher_accounting(run_dir):
@@ -232,4 +233,4 @@ def print_summary(run_dir: Path) -> None:
                       f"({base['episodes']} episodes)")
     if teacher := teacher_accounting(run_dir):
         console.print(teacher)
-    console.print(f"report: {run_dir / 'report' / 'report.html'}")
+    console.print(f"report: {RunLayout(run_dir).report_dir / 'report.html'}")

@@ -26,12 +26,14 @@ from rich.console import Console
 
 from steptune.data.trajectory import load_trajectories, save_trajectories
 from steptune.pipeline.config import PipelineConfig
+from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.manifest import (
     Manifest,
     check_stage,
     library_versions,
     stage_key,
 )
+from steptune.pipeline.methods import BASE_AGENT, METHODS, Method
 from steptune.pipeline.split import split_by_task
 
 console = Console()
@@ -63,8 +65,10 @@ class Run:
     cfg: PipelineConfig
     dir: Path
     manifest: Manifest = field(init=False)
+    paths: RunLayout = field(init=False)
 
     def __post_init__(self) -> None:
+        self.paths = RunLayout(self.dir)
         self.manifest = Manifest(self.dir)  # read only: `open()` writes, once the request has been checked
 
     def open(self) -> None:
@@ -73,78 +77,47 @@ class Run:
         self.manifest.data["versions"] = library_versions()
         self.manifest.save()
 
-    # paths ---------------------------------------------------------------------------------------
+    # paths (steptune.pipeline.layout) ------------------------------------------------------------
     @property
     def golden(self) -> Path:
-        return self.dir / "data" / "golden.jsonl"
-
-    @property
-    def d1(self) -> Path:
-        return self.dir / "data" / "d1.jsonl"
-
-    @property
-    def d2(self) -> Path:
-        return self.dir / "data" / "d2.jsonl"
+        return self.paths.dataset("golden")
 
     @property
     def synthesized(self) -> Path:
-        return self.dir / "data" / "synthesized.jsonl"
-
-    @property
-    def dr(self) -> Path:
-        return self.dir / "data" / "dr.jsonl"
-
-    @property
-    def teacher_stats(self) -> Path:
-        return self.dir / "data" / "synthesized_teacher.json"
-
-    @property
-    def filter_stats(self) -> Path:
-        return self.dir / "data" / "filter_stats.json"
+        return self.paths.dataset("synthesized")
 
     @property
     def base_model(self) -> Path | str:
-        return self.dir / "models" / "init" if self.cfg.model.init else self.cfg.model.base  # type: ignore[return-value]
+        return self.paths.model_dir("init") if self.cfg.model.init else self.cfg.model.base  # type: ignore[return-value]
 
-    def model_dir(self, method: str) -> Path:
-        return self.dir / "models" / method
-
-    def eval_dir(self, method: str) -> Path:
-        return self.dir / "eval" / method
-
-    @property
-    def report_dir(self) -> Path:
-        return self.dir / "report"
+    def start_model(self, method: Method) -> Path | str:
+        return self.paths.model_dir(BASE_AGENT) if method.start == "base_agent" else self.base_model
 
     # stages --------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        cfg = self.cfg
+        cfg, paths = self.cfg, self.paths
+        d1, d2, dr = paths.dataset("d1"), paths.dataset("d2"), paths.dataset("dr")
         out: list[Stage] = [
             Stage("golden", [], [self.golden], lambda: {"golden": cfg.golden, "env": cfg.env}, self._golden),
-            Stage("split", [self.golden], [self.d1, self.d2], lambda: {"split": cfg.split, "seed": cfg.seed},
-                  self._split),
+            Stage("split", [self.golden], [d1, d2], lambda: {"split": cfg.split, "seed": cfg.seed}, self._split),
         ]
         if cfg.model.init:
-            out.append(Stage("init_model", [self.golden], [self.model_dir("init")],
+            out.append(Stage("init_model", [self.golden], [paths.model_dir("init")],
                              lambda: cfg.model.init.model_copy(update={"seed": self.init_seed}), self._init_model))
-        out.append(self._train_stage("golden_d1", [self.d1]))
+        out.append(self._train_stage(METHODS[BASE_AGENT]))
         out += [
-            Stage("synthesize", [self.model_dir("golden_d1"), self.d2], [self.synthesized, self.teacher_stats],
+            Stage("synthesize", [paths.model_dir(BASE_AGENT), d2], [self.synthesized, paths.teacher_stats],
                   self.synthesis_config, self._synthesize),
-            Stage("filter", [self.synthesized], [self.dr, self.filter_stats], lambda: cfg.filter, self._filter),
+            Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter),
         ]
-        data_of = {"golden_all": [self.d1, self.d2], "step": [self.d1, self.dr], "step_unmasked": [self.d1, self.dr],
-                   "sequential": [self.dr]}
-        for method in cfg.methods:
-            if method != "golden_d1":
-                out.append(self._train_stage(method, data_of[method]))
+        out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
         if cfg.eval.base_agent_u2:
-            out.append(Stage("eval:base_agent_u2", [self.model_dir("golden_d1"), self.d2],
-                             [self.eval_dir("base_agent_u2")], self.base_agent_eval_config, self._evaluate))
+            out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
+                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate))
         for method in cfg.methods:
-            out.append(Stage(f"eval:{method}", [self.model_dir(method)], [self.eval_dir(method)],
+            out.append(Stage(f"eval:{method}", [paths.model_dir(method)], [paths.eval_dir(method)],
                              lambda m=method: self.eval_config(m), self._evaluate))
-        out.append(Stage("report", [self.eval_dir(m) / "summary.json" for m in cfg.methods], [self.report_dir],
+        out.append(Stage("report", [paths.eval_summary(m) for m in cfg.methods], [paths.report_dir],
                          dict, self._report))
         return out
 
@@ -166,8 +139,8 @@ class Run:
     def _split(self, _) -> dict:
         golden = load_trajectories(self.golden)
         d1, d2 = split_by_task(golden, self.cfg.split.d1_fraction, self.cfg.seed, self.cfg.split.stratify)
-        save_trajectories(d1, self.d1)
-        save_trajectories(d2, self.d2)
+        save_trajectories(d1, self.paths.dataset("d1"))
+        save_trajectories(d2, self.paths.dataset("d2"))
         return {"d1": len(d1), "d2": len(d2), "u1_tasks": len({t.task_id for t in d1}),
                 "u2_tasks": len({t.task_id for t in d2})}
 
@@ -175,7 +148,7 @@ class Run:
         from steptune.models.tiny import build_tiny_model
 
         texts = [m.content for t in load_trajectories(self.golden) for m in t.messages(include_final_observation=True)]
-        build_tiny_model(texts, self.model_dir("init"), init)
+        build_tiny_model(texts, self.paths.model_dir("init"), init)
         return {"corpus_messages": len(texts), "seed": init.seed}
 
     @property
@@ -184,21 +157,21 @@ class Run:
         init = self.cfg.model.init
         return self.cfg.seed if init is None or init.seed is None else init.seed
 
-    def train_config(self, method: str, data: list[Path]):
+    def train_config(self, method: Method):
         from steptune.training.sft import TrainConfig
 
-        start = self.model_dir("golden_d1") if method == "sequential" else self.base_model
         settings = self.cfg.train.model_dump(exclude_unset=False)
         if settings["seed"] is None:  # the trainer's seed (data order) is the run's unless train.seed pins it
             settings["seed"] = self.cfg.seed
-        return TrainConfig(**settings, model=str(start), data=[str(p) for p in data],
-                           output_dir=str(self.model_dir(method)), unmask_errors=method == "step_unmasked")
+        return TrainConfig(**settings, model=str(self.start_model(method)),
+                           data=[str(self.paths.dataset(d)) for d in method.data],
+                           output_dir=str(self.paths.model_dir(method.name)), unmask_errors=method.unmask_errors)
 
     def _train(self, cfg) -> dict:
         from steptune.training.sft import train
 
         if not any(load_trajectories(p) for p in cfg.data):
-            # nothing survived filtering: sequential training has no data, so its model is its start model
+            # nothing survived filtering (Dr is a method's only data): its model is its start model
             target = Path(cfg.output_dir)
             remove(target)
             target.symlink_to(Path(cfg.model).resolve(), target_is_directory=True)
@@ -230,17 +203,17 @@ class Run:
 
     def student(self, method: str):
         """The student's backend config for a method's model."""
-        return self.cfg.student.model_copy(update={"model": str(self.model_dir(method))})
+        return self.cfg.student.model_copy(update={"model": str(self.paths.model_dir(method))})
 
     def synthesis_config(self):
         from steptune.synthesis.synthesize import SynthesisConfig
 
         s, env = self.cfg.synthesis, self.cfg.env
         return SynthesisConfig(
-            student=self.student("golden_d1"), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
+            student=self.student(BASE_AGENT), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
             tasks=self.u2_tasks(), limit=s.limit, samples_per_task=s.samples_per_task, temperature=s.temperature,
             max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, teacher=s.teacher,
-            teacher_backend=s.teacher_backend, golden=str(self.d2) if s.use_golden_reference else None,
+            teacher_backend=s.teacher_backend, golden=str(self.paths.dataset("d2")) if s.use_golden_reference else None,
             out=str(self.synthesized), seed=self.cfg.seed if s.seed is None else s.seed)
 
     def _synthesize(self, cfg) -> dict:
@@ -254,9 +227,9 @@ class Run:
 
         trajs = load_trajectories(self.synthesized)
         kept, report = filter_trajectories(trajs, cfg)
-        save_trajectories(kept, self.dr)
+        save_trajectories(kept, self.paths.dataset("dr"))
         report = {**synthesis_stats(trajs), **report}
-        self.filter_stats.write_text(json.dumps(report, indent=2))
+        self.paths.filter_stats.write_text(json.dumps(report, indent=2))
         return report
 
     def eval_config(self, method: str, out: str | None = None, **settings):
@@ -266,12 +239,12 @@ class Run:
         e, env = self.cfg.eval, self.cfg.env
         defaults = {"splits": e.splits, "limit": e.limit, "inject": e.inject}
         return EvalConfig(**{"model": self.student(method), "env": env.name, "workers": env.workers,
-                             "out": str(self.eval_dir(out or method)), "name": out or method,
+                             "out": str(self.paths.eval_dir(out or method)), "name": out or method,
                              "max_new_tokens": e.max_new_tokens, "env_kwargs": env.kwargs, **defaults, **settings})
 
     def base_agent_eval_config(self):
         """The base agent alone (greedy, no teacher) on the synthesis tasks U2."""
-        return self.eval_config("golden_d1", "base_agent_u2", splits=[self.cfg.golden.split], limit=None,
+        return self.eval_config(BASE_AGENT, BASE_AGENT_U2, splits=[self.cfg.golden.split], limit=None,
                                 inject=None, tasks=self.u2_tasks())
 
     def _evaluate(self, cfg) -> dict:
@@ -282,7 +255,7 @@ class Run:
 
     def u2_tasks(self) -> list[str]:
         """The task ids of U2 (the synthesis tasks), from D2."""
-        return sorted({t.task_id for t in load_trajectories(self.d2)})
+        return sorted({t.task_id for t in load_trajectories(self.paths.dataset("d2"))})
 
     def _report(self, _) -> dict:
         from steptune.pipeline.report import write_run_report
@@ -290,12 +263,14 @@ class Run:
         paths = write_run_report(self.dir)
         return {k: str(v) for k, v in paths.items()}
 
-    def _train_stage(self, method: str, data: list[Path]) -> Stage:
-        inputs = list(data) + ([self.model_dir("golden_d1")] if method == "sequential" else [])
+    def _train_stage(self, method: Method) -> Stage:
+        inputs = [self.paths.dataset(d) for d in method.data]
+        if method.start == "base_agent":
+            inputs.append(self.paths.model_dir(BASE_AGENT))
         if self.cfg.model.init:
-            inputs.append(self.model_dir("init"))
-        return Stage(f"train:{method}", inputs, [self.model_dir(method)], lambda: self.train_config(method, data),
-                     self._train)
+            inputs.append(self.paths.model_dir("init"))
+        return Stage(f"train:{method.name}", inputs, [self.paths.model_dir(method.name)],
+                     lambda: self.train_config(method), self._train)
 
 
 def remove(path: Path) -> None:

@@ -16,13 +16,17 @@ from typing import Any
 import numpy as np
 
 from steptune.data.trajectory import load_trajectories
-from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
+from steptune.pipeline.config import PipelineConfig
+from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
+from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
 
 BOOTSTRAP = 2000
-PAIRS = {"step_minus_golden_d1": ("step", "golden_d1"), "step_minus_golden_all": ("step", "golden_all"),
-         "step_minus_unmasked": ("step", "step_unmasked")}
-PAIR_TITLES = {"step_minus_golden_d1": "STeP − golden D1", "step_minus_golden_all": "STeP − golden D1 ∪ D2",
-               "step_minus_unmasked": "STeP − STeP unmasked"}
+# paired comparisons: STeP minus each method the registry marks with `vs_step`
+PAIRS = {f"step_minus_{m.vs_step}": (STEP, m.name) for m in METHODS.values() if m.vs_step}
+PAIR_TITLES = {f"step_minus_{m.vs_step}": m.vs_step_title for m in METHODS.values() if m.vs_step}
+# the figures `steptune study` prints as its last line
+HEADLINE_KEYS = ["base_agent_success_u2", *(f"{name}_unseen" for name in PAIRS), f"recovery_{STEP}",
+                 f"recovery_{BASE_AGENT}"]
 # --quick: the same study with 30 test games per split and one synthesis sample per U2 task, for a first look in
 # under 15 minutes on 2 CPU cores (its intervals are wide)
 QUICK = {"eval.limit": 30, "synthesis.samples_per_task": 1}
@@ -42,10 +46,10 @@ def run_study(cfg: PipelineConfig, seeds: list[int], out: Path, command: str | N
     return write_study(out, seeds, command)
 
 
-def _success(run: Path, method: str, filename: str = "episodes.jsonl") -> dict[str, dict[str, float]]:
+def _success(run: Path, method: str, injected: bool = False) -> dict[str, dict[str, float]]:
     """{split: {task id: 1.0 | 0.0}} for one method of one seed's run."""
     out: dict[str, dict[str, float]] = {}
-    path = run / "eval" / method / filename
+    path = RunLayout(run).episodes(method, injected)
     for t in load_trajectories(path) if path.exists() else []:
         out.setdefault(t.split or "unknown", {})[t.id] = float(t.success)
     return out
@@ -77,18 +81,18 @@ def _ratio(pairs: np.ndarray) -> float:
 
 def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     runs = [seed_dir(out, s) for s in seeds]
-    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    manifest = json.loads(RunLayout(runs[0]).manifest.read_text())
     methods = manifest["config"]["methods"]
     splits = manifest["config"]["eval"]["splits"]
     success = {m: [_success(r, m) for r in runs] for m in methods}
-    injected = {m: [_success(r, m, "injected.jsonl") for r in runs] for m in methods}
+    injected = {m: [_success(r, m, injected=True) for r in runs] for m in methods}
     rng = np.random.default_rng(0)
 
     result: dict[str, Any] = {
         "seeds": seeds,
         "test_episodes_per_split_per_seed": {sp: min(len(success[methods[0]][i].get(sp, {})) for i in range(len(runs)))
                                              for sp in splits},
-        "methods": {m: METHOD_TITLES.get(m, m) for m in methods},
+        "methods": {m: title(m) for m in methods},
         "success": {m: {sp: _bootstrap([np.array(list(s.get(sp, {}).values())) for s in success[m]], rng=rng)
                         for sp in splits} for m in methods},
     }
@@ -111,13 +115,13 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
             result[f"recovery_{m}"] = {k: None if v is None else round(v / 100, 3) for k, v in rec.items()}
             result[f"success_injected_{m}"] = _bootstrap([p[:, 0] for p in pairs], rng=rng)
     base = [json.loads(p.read_text())["overall"] for r in runs
-            if (p := r / "eval" / "base_agent_u2" / "summary.json").exists()]
+            if (p := RunLayout(r).eval_summary(BASE_AGENT_U2)).exists()]
     result["base_agent_success_u2"] = {"per_seed": [b["success_rate"] for b in base],
                                        "mean": round(float(np.mean([b["success_rate"] for b in base])), 2)
                                        if base else None}
-    result["stage2"] = [json.loads(p.read_text()) if (p := r / "data" / "filter_stats.json").exists() else None
+    result["stage2"] = [json.loads(p.read_text()) if (p := RunLayout(r).filter_stats).exists() else None
                         for r in runs]
-    result["training"] = {m: [json.loads(p.read_text()) if (p := r / "models" / m / "train_summary.json").exists()
+    result["training"] = {m: [json.loads(p.read_text()) if (p := RunLayout(r).train_summary(m)).exists()
                               else None for r in runs] for m in methods}
     result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
                                       for s in success[m]] for m in methods}
@@ -147,9 +151,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         md += ["Command:", "", f"    {command}", ""]
     md += ["## Success rate (%)", "", "| method | " + " | ".join(splits) + " | per seed (" + " / ".join(splits) + ") |",
            "|---|" + "---:|" * len(splits) + "---|"]
-    for m, title in s["methods"].items():
+    for m, label in s["methods"].items():
         per_seed = "; ".join(" / ".join(f"{d.get(sp, 0):.0f}" for sp in splits) for d in s["per_seed_success"][m])
-        md.append(f"| {title} | " + " | ".join(_pct(s["success"][m][sp]) for sp in splits) + f" | {per_seed} |")
+        md.append(f"| {label} | " + " | ".join(_pct(s["success"][m][sp]) for sp in splits) + f" | {per_seed} |")
     md += ["", "## Paired differences (percentage points)", "", "| comparison | " + " | ".join(splits) + " |",
            "|---|" + "---:|" * len(splits)]
     for name in PAIRS:
@@ -158,11 +162,11 @@ def study_markdown(s: dict, command: str | None = None) -> str:
                       + " | ".join(_ci(s.get(f"{name}_{sp}")) for sp in splits) + " |")
     md += ["", "## Recovery benchmark (one injected error per episode, seen and unseen pooled)", "",
            "| method | success % with the error | recovery rate (with ÷ without) |", "|---|---:|---:|"]
-    for m, title in s["methods"].items():
+    for m, label in s["methods"].items():
         rec = s.get(f"recovery_{m}")
         if rec:
             ratio = "–" if rec["mean"] is None else f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}]"
-            md.append(f"| {title} | {_pct(s.get(f'success_injected_{m}'))} | {ratio} |")
+            md.append(f"| {label} | {_pct(s.get(f'success_injected_{m}'))} | {ratio} |")
     rows = [f"| {PAIR_TITLES[name]} | {_ci(s[f'{name}_injected'])} |" for name in PAIRS if f"{name}_injected" in s]
     if rows:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",

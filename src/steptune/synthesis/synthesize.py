@@ -116,8 +116,14 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
                 b.close()
     stats = summarize(out)
     # the file's totals, not this run's: a resumed run must not report only its own part
-    (out.parent / (out.stem + "_teacher.json")).write_text(json.dumps(stats["teacher"], indent=2))
+    teacher_stats_path(out).write_text(json.dumps(stats["teacher"], indent=2))
     return stats
+
+
+def teacher_stats_path(out: str | Path) -> Path:
+    """Where synthesis writes the teacher's accounting for the trajectories in `out`: beside it."""
+    out = Path(out)
+    return out.parent / (out.stem + "_teacher.json")
 
 
 def _record_id(task: TaskRef, sample: int) -> str:
