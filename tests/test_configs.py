@@ -28,8 +28,8 @@ def test_config_loads_and_its_files_exist(path):
         acc = ROOT / cfg.launcher.accelerate_config
         assert acc.exists(), acc
         assert yaml.safe_load(acc.read_text())["distributed_type"] in {"MULTI_GPU", "DEEPSPEED", "FSDP"}
-    if cfg.synthesis.teacher == "llm":
-        teacher = cfg.synthesis.teacher_backend
+    if cfg.synthesis.teacher.name == "llm":
+        teacher = cfg.synthesis.teacher.backend
         assert teacher.kind == "openai" and teacher.model and teacher.base_url and teacher.api_key_env
         assert "key" not in str(teacher.base_url).lower()  # keys come from the environment only
 

@@ -10,12 +10,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from _twx_pool import twx_kwargs
 
 from steptune.backends import BackendConfig
-from steptune.data.trajectory import load_trajectories
+from steptune.data.trajectory import Step, load_trajectories
+from steptune.envs.base import TaskRef
+from steptune.envs.twx import TextWorldExpressEnv
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
-from steptune.teacher.base import COUNT_KEYS, Teacher
+from steptune.teacher.base import COUNT_KEYS
 
 STUDENT_SECRET = "sk-student-8c1f2e"
 TEACHER_SECRET = "sk-teacher-77d0a9"
@@ -43,9 +46,9 @@ def config(url: str, out: Path, limit: int, **teacher: object) -> SynthesisConfi
     return SynthesisConfig(
         student=BackendConfig(kind="openai", model="student", base_url=url, api_key_env="MY_STUDENT_KEY",
                               max_concurrency=1, max_retries=0),
-        teacher="llm",
-        teacher_backend=BackendConfig(kind="openai", model="teacher", base_url=url, api_key_env="MY_TEACHER_KEY",
-                                      max_concurrency=1, **{"max_retries": 1, "timeout_s": 5.0, **teacher}),
+        teacher={"name": "llm", "backend": BackendConfig(
+            kind="openai", model="teacher", base_url=url, api_key_env="MY_TEACHER_KEY", max_concurrency=1,
+            **{"max_retries": 1, "timeout_s": 5.0, **teacher})},
         env="twx", env_kwargs=twx_kwargs(max_steps=4), split="train", limit=limit, workers=2, out=str(out),
         max_new_tokens=32)
 
@@ -112,17 +115,52 @@ def test_teacher_accounting_is_cumulative_across_a_resumed_run_and_counts_every_
     assert all(t.success and t.meta["failure"] is None for t in trajs)
 
 
-def test_teachers_follow_the_protocol():
-    from steptune.backends.base import ChatBackend
+def test_a_config_names_each_registered_teacher_and_gets_its_own_settings():
+    """The registry's key is what a config writes; a line whose key and settings disagree (or a teacher missing
+    from the union) would hand `teacher: NAME` another teacher's settings or refuse it."""
+    from pydantic import ValidationError
+
+    from steptune.synthesis.synthesize import SynthesisSettings
+    from steptune.teacher.registry import TEACHERS
+
+    backend = {"kind": "openai", "model": "teacher", "base_url": "http://127.0.0.1:9/v1"}
+    for name, settings in TEACHERS.items():
+        required = {"backend": backend} if "backend" in settings.model_fields else {}
+        for written in ([name] if not required else []) + [{"name": name, **required}]:
+            parsed = SynthesisSettings(teacher=written).teacher
+            assert type(parsed) is settings and parsed.name == name, written
+    with pytest.raises(ValidationError, match="expert"):  # an unknown name lists the known ones
+        SynthesisSettings(teacher="oracle")
+    # the layout before teachers had settings of their own is still read
+    with pytest.warns(FutureWarning, match="teacher_backend"):
+        old = SynthesisSettings.model_validate({"teacher": "llm", "teacher_backend": backend})
+    assert old.teacher.name == "llm" and old.teacher.backend.base_url == backend["base_url"]
+
+
+def test_the_expert_teacher_takes_invalid_from_the_environment_not_from_words():
+    """'You can't go that way.' is what a valid move into a wall may answer; only the environment's flag says that
+    the action was not understood."""
+    from steptune.teacher.base import StepToJudge
     from steptune.teacher.expert import ExpertTeacher
-    from steptune.teacher.llm import LLMTeacher
 
-    class Nothing(ChatBackend):
-        def complete(self, conversations, gen):
-            return ["" for _ in conversations]
-
-    assert isinstance(ExpertTeacher(), Teacher) and isinstance(LLMTeacher(Nothing()), Teacher)
-    assert ExpertTeacher().uses_expert_plan and not LLMTeacher(Nothing()).uses_expert_plan
+    env = TextWorldExpressEnv(game="coin", game_params="numLocations=1,numDistractorItems=0,includeDoors=0")
+    try:
+        reset = env.reset(env.tasks("train")[0])
+        plan = env.expert_actions()
+        bad = env.step("dance around")
+        plan_after = env.expert_actions()
+    finally:
+        env.close()
+    assert bad.info["invalid"]
+    worded = Step(thought="", action=plan[0], observation="You can't go that way.", kind="student")
+    flagged = Step(thought="", action="dance around", observation=bad.observation, kind="student")
+    items = [StepToJudge(task=TaskRef("twx", "coin", 0), task_text=reset.task, history=[], step=step,
+                         reward_before=0.0, reward_after=0.0, done=False, invalid=invalid, plan_before=plan,
+                         plan_after=plan_after)
+             for step, invalid in ((worded, False), (flagged, True))]
+    on_plan, invalid = ExpertTeacher().judge(items)
+    assert not on_plan.critique.is_error
+    assert invalid.critique.is_error and "not a valid action" in invalid.critique.error
 
 
 def test_expert_plans_ride_with_the_steps_batched_across_slots(tmp_path):

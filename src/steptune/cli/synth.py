@@ -20,7 +20,7 @@ def synthesize(
     limit: Optional[int] = typer.Option(None, help="First N tasks of the split."),
     samples: int = typer.Option(1, help="Rollouts per task."),
     temperature: float = typer.Option(0.0),
-    teacher: str = typer.Option("expert", help="expert | llm | self"),
+    teacher: str = typer.Option("expert", help="A teacher of steptune.teacher.registry: expert, llm, self, ..."),
     teacher_model: Optional[str] = typer.Option(None, help="LLM teacher backend spec, e.g. openai:Qwen1.5-110B-Chat@http://host:8000/v1"),
     teacher_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the teacher's API key."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the base agent's API key (openai:)."),
@@ -34,12 +34,13 @@ def synthesize(
     from steptune.synthesis.synthesize import synthesize as run
 
     student = parse_backend_spec(model).model_copy(update={"api_key_env": api_key_env})
-    teacher_backend = (parse_backend_spec(teacher_model).model_copy(update={"api_key_env": teacher_api_key_env})
-                       if teacher_model else None)
+    teacher_settings: dict = {"name": teacher}
+    if teacher_model:
+        teacher_settings["backend"] = parse_backend_spec(teacher_model).model_copy(
+            update={"api_key_env": teacher_api_key_env})
     stats = run(SynthesisConfig(student=student, env=env, env_kwargs=json.loads(env_kwargs), split=split, limit=limit,
-                                samples_per_task=samples, temperature=temperature, teacher=teacher,
-                                teacher_backend=teacher_backend, golden=str(golden) if golden else None,
-                                workers=workers, out=str(out)))
+                                samples_per_task=samples, temperature=temperature, teacher=teacher_settings,
+                                golden=str(golden) if golden else None, workers=workers, out=str(out)))
     typer.echo(json.dumps(stats, indent=2))
 
 

@@ -20,6 +20,9 @@ INVALID_FORMAT_OBSERVATION = "Invalid format. The input must contain 'Action: '"
 # thought, so stopping at either ends the turn at the Action line (and stays within OpenAI's limit of 4 stops).
 REACT_STOP = ["\nObservation", "\nThought:", "\n\n"]
 
+# new tokens per agent turn unless a stage says otherwise: a thought and an action fit with room to spare
+REACT_MAX_NEW_TOKENS = 128
+
 _ACTION_LINE = re.compile(r"^[ \t]*action[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _THOUGHT_LABEL = re.compile(r"^\s*thought\s*:\s*", re.IGNORECASE)
 _OBSERVATION_LABEL = re.compile(r"^\s*observation\s*:\s*", re.IGNORECASE)

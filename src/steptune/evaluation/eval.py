@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
+from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
 from steptune.evaluation.recovery import injection_summary
 
@@ -32,25 +33,30 @@ INJECTED_FILE = "injected.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-class EvalConfig(BaseModel):
+class EvalSettings(BaseModel):
+    """What a user chooses about evaluation (the pipeline's `eval:` section is these settings)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
-    env: str
-    splits: list[str] = Field(default_factory=lambda: ["unseen"])
-    limit: int | None = None  # first N tasks of each split
-    tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
-    workers: int = 4  # concurrent episodes (env pool size)
-    out: str
-    name: str | None = None  # label in reports; defaults to the out directory's name
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    splits: list[str] = Field(default_factory=lambda: ["unseen"], min_length=1)
+    limit: int | None = Field(None, ge=1)  # first N tasks of each split
+    max_new_tokens: int = Field(REACT_MAX_NEW_TOKENS, ge=1)  # per agent turn
+    temperature: float = Field(0.0, ge=0)
     top_p: float = 1.0
     seed: int | None = None
     max_context_tokens: int | None = None
     example: str | None = None  # one in-context example (text of a golden trajectory)
-    env_kwargs: dict[str, Any] = Field(default_factory=dict)
     inject: InjectionConfig | None = None  # also run every task with one injected error (the recovery benchmark)
+
+
+class EvalConfig(EvalSettings):
+    model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
+    env: str
+    tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
+    workers: int = 4  # concurrent episodes (env pool size)
+    out: str
+    name: str | None = None  # label in reports; defaults to the out directory's name
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool = True) -> dict:

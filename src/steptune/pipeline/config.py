@@ -13,13 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig
 from steptune.data.trajectory import describe_validation_error
 from steptune.errors import UserError
+from steptune.evaluation.eval import EvalSettings
 from steptune.models.tiny import TinyModelConfig
 from steptune.pipeline.methods import BASE_AGENT, METHODS
 from steptune.synthesis.filtering import FilterConfig
+from steptune.synthesis.synthesize import SynthesisSettings
 from steptune.training.sft import TrainSettings
 
 
@@ -69,32 +70,16 @@ class ModelSection(_Strict):
         return self
 
 
-class SynthesisSection(_Strict):
-    teacher: Literal["expert", "llm", "self"] = "expert"
-    # teacher llm: e.g. {kind: openai, model: Qwen2-72B-Instruct, base_url: http://host:8000/v1,
-    # api_key_env: OPENAI_API_KEY} (the variable's *name*; keys never go in configs), or {kind: local, model: PATH}
-    teacher_backend: BackendConfig | None = None
+class SynthesisSection(SynthesisSettings):
+    """Stage 2's settings (limit: the first N tasks of U2), and whether the teacher sees D2's golden trajectory."""
+
     use_golden_reference: bool = True
-    samples_per_task: int = Field(1, ge=1)
-    temperature: float = Field(0.0, ge=0)  # > 0 for several distinct samples per task
-    limit: int | None = Field(None, ge=1)  # number of U2 tasks to run
-    seed: int | None = None  # sampling; None: the run's seed
-
-    @model_validator(mode="after")
-    def _llm_has_backend(self) -> SynthesisSection:
-        if self.teacher == "llm" and self.teacher_backend is None:
-            raise ValueError("teacher 'llm' needs teacher_backend, e.g. {kind: openai, model: NAME, base_url: URL}")
-        if self.teacher_backend and self.teacher_backend.kind == "openai" and not self.teacher_backend.base_url:
-            raise ValueError("teacher_backend of kind openai needs base_url, e.g. http://localhost:8000/v1")
-        return self
 
 
-class EvalSection(_Strict):
-    splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)
-    limit: int | None = Field(None, ge=1)  # episodes per split
-    max_new_tokens: int = Field(64, ge=1)  # per turn, in synthesis too
-    # the recovery benchmark (steptune.agent.injection): every method also runs each task with one injected error
-    inject: InjectionConfig | None = None
+class EvalSection(EvalSettings):
+    """Evaluation's settings for every method (inject: the recovery benchmark, steptune.agent.injection)."""
+
+    splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)  # a run tests both
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
 
 

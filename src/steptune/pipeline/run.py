@@ -210,11 +210,10 @@ class Run:
 
         s, env = self.cfg.synthesis, self.cfg.env
         return SynthesisConfig(
+            **s.model_dump(exclude={"use_golden_reference", "seed"}), seed=self.cfg.seed if s.seed is None else s.seed,
             student=self.student(BASE_AGENT), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
-            tasks=self.u2_tasks(), limit=s.limit, samples_per_task=s.samples_per_task, temperature=s.temperature,
-            max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, teacher=s.teacher,
-            teacher_backend=s.teacher_backend, golden=str(self.paths.dataset("d2")) if s.use_golden_reference else None,
-            out=str(self.synthesized), seed=self.cfg.seed if s.seed is None else s.seed)
+            tasks=self.u2_tasks(), workers=env.workers, out=str(self.synthesized),
+            golden=str(self.paths.dataset("d2")) if s.use_golden_reference else None)
 
     def _synthesize(self, cfg) -> dict:
         from steptune.synthesis.synthesize import synthesize
@@ -236,11 +235,10 @@ class Run:
         """`steptune eval` of a method's model into eval/<out>, with the run's env, workers and token budget."""
         from steptune.evaluation.eval import EvalConfig
 
-        e, env = self.cfg.eval, self.cfg.env
-        defaults = {"splits": e.splits, "limit": e.limit, "inject": e.inject}
-        return EvalConfig(**{"model": self.student(method), "env": env.name, "workers": env.workers,
-                             "out": str(self.paths.eval_dir(out or method)), "name": out or method,
-                             "max_new_tokens": e.max_new_tokens, "env_kwargs": env.kwargs, **defaults, **settings})
+        env = self.cfg.env
+        return EvalConfig(**{**self.cfg.eval.model_dump(exclude={"base_agent_u2"}), "model": self.student(method),
+                             "env": env.name, "workers": env.workers, "out": str(self.paths.eval_dir(out or method)),
+                             "name": out or method, "env_kwargs": env.kwargs, **settings})
 
     def base_agent_eval_config(self):
         """The base agent alone (greedy, no teacher) on the synthesis tasks U2."""

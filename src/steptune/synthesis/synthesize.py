@@ -10,27 +10,56 @@ requests, unusable replies), so totals summed over the file cover every run that
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steptune.backends import BackendConfig, make_backend
 from steptune.backends.base import GenerationConfig
+from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.errors import UserError
-from steptune.teacher.base import COUNT_KEYS, Teacher
+from steptune.teacher.base import COUNT_KEYS, TeacherContext
+from steptune.teacher.expert import ExpertSettings
+from steptune.teacher.registry import AnyTeacher
 
 
 class UnknownTasksError(UserError, ValueError):
     """Task ids (e.g. from an imported golden file) that the environment does not have."""
 
 
-class SynthesisConfig(BaseModel):
+class SynthesisSettings(BaseModel):
+    """What a user chooses about stage 2 (the pipeline's `synthesis:` section is these settings)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    teacher: AnyTeacher = Field(default_factory=ExpertSettings)  # steptune.teacher.registry
+    samples_per_task: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)  # > 0 for several distinct samples per task
+    limit: int | None = Field(None, ge=1)  # the first N tasks
+    max_new_tokens: int = Field(REACT_MAX_NEW_TOKENS, ge=1)  # per agent turn
+    seed: int | None = None  # sampling; None: the run's seed (0 outside a run)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_teacher_backend(cls, data: Any) -> Any:
+        """`teacher: llm` with `teacher_backend: {...}` beside it: the layout before teachers had their own
+        settings, still read for one release."""
+        if isinstance(data, dict) and "teacher_backend" in data:
+            data = dict(data)
+            backend = data.pop("teacher_backend")
+            if backend is not None:
+                warnings.warn("synthesis.teacher_backend is deprecated: write teacher: {name: llm, backend: {...}}",
+                              FutureWarning, stacklevel=2)
+                data["teacher"] = {"name": data.get("teacher", "llm"), "backend": backend}
+        return data
+
+
+class SynthesisConfig(SynthesisSettings):
     # typed backends, so that settings a spec string cannot carry (api_key_env, timeout_s, max_retries) arrive;
     # strings are parsed at the CLI edge (steptune.backends.parse_backend_spec)
     student: BackendConfig  # the base agent
@@ -38,37 +67,9 @@ class SynthesisConfig(BaseModel):
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     split: str = "train"
     tasks: list[str] | None = None  # task ids (TaskRef.id) to run; default: the split's first `limit`
-    limit: int | None = None
-    samples_per_task: int = 1
-    temperature: float = 0.0
-    max_new_tokens: int = 128
     workers: int = 2
-    teacher: Literal["expert", "llm", "self"] = "expert"
-    teacher_backend: BackendConfig | None = None  # the LLM teacher (teacher "llm")
-    golden: str | None = None  # golden trajectories (JSONL) shown to the LLM teacher as a reference
+    golden: str | None = None  # golden trajectories (JSONL) shown to an LLM teacher as a reference
     out: str
-    seed: int = 0
-
-
-def make_teacher(cfg: SynthesisConfig, student_backend) -> tuple[Teacher, object | None]:
-    """The teacher, and the backend it owns (to close), if any."""
-    if cfg.teacher == "expert":
-        from steptune.teacher.expert import ExpertTeacher
-
-        return ExpertTeacher(), None
-    from steptune.teacher.llm import LLMTeacher
-
-    golden = {}
-    if cfg.golden:
-        for t in load_trajectories(cfg.golden):
-            golden[t.task_id] = "\n".join(f"Action: {s.action}" for s in t.steps)
-    if cfg.teacher == "self":
-        return LLMTeacher(student_backend, name="self", self_teacher=True, golden=golden), None
-    if cfg.teacher_backend is None:
-        raise ValueError("teacher 'llm' needs teacher_backend (e.g. kind openai, model Qwen2-72B, "
-                         "base_url http://host/v1, api_key_env MY_KEY)")
-    backend = make_backend(cfg.teacher_backend)
-    return LLMTeacher(backend, name="llm", golden=golden), backend
 
 
 def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -> dict:
@@ -95,9 +96,9 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
                                                if _record_id(t, k) not in writer.done_ids]
             if jobs:
                 backend = make_backend(cfg.student)
-                teacher, teacher_backend = make_teacher(cfg, backend)
-                gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       seed=cfg.seed)
+                teacher, teacher_backend = cfg.teacher.build(TeacherContext(student=backend, golden=cfg.golden))
+                seed = cfg.seed or 0
+                gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
 
                 def write(ep, k: int) -> None:
                     ep.trajectory.id = _record_id(ep.task, k)
@@ -107,7 +108,7 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
                 for k in range(cfg.samples_per_task):  # one pass per sample index keeps ids deterministic
                     batch = [t for t, kk in jobs if kk == k]
                     if batch:  # sample k of a task draws from seeds derived from (seed, k, task, step): see rollout
-                        run_episodes(pool, batch, backend, replace(gen, seed=derive_seed(cfg.seed, k)),
+                        run_episodes(pool, batch, backend, replace(gen, seed=derive_seed(seed, k)),
                                      teacher=teacher, progress=progress, on_episode_end=lambda ep, k=k: write(ep, k))
     finally:
         pool.close()

@@ -5,9 +5,11 @@ on each episode (trajectory meta "teacher_counts") and a resumed synthesis still
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from steptune.data.trajectory import Critique, Step
+from pydantic import BaseModel, ConfigDict
+
+from steptune.data.trajectory import Critique, Step, load_trajectories
 from steptune.envs.base import TaskRef
 
 
@@ -20,6 +22,8 @@ class StepToJudge:
     reward_before: float
     reward_after: float
     done: bool  # the step ended the episode: a correction would not be executed
+    # the environment did not accept the action (its info["invalid"]), or the reply had no action to run
+    invalid: bool = False
     # only for teachers with uses_expert_plan: the environment expert's remaining plan from the state before the
     # step and from the state the step left (a correction must be valid from there); None: the expert cannot tell
     plan_before: list[str] | None = None
@@ -45,6 +49,32 @@ class Teacher(Protocol):
     def judge(self, steps: list[StepToJudge]) -> list[Verdict]:
         """One verdict per step, in order. Never raises for a model failure: that is an unjudged, counted step."""
         ...
+
+
+@dataclass
+class TeacherContext:
+    """What synthesis hands a teacher's settings to build the teacher from."""
+
+    student: Any  # the student's ChatBackend (the self-teacher judges with it)
+    golden: str | None = None  # golden trajectories (JSONL) a teacher may show as a reference solution
+
+    def golden_references(self) -> dict[str, str]:
+        """task id → the golden trajectory's actions, one `Action: ...` line each."""
+        if not self.golden:
+            return {}
+        return {t.task_id: "\n".join(f"Action: {s.action}" for s in t.steps) for t in load_trajectories(self.golden)}
+
+
+class TeacherSettings(BaseModel):
+    """A teacher's typed settings (its `name` is the registry key, steptune.teacher.registry); `build` makes the
+    teacher, and returns the backend it opened, if any, for synthesis to close."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+    def build(self, ctx: TeacherContext) -> tuple[Teacher, Any]:
+        raise NotImplementedError
 
 
 COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies")

@@ -1,7 +1,7 @@
 """The expert-grounded teacher: judges student steps against the environment's expert, no LLM needed.
 
 A step is an error when any of these holds:
-  * the action was invalid (the environment did not understand it, or the output had no action);
+  * the action was invalid (the environment said so in its info["invalid"], or the output had no action);
   * it is not in the expert's remaining plan (from the state before the step) AND the reward did not rise.
 An action the plan contains later (a harmless reordering) or one that raised the reward is not an error.
 The correction is the expert's next action from the state the wrong step left (re-planned), so it can be
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
-from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Critique
 from steptune.envs.expert import explain
-from steptune.teacher.base import StepToJudge, Verdict
+from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict
 
 _GOAL_VERBS = ("put ", "move ", "focus on ", "cook ", "prepare ", "eat ", "slice ", "use ", "pour ", "mix ",
                "connect ", "activate ", "click[buy")
-_INVALID_HINTS = ("not sure what you mean", "unknown action", "no known action", "can't", "cannot",
-                  "nothing happens", "invalid")
 
 
 def _first_sentence(text: str) -> str:
@@ -50,7 +48,7 @@ class ExpertTeacher:
         if plan is None:
             return Verdict(why_unjudged="the expert has no plan for this state")
         obs = step.observation or ""
-        invalid = not step.action or obs == INVALID_FORMAT_OBSERVATION or any(h in obs.lower() for h in _INVALID_HINTS)
+        invalid = s.invalid or not step.action
         on_plan = step.action in plan
         if not invalid and (on_plan or s.reward_after > s.reward_before or not plan):
             return Verdict(Critique(is_error=False, teacher=self.name))
@@ -74,3 +72,10 @@ class ExpertTeacher:
         return Verdict(Critique(is_error=True, error=error, reason=reason, reflection=reflection,
                                 corrected_thought=explain(fix_plan[0], fix_plan[1:], obs),
                                 corrected_action=fix_plan[0], teacher=self.name))
+
+
+class ExpertSettings(TeacherSettings):
+    name: Literal["expert"] = "expert"
+
+    def build(self, ctx: TeacherContext) -> tuple[ExpertTeacher, None]:
+        return ExpertTeacher(), None

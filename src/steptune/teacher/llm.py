@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
+from steptune.backends import BackendConfig, make_backend
 from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.data.react import format_observation, format_react
 from steptune.data.trajectory import Critique, Step
-from steptune.teacher.base import StepToJudge, Verdict
+from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict
 
 SYSTEM = (
     "You are an expert teacher watching a student agent act in a text environment. After each of its steps you "
@@ -133,3 +135,31 @@ class LLMTeacher:
 
     def _critique(self, j: Judgement) -> Critique:
         return Critique(teacher=self.name, **j.model_dump())
+
+
+class LLMSettings(TeacherSettings):
+    """A (larger) model behind its own backend, e.g. {kind: openai, model: Qwen2-72B-Instruct, base_url:
+    http://host:8000/v1, api_key_env: OPENAI_API_KEY} (the variable's *name*; keys never go in configs)."""
+
+    name: Literal["llm"] = "llm"
+    backend: BackendConfig
+
+    @field_validator("backend")
+    @classmethod
+    def _openai_has_url(cls, backend: BackendConfig) -> BackendConfig:
+        if backend.kind == "openai" and not backend.base_url:
+            raise ValueError("a teacher backend of kind openai needs base_url, e.g. http://localhost:8000/v1")
+        return backend
+
+    def build(self, ctx: TeacherContext) -> tuple[LLMTeacher, ChatBackend]:
+        backend = make_backend(self.backend)
+        return LLMTeacher(backend, name=self.name, golden=ctx.golden_references()), backend
+
+
+class SelfSettings(TeacherSettings):
+    """The student judges its own steps (the paper's first open question: can the agent be its own teacher?)."""
+
+    name: Literal["self"] = "self"
+
+    def build(self, ctx: TeacherContext) -> tuple[LLMTeacher, None]:
+        return LLMTeacher(ctx.student, name=self.name, self_teacher=True, golden=ctx.golden_references()), None
