@@ -153,3 +153,15 @@ def test_floorplan_scene_uses_a_real_kitchen_layout_and_is_winnable(tmp_path):
         for action in env.expert_actions():
             result = env.step(action)
         assert result.done and result.reward == 1.0
+
+
+def test_seen_and_unseen_are_alfworlds_valid_seen_and_valid_unseen_folders(tmp_path):
+    """ETO's seen test set is valid_seen and its unseen one valid_unseen; swapping them would score every method on
+    the other set without any error."""
+    generate_games(tmp_path, n=1, seed=5, split="valid_seen")
+    generate_games(tmp_path, n=2, seed=6, split="valid_unseen")
+    env = AlfWorldEnv(tmp_path)
+    for split, folder, n in (("seen", "valid_seen", 1), ("unseen", "valid_unseen", 2)):
+        tasks = env.tasks(split)
+        assert len(tasks) == n and all(t.variation.startswith(f"json_2.1.1/{folder}/") for t in tasks), split
+        assert all(t.split == split for t in tasks)

@@ -128,6 +128,11 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     return result
 
 
+def flagged_success_rate(stage2: dict) -> float | None:
+    """Stage 2's success rate among the episodes the teacher flagged (named `recovery_rate` in older run directories)."""
+    return stage2.get("flagged_success_rate", stage2.get("recovery_rate"))
+
+
 def _ci(x: dict | None) -> str:
     if not x or x.get("mean") is None:
         return "–"
@@ -174,12 +179,13 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     base = s["base_agent_success_u2"]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
-           "| seed | U2 episodes | success % with corrections | flagged steps / steps | recovery % | kept (Dr) |",
+           "| seed | U2 episodes | success % with corrections | flagged steps / steps | success % of flagged episodes "
+           "| kept (Dr) |",
            "|---:|---:|---:|---:|---:|---:|"]
     for seed, st in zip(s["seeds"], s["stage2"]):
         if st:
             md.append(f"| {seed} | {st.get('episodes')} | {st.get('success_rate')} | {st.get('flagged_steps')} / "
-                      f"{st.get('steps')} | {st.get('recovery_rate')} | {st.get('kept')} |")
+                      f"{st.get('steps')} | {flagged_success_rate(st)} | {st.get('kept')} |")
     md += ["", "## Training (per seed)", "", "| method | epochs | optimizer steps | trained tokens |",
            "|---|---|---|---|"]
     for m, runs in s["training"].items():

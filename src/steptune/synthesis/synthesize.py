@@ -147,8 +147,9 @@ def synthesis_stats(trajs: list[Trajectory]) -> dict:
         "flagged_steps": sum(t.n_errors for t in trajs),
         "episodes_with_errors": len(with_err),
         "errors_per_episode": round(sum(t.n_errors for t in trajs) / n, 2) if n else 0.0,
-        # recovery rate: of the episodes where the teacher flagged an error, how many still succeeded
-        "recovery_rate": round(100 * sum(t.success for t in with_err) / len(with_err), 1) if with_err else 0.0,
+        # of the episodes where the teacher flagged an error, how many still succeeded (not the recovery benchmark's
+        # recovery rate, steptune.evaluation.recovery: that one is success with an injected error ÷ without)
+        "flagged_success_rate": round(100 * sum(t.success for t in with_err) / len(with_err), 1) if with_err else 0.0,
         "teacher": teacher_totals(trajs),
     }
 

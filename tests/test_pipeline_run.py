@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from steptune.data.trajectory import load_trajectories, save_trajectories
+from steptune.data.trajectory import Step, Trajectory, load_trajectories, save_trajectories
 from steptune.envs.registry import make_env
 from steptune.pipeline.config import load_config
 from steptune.pipeline.run import Run
@@ -127,3 +127,53 @@ def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
         "eval:base_agent_u2", "eval:golden_d1", "eval:step", "eval:step_unmasked", "eval:sequential", "report"]
     assert dependents(stages, "eval:golden_all") == ["eval:golden_all", "report"]
     assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
+
+
+# Fast checks of what only a slow test (or none) pinned before ---------------------------------------------------
+
+def test_the_run_seed_builds_the_tiny_models_initial_weights_unless_init_seed_pins_them(tmp_path):
+    from steptune.models.tiny import build_tiny_model
+
+    small = {"model.init.vocab_size": 300, "model.init.hidden_size": 16, "model.init.intermediate_size": 32,
+             "model.init.num_hidden_layers": 1}
+    golden = [Trajectory(id=f"g{i}", env="twx", task_id=f"twc/{i}", task=f"Tidy room {i}: a red shirt.",
+                         steps=[Step(action="take red shirt", observation=f"You take it {i}.")]) for i in range(4)]
+    built = {}
+    for seed, init_seed in ((7, None), (7, 3)):
+        run = Run(load_config(PRESET, {**small, "seed": seed, "model.init.seed": init_seed}),
+                  tmp_path / f"run-{seed}-{init_seed}")
+        save_trajectories(golden, run.golden)
+        stage = next(s for s in run.stages() if s.name == "init_model")
+        stage.fn(stage.config())
+        built[seed, init_seed] = weights(run.paths.model_dir("init"))
+    texts = [m.content for t in golden for m in t.messages(include_final_observation=True)]
+    init = load_config(PRESET, small).model.init
+    by_seed = {s: weights(build_tiny_model(texts, tmp_path / f"ref-{s}", init.model_copy(update={"seed": s})))
+               for s in (0, 3, 7)}
+    same = lambda a, b: all((a[k] == b[k]).all() for k in a)  # noqa: E731
+    assert not same(by_seed[0], by_seed[7])  # the seed does reach the weights
+    assert same(built[7, None], by_seed[7])  # the run's seed
+    assert same(built[7, 3], by_seed[3])  # model.init.seed pins them
+
+
+def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_path):
+    """In process, golden and split only (real TextWorldExpress expert, no model): a new split fraction redoes the
+    split and keeps the golden set; a new golden limit redoes both."""
+    from steptune.pipeline.run import run_pipeline
+
+    def run(**settings):
+        run_pipeline(load_config(PRESET, {"golden.limit": 8, **settings}), tmp_path, until_stage="split")
+        return {name: rec["key"] for name, rec in manifest(tmp_path)["stages"].items()}  # a rerun records its key
+
+    def sizes():
+        return [len(load_trajectories(tmp_path / "data" / f"{n}.jsonl")) for n in ("golden", "d1", "d2")]
+
+    first = run()
+    assert sizes() == [8, 4, 4]
+    assert run() == first  # nothing changed: nothing reran
+    second = run(**{"split.d1_fraction": 0.75})
+    assert second["golden"] == first["golden"] and second["split"] != first["split"]
+    assert sizes() == [8, 6, 2]
+    third = run(**{"split.d1_fraction": 0.75, "golden.limit": 4})
+    assert third["golden"] != second["golden"] and third["split"] != second["split"]
+    assert sizes() == [4, 3, 1]

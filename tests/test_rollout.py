@@ -1,4 +1,5 @@
-"""Policy text handling and the batched rollout loop, on real TextWorldExpress with real tiny models."""
+"""The policy's prompt (steptune.agent.policy) and the batched rollout loop (steptune.agent.rollout), on real
+TextWorldExpress with real tiny models."""
 
 import pytest
 from _react_model import react_model_fixture
@@ -8,7 +9,7 @@ from steptune.agent.policy import build_conversation
 from steptune.agent.rollout import RolloutTotals, run_episodes
 from steptune.backends.base import GenerationConfig
 from steptune.backends.local import LocalBackend
-from steptune.data.react import INVALID_FORMAT_OBSERVATION, parse_react
+from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Critique, Step, Trajectory
 from steptune.envs.base import TaskRef
 from steptune.teacher.base import Verdict
@@ -24,22 +25,6 @@ def pool():
     p = twx_pool(4)
     yield p
     p.close()
-
-
-@pytest.mark.parametrize("text, thought, action", [
-    ("Thought: go get it\nAction: take coin", "go get it", "take coin"),
-    ("  thought:  go\n  ACTION :   open fridge  \n", "go", "open fridge"),
-    ("Action: look around", "", "look around"),
-    ("I think so.\nAction: take coin", "I think so.", "take coin"),
-])
-def test_parse_react_tolerates_casing_and_spacing(text, thought, action):
-    parsed = parse_react(text)
-    assert parsed is not None and (parsed.thought, parsed.action) == (thought, action)
-
-
-@pytest.mark.parametrize("text", ["Thought: hmm", "", "Action:   ", "Action: a\nAction: b", "Actions: a"])
-def test_parse_react_rejects_missing_or_multiple_actions(text):
-    assert parse_react(text) is None
 
 
 def _traj(n_steps: int) -> Trajectory:
