@@ -329,7 +329,8 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
         batch.append(i)
         items.append(StepToJudge(task=ep.task, task_text=ep.trajectory.task, history=ep.trajectory.steps[:-1],
                                  step=st, reward_before=ep.reward_before, reward_after=ep.trajectory.reward,
-                                 done=ep.done, invalid=ep.last_invalid, plan_before=plan, plan_after=ep.plan if ep.plan_fresh else None))
+                                 done=ep.done, invalid=ep.last_invalid, plan_before=plan,
+                                 plan_after=ep.plan if ep.plan_fresh else None))
     if not batch:
         return
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from steptune.cli.app import app
 
 @app.command()
 def expert(
-    env: str = typer.Option(..., help="twx | sciworld | alfworld"),
+    env: str = typer.Option(..., help="An environment of steptune.envs.registry (twx, sciworld, ...)."),
     split: str = typer.Option("train", help="train | seen | unseen"),
     out: Path = typer.Option(..., help="Output JSONL (resumable: tasks already in it are skipped)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N tasks of the split."),

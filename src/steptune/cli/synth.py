@@ -14,7 +14,7 @@ from steptune.cli.app import app
 @app.command()
 def synthesize(
     model: str = typer.Option(..., help="The base agent: local:PATH, vllm:PATH or openai:MODEL@URL."),
-    env: str = typer.Option(..., help="twx | sciworld | alfworld | webshop"),
+    env: str = typer.Option(..., help="An environment of steptune.envs.registry (twx, sciworld, ...)."),
     out: Path = typer.Option(..., help="Output JSONL (resumable)."),
     split: str = typer.Option("train"),
     limit: Optional[int] = typer.Option(None, help="First N tasks of the split."),

@@ -1,29 +1,23 @@
-"""Environment names → adapters. Adapters are imported only when asked for (ALFWorld is an optional extra)."""
+"""Environment names → adapters: the only place an environment is named. An adapter is imported only when asked
+for (ALFWorld is an optional extra), so each line names its class as `module:Class`."""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from steptune.envs.base import Env
 
-ENVS = ("twx", "sciworld", "alfworld", "webshop")
+ENVS = {
+    "twx": "steptune.envs.twx:TextWorldExpressEnv",
+    "sciworld": "steptune.envs.sciworld:ScienceWorldEnv",
+    "alfworld": "steptune.envs.alfworld:AlfWorldEnv",
+    "webshop": "steptune.envs.webshop:WebShopEnv",
+}
 
 
 def make_env(name: str, **kwargs: Any) -> Env:
-    if name == "twx":
-        from steptune.envs.twx import TextWorldExpressEnv
-
-        return TextWorldExpressEnv(**kwargs)
-    if name == "sciworld":
-        from steptune.envs.sciworld import ScienceWorldEnv
-
-        return ScienceWorldEnv(**kwargs)
-    if name == "alfworld":
-        from steptune.envs.alfworld import AlfWorldEnv
-
-        return AlfWorldEnv(**kwargs)
-    if name == "webshop":
-        from steptune.envs.webshop import WebShopEnv
-
-        return WebShopEnv(**kwargs)
-    raise ValueError(f"unknown environment {name!r}; choose one of: {', '.join(ENVS)}")
+    if name not in ENVS:
+        raise ValueError(f"unknown environment {name!r}; choose one of: {', '.join(ENVS)}")
+    module, cls = ENVS[name].split(":")
+    return getattr(import_module(module), cls)(**kwargs)

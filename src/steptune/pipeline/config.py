@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from steptune.backends import BackendConfig
 from steptune.data.trajectory import describe_validation_error
+from steptune.envs.registry import ENVS
 from steptune.errors import UserError
 from steptune.evaluation.eval import EvalSettings
 from steptune.models.tiny import TinyModelConfig
@@ -29,9 +30,16 @@ class _Strict(BaseModel):
 
 
 class EnvSection(_Strict):
-    name: str = "twx"  # sciworld | twx | alfworld | webshop
+    name: str = "twx"  # a name of steptune.envs.registry.ENVS
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
     workers: int = Field(2, ge=1)  # concurrent episodes = environment processes
+
+    @field_validator("name")
+    @classmethod
+    def _known_env(cls, name: str) -> str:
+        if name not in ENVS:
+            raise ValueError(f"unknown environment {name!r}; choose one of {', '.join(ENVS)}")
+        return name
 
 
 class StudentBackend(BackendConfig):

@@ -1,0 +1,64 @@
+"""`steptune study`'s statistics (steptune.pipeline.study): the two-level bootstrap and the aggregation of
+hand-made run directories."""
+
+import json
+
+import numpy as np
+import pytest
+
+from steptune.data.trajectory import Step, Trajectory
+from steptune.pipeline.study import _bootstrap, _ratio
+
+
+def _ep(i: int, success: bool, injection: dict | None = None, split: str = "seen") -> Trajectory:
+    return Trajectory(id=f"{split}:twx/coin/{i}", env="twx", task_id=f"twx/coin/{i}", split=split, task="t",
+                      success=success, reward=float(success), steps=[Step(action="take coin")],
+                      meta={"injection": injection} if injection else {})
+
+
+def test_bootstrap_ci_covers_the_mean_and_narrows_with_data():
+    rng = np.random.default_rng(1)
+    small = [rng.binomial(1, 0.5, 20).astype(float) for _ in range(3)]
+    large = [rng.binomial(1, 0.5, 400).astype(float) for _ in range(3)]
+    a, b = _bootstrap(small), _bootstrap(large)
+    for r, data in ((a, small), (b, large)):
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+        assert r["mean"] == pytest.approx(100 * np.concatenate(data).mean(), abs=0.01)
+    assert b["ci_high"] - b["ci_low"] < a["ci_high"] - a["ci_low"]
+    assert _bootstrap([np.array([])]) == {"mean": None, "ci_low": None, "ci_high": None}
+    # a recovery rate where nothing succeeded without the error is undefined, not NaN in study.json
+    assert _bootstrap([np.array([[0.0, 0.0], [1.0, 0.0]])], stat=_ratio)["mean"] is None
+    json.dumps(a)  # plain floats, fit for study.json
+
+
+def test_study_aggregates_paired_differences_over_seeds(tmp_path):
+    """study.json from hand-made run directories: per-method success, the paired difference, the recovery rate."""
+    from steptune.data.trajectory import save_trajectories
+    from steptune.pipeline.study import write_study
+
+    methods = ["golden_d1", "golden_all", "step", "step_unmasked"]
+    won = {"golden_d1": [1, 0, 0, 0], "golden_all": [1, 1, 0, 0], "step": [1, 1, 1, 0], "step_unmasked": [1, 1, 0, 0]}
+    for seed in (0, 1):
+        run = tmp_path / f"seed-{seed}"
+        (run / "eval" / "base_agent_u2").mkdir(parents=True)
+        (run / "eval" / "base_agent_u2" / "summary.json").write_text(json.dumps({"overall": {"success_rate": 40.0}}))
+        (run / "manifest.json").write_text(json.dumps({"config": {"methods": methods,
+                                                                  "eval": {"splits": ["unseen"]}}}))
+        for m in methods:
+            plain = [_ep(i, bool(w), split="unseen") for i, w in enumerate(won[m])]
+            injected = [_ep(i, bool(w) and i == 0, {"step": 1, "action": "move west", "error": "off_plan",
+                                                     "steps_to_plan": 1}, split="unseen") for i, w in enumerate(won[m])]
+            save_trajectories(plain, run / "eval" / m / "episodes.jsonl")
+            save_trajectories(injected, run / "eval" / m / "injected.jsonl")
+    s = write_study(tmp_path, [0, 1], "steptune study test")
+    assert s["test_episodes_per_split_per_seed"] == {"unseen": 4}
+    assert s["success"]["step"]["unseen"]["mean"] == 75.0 and s["success"]["golden_d1"]["unseen"]["mean"] == 25.0
+    diff = s["step_minus_golden_d1_unseen"]
+    assert diff["mean"] == 50.0 and diff["ci_low"] <= 50.0 <= diff["ci_high"]
+    assert s["step_minus_golden_all_unseen"]["mean"] == 25.0
+    assert s["recovery_step"]["mean"] == pytest.approx(1 / 3, abs=1e-3)  # 1 of 4 with the error, 3 of 4 without
+    assert s["recovery_golden_d1"]["mean"] == 1.0
+    assert s["base_agent_success_u2"] == {"per_seed": [40.0, 40.0], "mean": 40.0}
+    on_disk = json.loads((tmp_path / "study.json").read_text())
+    assert on_disk["step_minus_golden_d1_unseen"] == diff
+    assert "STeP − golden D1" in (tmp_path / "study.md").read_text() and (tmp_path / "study.html").stat().st_size > 5000
