@@ -7,3 +7,7 @@ shows it); anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """An error in what the user asked for or gave us; its message alone says what to fix."""
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A config key read under its old name; the message names the new key (the CLI prints it as one line)."""
