@@ -55,3 +55,20 @@ def test_smollm2_from_the_pypi_package_converts_and_chats(tmp_path):
     backend = make_backend(f"local:{out}")
     [reply] = backend.complete([[{"role": "user", "content": "Say hello."}]], GenerationConfig(max_new_tokens=8))
     assert reply.strip()
+
+
+def test_every_stage_config_and_command_has_the_same_default_turn_length():
+    import inspect
+
+    from steptune.agent.backends.base import GenerationConfig
+    from steptune.cli.agent import eval_cmd
+    from steptune.evaluation.eval import EvalConfig
+    from steptune.pipeline.config import EvalSection
+    from steptune.synthesis.synthesize import SynthesisConfig
+
+    defaults = {"GenerationConfig": GenerationConfig().max_new_tokens,
+                "EvalConfig": EvalConfig.model_fields["max_new_tokens"].default,
+                "SynthesisConfig": SynthesisConfig.model_fields["max_new_tokens"].default,
+                "pipeline eval": EvalSection().max_new_tokens,
+                "steptune eval": inspect.signature(eval_cmd).parameters["max_new_tokens"].default}
+    assert len(set(defaults.values())) == 1, defaults

@@ -13,7 +13,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
+from steptune.agent.backends.base import DEFAULT_MAX_NEW_TOKENS, ChatBackend, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _parse_request(req: dict) -> tuple[list[dict[str, str]], GenerationConfig]:
         raise ValueError("streaming is not supported")
     stop = req.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
-    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or 256
+    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or DEFAULT_MAX_NEW_TOKENS
     gen = GenerationConfig(max_new_tokens=int(max_tokens), temperature=float(req.get("temperature") or 0.0),
                            top_p=float(req.get("top_p") or 1.0), stop=stop, seed=req.get("seed"))
     return clean, gen

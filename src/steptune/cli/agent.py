@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from steptune.agent.backends.base import DEFAULT_MAX_NEW_TOKENS
 from steptune.cli.app import app
 from steptune.errors import UserError
 
@@ -67,7 +68,7 @@ def eval_cmd(
     workers: Annotated[int, typer.Option(help="Concurrent episodes (environment processes).")] = 4,
     out: Annotated[Path | None, typer.Option(help="Run directory (episodes.jsonl, summary.json); reruns resume.")] = None,
     config: Annotated[Path | None, typer.Option(help="EvalConfig JSON file; command-line options override it.")] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    max_new_tokens: Annotated[int, typer.Option()] = DEFAULT_MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     name: Annotated[str | None, typer.Option(help="Label for reports.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -90,7 +91,7 @@ def eval_cmd(
         base["splits"] = split or ["unseen"]
     if not config or workers != 4:
         base["workers"] = workers
-    if not config or max_new_tokens != 128:
+    if not config or max_new_tokens != DEFAULT_MAX_NEW_TOKENS:
         base["max_new_tokens"] = max_new_tokens
     if not config or temperature != 0.0:
         base["temperature"] = temperature

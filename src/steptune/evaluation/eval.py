@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from steptune.agent.backends import BackendConfig, make_backend, parse_backend_spec
-from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.backends.base import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
 from steptune.evaluation.injection import InjectionConfig, injection_summary
 
@@ -42,7 +42,7 @@ class EvalConfig(BaseModel):
     workers: int = 4  # concurrent episodes (env pool size)
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
-    max_new_tokens: int = 128
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

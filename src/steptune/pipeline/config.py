@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from steptune.agent.backends import BackendConfig
+from steptune.agent.backends.base import DEFAULT_MAX_NEW_TOKENS
 from steptune.data.trajectory import describe_validation_error
 from steptune.errors import UserError
 from steptune.evaluation.injection import InjectionConfig
@@ -100,7 +101,7 @@ class SynthesisSection(_Strict):
 class EvalSection(_Strict):
     splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)
     limit: int | None = Field(None, ge=1)  # episodes per split
-    max_new_tokens: int = Field(64, ge=1)  # per turn, in synthesis too
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)  # per turn, in synthesis too
     # the recovery benchmark (steptune.evaluation.injection): every method also runs each task with one injected error
     inject: InjectionConfig | None = None
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?

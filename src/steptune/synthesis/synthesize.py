@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from steptune.agent.backends import BackendConfig, make_backend
-from steptune.agent.backends.base import GenerationConfig
+from steptune.agent.backends.base import DEFAULT_MAX_NEW_TOKENS, GenerationConfig
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.errors import UserError
@@ -41,7 +41,7 @@ class SynthesisConfig(BaseModel):
     limit: int | None = None
     samples_per_task: int = 1
     temperature: float = 0.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     workers: int = 2
     teacher: Literal["expert", "llm", "self"] = "expert"
     teacher_backend: BackendConfig | None = None  # the LLM teacher (teacher "llm")

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 
 Conversation = list[dict[str, str]]  # [{"role": "user"|"assistant"|"system", "content": ...}, ...]
 
+# the one default length of a student's turn (thought + action), for every stage, config and command that generates
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # cut the completion at the first of these (kept out of the text)
