@@ -1,23 +1,14 @@
 """`steptune` command line. Each module below adds the commands of one pipeline area to `app`."""
 
 import sys
-import warnings
 
 import typer
 
 from steptune.cli import agent, data, envs, pipeline, synth, train  # noqa: F401  (registers commands)
 from steptune.cli.app import app
-from steptune.errors import DeprecatedKeyWarning, UserError
+from steptune.errors import UserError, show_deprecated_keys_in_one_line
 
 DEBUG_FLAG = "--debug"
-
-
-def _one_line_warnings(message, category, filename, lineno, file=None, line=None, _show=warnings.showwarning):
-    """A renamed config key is one line (`warning: ...`), not Python's two lines pointing into steptune."""
-    if issubclass(category, DeprecatedKeyWarning):
-        typer.secho(f"warning: {message}", fg="yellow", err=True)
-    else:
-        _show(message, category, filename, lineno, file, line)
 
 
 def main() -> None:
@@ -25,7 +16,7 @@ def main() -> None:
     debug = DEBUG_FLAG in sys.argv[1:]
     if debug:
         sys.argv.remove(DEBUG_FLAG)
-    warnings.showwarning = _one_line_warnings
+    show_deprecated_keys_in_one_line()
     try:
         status = app(standalone_mode=False)
     except UserError as e:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steptune.errors import DeprecatedKeyWarning, UserError
+from steptune.errors import DeprecatedKeyWarning, UserError, show_deprecated_keys_in_one_line
 
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m steptune.training.sft CONFIG.yaml")
+    show_deprecated_keys_in_one_line()
     train(load_train_config(argv[0]))
 
 
