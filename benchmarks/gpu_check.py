@@ -663,9 +663,11 @@ def main() -> int:
                 with rep.part(f"masked SFT, {'per-sample packed attention' if attn is None else 'stock sdpa'} "
                               f"({sft_path})"):
                     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"out-{mode}"),
-                                      max_length=max_length, max_steps=warm + steps, batch_size=batch_size,
+                                      max_length=max_length, max_steps=warm + steps,
+                                      per_device_train_batch_size=batch_size,
                                       packing=True, progress=False, learning_rate=1e-4, logging_steps=10**6,
-                                      save_steps=10**6, attn_implementation=attn, precision=precision)
+                                      save_steps=10**6, attn_implementation=attn, bf16=precision == "bf16",
+                                      fp16=False)
                     if sft_path == "trainer":
                         r = sft_trainer(cfg, precision, device, tok, steps, warm)
                     else:

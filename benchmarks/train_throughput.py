@@ -108,7 +108,8 @@ def run_trainer(model_dir: Path, data: Path, packing: bool, batch_size: int, ste
     from steptune.training.sft import masked_sft_trainer
 
     cfg = TrainConfig(model=str(model_dir), data=[str(data)], output_dir=str(tmp / f"ck{packing}{fused}"),
-                      max_length=4096, max_steps=steps, batch_size=batch_size, packing=packing, progress=False,
+                      max_length=4096, max_steps=steps, per_device_train_batch_size=batch_size, packing=packing,
+                      progress=False,
                       learning_rate=1e-3, logging_steps=10_000, save_steps=10_000,
                       attn_implementation=attn_implementation)
     tok = AutoTokenizer.from_pretrained(model_dir)

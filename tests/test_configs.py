@@ -55,3 +55,20 @@ def test_smollm2_from_the_pypi_package_converts_and_chats(tmp_path):
     backend = make_backend(f"local:{out}")
     [reply] = backend.complete([[{"role": "user", "content": "Say hello."}]], GenerationConfig(max_new_tokens=8))
     assert reply.strip()
+
+
+def test_every_stage_config_and_command_has_the_same_default_turn_length():
+    import inspect
+
+    from steptune.cli.agent import eval_cmd
+    from steptune.data.react import REACT_MAX_NEW_TOKENS
+    from steptune.evaluation.eval import EvalConfig
+    from steptune.pipeline.config import EvalSection, SynthesisSection
+    from steptune.synthesis.synthesize import SynthesisConfig
+
+    defaults = {"EvalConfig": EvalConfig.model_fields["max_new_tokens"].default,
+                "SynthesisConfig": SynthesisConfig.model_fields["max_new_tokens"].default,
+                "pipeline eval": EvalSection().max_new_tokens,
+                "pipeline synthesis": SynthesisSection().max_new_tokens,
+                "steptune eval": inspect.signature(eval_cmd).parameters["max_new_tokens"].default}
+    assert set(defaults.values()) == {REACT_MAX_NEW_TOKENS}, defaults

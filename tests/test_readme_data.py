@@ -1,15 +1,18 @@
-"""The examples of README's "Bringing your own data" import as written, and mean what the README says."""
+"""The examples of "Bringing your own data" (docs/data.md, linked from the README) import as written, and mean what
+the page says; every page the README links to exists."""
 
 import re
 from pathlib import Path
 
 from steptune.data.formats import read_any
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DATA_PAGE = ROOT / "docs" / "data.md"
 
 
 def data_blocks() -> list[tuple[str, str]]:
-    text = README.read_text(encoding="utf-8")
+    text = DATA_PAGE.read_text(encoding="utf-8")
     section = text.split("## Bringing your own data", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(jsonl?)\n(.*?)```", section, re.DOTALL)
 
@@ -31,3 +34,27 @@ def test_readme_data_examples_import(tmp_path):
     assert openai.instruction.startswith("Find the coin")
     assert [(s.thought, s.action, s.weight) for s in axolotl.steps] == [("Look first.", "look around", 1),
                                                                         ("", "take coin", 1)]
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"(?m)^#+ (.*)$", page.read_text(encoding="utf-8"))
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_link_of_the_readme_and_the_docs_reaches_an_existing_page_and_heading():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists() or (anchor and anchor not in _anchors(dest)):
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+)", README.read_text(encoding="utf-8")))
+    # every page that took a README section is reachable from the README
+    assert {"docs/data.md", "docs/reproducibility.md", "docs/stage2.md", "docs/environments.md",
+            "docs/benchmarks.md"} <= linked

@@ -41,8 +41,9 @@ def data_file(tmp_path_factory):
 
 def base_cfg(model_dir, data_file, out, **kw) -> TrainConfig:
     defaults = {"model": str(model_dir), "data": [str(data_file)], "output_dir": str(out), "max_length": 512,
-                "max_steps": 4, "learning_rate": 3e-3, "batch_size": 2, "logging_steps": 1, "save_steps": 1000,
-                "num_threads": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "progress": False}
+                "max_steps": 4, "learning_rate": 3e-3, "per_device_train_batch_size": 2, "logging_steps": 1,
+                "save_steps": 1000, "num_threads": 1, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                "progress": False}
     return TrainConfig(**(defaults | kw))
 
 
@@ -123,8 +124,8 @@ def test_tiny_model_learns_the_trained_actions_and_not_the_errors(data_file, tmp
     model_dir = build_tiny_model(texts, tmp_path / "init", TinyModelConfig(num_hidden_layers=2, vocab_size=600))
     # 500 cosine-decayed steps at 3e-3 reach a loss of ~0.001 for seeds 0-2; 300 steps at 5e-3 stopped at 0.02-0.07
     # and, depending on the seed, 2-8 of 30 greedy steps copied another trajectory's item
-    out = train(base_cfg(model_dir, data_file, tmp_path / "m", max_steps=500, batch_size=1, learning_rate=3e-3,
-                         lr_scheduler="cosine"))
+    out = train(base_cfg(model_dir, data_file, tmp_path / "m", max_steps=500, per_device_train_batch_size=1,
+                         learning_rate=3e-3, lr_scheduler_type="cosine"))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[0] > 1.0 and max(losses[-10:]) < 0.05
@@ -150,11 +151,12 @@ def test_tiny_model_learns_the_trained_actions_and_not_the_errors(data_file, tmp
 def test_lora_adapter_and_merged_model_reload(tiny_model_dir, data_file, tmp_path):
     from peft import PeftModel
 
-    adapter = train(base_cfg(tiny_model_dir, data_file, tmp_path / "a", lora={"merge": False, "r": 4, "alpha": 8}))
+    adapter = train(base_cfg(tiny_model_dir, data_file, tmp_path / "a",
+                             lora={"merge": False, "r": 4, "lora_alpha": 8}))
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     peft_model = PeftModel.from_pretrained(base, adapter)
-    merged_dir = train(base_cfg(tiny_model_dir, data_file, tmp_path / "b", lora={"r": 4, "alpha": 8}))
+    merged_dir = train(base_cfg(tiny_model_dir, data_file, tmp_path / "b", lora={"r": 4, "lora_alpha": 8}))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -287,3 +289,112 @@ def test_packed_batches_keep_every_mask_exact(tiny_model_dir, data_file, tmp_pat
             assert [tok.decode(r) for r in runs] == expected[ids]  # the sample is found whole, masks intact
             seen += 1
     assert seen == len(trajs)  # every sample, once
+
+
+# -- config keys: the names of transformers / TRL / peft; the old ones read for one release, with one warning each
+
+OLD_KEYS = [("batch_size", 3, "per_device_train_batch_size", 3), ("grad_accum", 2, "gradient_accumulation_steps", 2),
+            ("lr_scheduler", "linear", "lr_scheduler_type", "linear"), ("resume", False, "resume_from_checkpoint", False),
+            ("epochs", 5, "num_train_epochs", 5.0), ("lora.alpha", 8, "lora.lora_alpha", 8),
+            ("lora.dropout", 0.2, "lora.lora_dropout", 0.2), ("precision", "bf16", "bf16", True),
+            ("precision", "fp32", "fp16", False)]
+
+
+def _nested(key: str, value) -> dict:
+    section, _, leaf = key.rpartition(".")
+    return {section: {leaf: value}} if section else {key: value}
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _load_pipeline(tmp_path, train: dict, overrides: dict | None = None):
+    import warnings
+
+    import yaml
+
+    from steptune.pipeline.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"base": "m"}, "train": train}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(path, overrides)
+    return cfg, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("old,value,new,expected", OLD_KEYS, ids=[f"{o}={v}" for o, v, _, _ in OLD_KEYS])
+def test_an_old_training_key_still_works_with_one_warning_naming_the_new_key(tmp_path, old, value, new, expected):
+    cfg, warned = _load_pipeline(tmp_path, _nested(old, value))
+    assert _get(cfg.train, new) == expected
+    assert len(warned) == 1 and f"`{old}`" in warned[0] and f"`{new}" in warned[0] and "\n" not in warned[0]
+    # `steptune run --set train.<old>=...` takes the same path
+    cfg, warned = _load_pipeline(tmp_path, {}, {f"train.{old}": value})
+    assert _get(cfg.train, new) == expected and len(warned) == 1
+
+
+def test_the_new_training_keys_load_without_a_warning(tmp_path):
+    new = {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, "lr_scheduler_type": "linear",
+           "resume_from_checkpoint": False, "num_train_epochs": 5, "bf16": True, "lora": {"lora_alpha": 8,
+                                                                                          "lora_dropout": 0.2}}
+    cfg, warned = _load_pipeline(tmp_path, new)
+    assert warned == []
+    assert (cfg.train.lora.lora_alpha, cfg.train.lora.lora_dropout) == (8, 0.2)
+    for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+              "resume_from_checkpoint", "num_train_epochs", "bf16"):
+        assert getattr(cfg.train, k) == new[k]
+
+
+@pytest.mark.parametrize("train", [{"batch_size": 2, "per_device_train_batch_size": 3},
+                                   {"lora": {"alpha": 8, "lora_alpha": 16}},
+                                   {"precision": "bf16", "bf16": False},
+                                   {"bf16": True, "fp16": True},
+                                   {"batch_sise": 2}, {"lora": {"lora_alpa": 8}}],
+                         ids=["old-and-new", "lora-old-and-new", "precision-and-bf16", "bf16-and-fp16", "typo",
+                              "lora-typo"])
+def test_a_key_given_twice_or_misspelt_is_one_line_error(tmp_path, train):
+    from steptune.pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _load_pipeline(tmp_path, train)
+    message = str(e.value)
+    assert "\n" not in message and ": train" in message
+    if "batch_sise" in train or "lora_alpa" in str(train):
+        assert "Extra inputs are not permitted" in message
+    else:
+        assert "only" in message or "choose one" in message
+
+
+@pytest.mark.parametrize("train,expected", [({}, None), ({"bf16": True}, "bf16"), ({"fp16": True}, "fp16"),
+                                            ({"bf16": False}, "fp32"), ({"precision": "fp16"}, "fp16"),
+                                            ({"precision": "auto"}, None)])
+def test_bf16_and_fp16_choose_the_precision_and_neither_picks_by_hardware(train, expected):
+    import warnings
+
+    from steptune.training.sft import TrainSettings, _precision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = TrainSettings.model_validate(train)
+    auto = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    assert _precision(cfg) == (expected or auto)
+
+
+def test_steptune_train_prints_one_warning_line_per_old_key(tmp_path):
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tmp_path / "no-model"), "data": ["d.jsonl"], "output_dir": "o",
+                                      "batch_size": 2, "lora": {"alpha": 8}}))
+    proc = subprocess.run([sys.executable, "-c", "from steptune.cli import main; main()", "train", str(config)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    warned = [line for line in lines if line.startswith("warning:")]
+    assert warned == ["warning: config key `batch_size` is deprecated and will be removed in 0.3: use "
+                      "`per_device_train_batch_size`",
+                      "warning: config key `lora.alpha` is deprecated and will be removed in 0.3: use "
+                      "`lora.lora_alpha`"]
+    assert proc.returncode == 2 and lines[-1].startswith("error:") and len(lines) == 3  # then the missing model

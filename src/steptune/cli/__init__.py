@@ -6,7 +6,7 @@ import typer
 
 from steptune.cli import agent, data, envs, pipeline, synth, train  # noqa: F401  (registers commands)
 from steptune.cli.app import app
-from steptune.errors import UserError
+from steptune.errors import UserError, show_deprecated_keys_in_one_line
 
 DEBUG_FLAG = "--debug"
 
@@ -16,6 +16,7 @@ def main() -> None:
     debug = DEBUG_FLAG in sys.argv[1:]
     if debug:
         sys.argv.remove(DEBUG_FLAG)
+    show_deprecated_keys_in_one_line()
     try:
         status = app(standalone_mode=False)
     except UserError as e:

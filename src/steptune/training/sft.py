@@ -15,28 +15,70 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steptune.errors import UserError
+from steptune.errors import DeprecatedKeyWarning, UserError, show_deprecated_keys_in_one_line
 
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint
 
 
+# old key -> the name transformers / TRL / peft use; the old names are read, with a warning, until release 0.3
+RENAMED_KEYS = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+                "lr_scheduler": "lr_scheduler_type", "resume": "resume_from_checkpoint", "epochs": "num_train_epochs"}
+RENAMED_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+# the old `precision` choices as bf16 / fp16 (auto: neither set)
+OLD_PRECISION = {"auto": {}, "fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
+
+
+def _deprecated(old: str, advice: str) -> None:
+    warnings.warn(f"config key `{old}` is deprecated and will be removed in 0.3: {advice}", DeprecatedKeyWarning,
+                  stacklevel=4)
+
+
+def _rename_old_keys(data: Any, renamed: dict[str, str], prefix: str = "") -> Any:
+    """The old names moved to the new ones, one warning per old name given; both names given is an error."""
+    if not isinstance(data, dict) or not (set(renamed) | {"precision"}) & set(data):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"give `{prefix}{new}` only (`{prefix}{old}` is its old name)")
+            _deprecated(prefix + old, f"use `{prefix}{new}`")
+            data[new] = data.pop(old)
+    if not prefix and "precision" in data:
+        if "bf16" in data or "fp16" in data:
+            raise ValueError("give `bf16` / `fp16` only (`precision` is their old name)")
+        old = data.pop("precision")
+        if old not in OLD_PRECISION:
+            raise ValueError(f"precision: expected one of auto, fp32, bf16, fp16, got {old!r}")
+        keys = ", ".join(f"`{k}: {str(v).lower()}`" for k, v in OLD_PRECISION[old].items())
+        _deprecated("precision", f"use {keys}" if keys else "leave `bf16` and `fp16` unset (bf16 where the GPU has it)")
+        data.update(OLD_PRECISION[old])
+    return data
+
+
 class LoraSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge: bool = True  # save the merged model (loads like any model) rather than the adapter alone
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _rename_old_keys(data, RENAMED_LORA_KEYS, prefix="lora.")
 
 
 class NoTrainingDataError(UserError, ValueError):
@@ -44,29 +86,32 @@ class NoTrainingDataError(UserError, ValueError):
 
 
 class TrainSettings(BaseModel):
-    """How to train: a pipeline config's `train:` section (every method of a run shares it)."""
+    """How to train: a pipeline config's `train:` section (every method of a run shares it). The keys are those of
+    transformers' TrainingArguments / TRL's SFTConfig / peft's LoraConfig where they have one."""
 
     model_config = ConfigDict(extra="forbid")
 
     chat_template: str | None = None  # override the model's template (chatml, llama2, llama3, mistral, gemma)
     max_length: int = Field(4096, ge=16)  # longer trajectories are cut at a step boundary, never mid-step
-    # HF's name; every method of a run trains this many epochs over its own data, as in the paper ("epochs" works too)
-    num_train_epochs: float = Field(3.0, gt=0, validation_alias=AliasChoices("num_train_epochs", "epochs"))
+    # every method of a run trains this many epochs over its own data, as in the paper
+    num_train_epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1)  # > 0 overrides num_train_epochs
     learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(4, ge=1)  # per device: packed rows of max_length tokens when packing, else samples
-    grad_accum: int = Field(1, ge=1)
+    per_device_train_batch_size: int = Field(4, ge=1)  # packed rows of max_length tokens when packing, else samples
+    gradient_accumulation_steps: int = Field(1, ge=1)
     packing: bool = True
     lora: LoraSection | None = None
     seed: int | None = None  # data order and dropout; None: 0, or in a pipeline the run's seed
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(500, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    resume_from_checkpoint: bool = True  # continue from the newest complete checkpoint in output_dir/checkpoints
+    # neither set: bf16 on a GPU that has it, else fp32; either set: exactly that (bf16: false alone is fp32)
+    bf16: bool | None = None
+    fp16: bool | None = None
     gradient_checkpointing: bool = False
     report_to: list[str] = Field(default_factory=list)  # e.g. ["tensorboard"], ["wandb"]
     num_threads: int | None = None  # CPU torch threads (None: torch's default)
@@ -77,6 +122,17 @@ class TrainSettings(BaseModel):
     # None: per-sample SDPA on packed rows (steptune.models.packed_attention), else the model's default;
     # any name transformers takes ("flash_attention_2", "sdpa", "eager", ...) overrides
     attn_implementation: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _rename_old_keys(data, RENAMED_KEYS)
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainSettings:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true: choose one")
+        return self
 
 
 class TrainConfig(TrainSettings):
@@ -92,11 +148,13 @@ def load_train_config(path: str | Path) -> TrainConfig:
     return TrainConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
 
 
-def _precision(choice: str) -> str:
+def _precision(cfg: TrainSettings) -> str:
     import torch
 
-    if choice != "auto":
-        return choice
+    if cfg.bf16 or cfg.fp16:
+        return "bf16" if cfg.bf16 else "fp16"
+    if cfg.bf16 is not None or cfg.fp16 is not None:
+        return "fp32"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
@@ -266,10 +324,10 @@ def sft_args(cfg: TrainConfig, precision: str):
         packing=cfg.packing,
         packing_strategy="bfd",  # whole samples only: a trajectory is never split across rows
         padding_free=cfg.packing,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the run
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.num_train_epochs,
@@ -305,19 +363,19 @@ def train(cfg: TrainConfig) -> Path:
     dataset, stats = build_dataset(cfg, tokenizer)  # bad data stops here, before the output directory exists
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    precision = _precision(cfg.precision)
+    precision = _precision(cfg)
     model = load_model(cfg, precision)
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     args = sft_args(cfg, precision)
     trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
     trainer.fused_lm_head = torch.cuda.is_available() if cfg.fused_lm_head is None else cfg.fused_lm_head
-    resume = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    resume = _last_checkpoint(out / "checkpoints") if cfg.resume_from_checkpoint else None
     if trainer.is_world_process_zero():
         _restart_log(out / TRAIN_LOG, resume)
     t0 = time.perf_counter()
@@ -348,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m steptune.training.sft CONFIG.yaml")
+    show_deprecated_keys_in_one_line()
     train(load_train_config(argv[0]))
 
 
