@@ -18,6 +18,7 @@ import os
 
 # libgomp (torch's Linux wheels) reads OMP_WAIT_POLICY; Intel's OpenMP (some conda builds) reads KMP_BLOCKTIME
 THREAD_WAIT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+ADDED: dict[str, str] = {}  # what steptune set in this process's environment (not the user's own settings)
 
 
 def set_thread_wait_defaults(environ: dict | None = None) -> dict[str, str]:
@@ -27,4 +28,6 @@ def set_thread_wait_defaults(environ: dict | None = None) -> dict[str, str]:
         return {}
     added = {k: v for k, v in THREAD_WAIT_DEFAULTS.items() if k not in environ}
     environ.update(added)
+    if environ is os.environ:
+        ADDED.update(added)
     return added
