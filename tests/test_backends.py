@@ -144,3 +144,23 @@ def test_rows_of_one_batch_share_their_prefixes(backend):
     assert common_prefix_len(longer, first) > 0.5 * len(first)
     assert fresh.prefill_tokens == len(first) + len(longer) - common_prefix_len(longer, first)
     assert plain.prefill_tokens == 2 * len(first) + len(longer)  # without the cache: every prompt whole
+
+
+def test_stop_check_decodes_generated_tails_as_batch_decode_does(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from steptune.agent.backends.local import _StopOnStrings
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt = tok("Thought: go\nAction: take coin\n\nObservation: ok", add_special_tokens=False)["input_ids"]
+    specials = sorted(tok.all_special_ids)
+    rows = [prompt + prompt[i:] + specials[: i % 3] for i in range(4)]  # special tokens are dropped from the text
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
+    stop = _StopOnStrings(tok, REACT_STOP, prompt_len=5)
+    assert stop.rust is not None  # the Rust path is the one under test
+    start = max(5, ids.shape[1] - stop.tail)
+    assert stop.decode_tails(ids) == tok.batch_decode(ids[:, start:], skip_special_tokens=True)
+    tok.clean_up_tokenization_spaces = True  # transformers would then change the text after decoding: its own path
+    assert _StopOnStrings(tok, REACT_STOP, prompt_len=5).rust is None
