@@ -37,7 +37,7 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads"}
+SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address"}
 
 
 @dataclass
@@ -239,7 +239,8 @@ class Run:
         return SynthesisConfig(
             student=self.student("golden_d1"), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
             tasks=self.u2_tasks(), limit=s.limit, samples_per_task=s.samples_per_task, temperature=s.temperature,
-            max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, teacher=s.teacher,
+            max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, env_backend=env.backend,
+            ray_address=env.ray_address, teacher=s.teacher,
             teacher_backend=s.teacher_backend, golden=str(self.d2) if s.use_golden_reference else None,
             out=str(self.synthesized), seed=self.cfg.seed if s.seed is None else s.seed)
 
@@ -266,6 +267,7 @@ class Run:
         e, env = self.cfg.eval, self.cfg.env
         defaults = {"splits": e.splits, "limit": e.limit, "inject": e.inject}
         return EvalConfig(**{"model": self.student(method), "env": env.name, "workers": env.workers,
+                             "env_backend": env.backend, "ray_address": env.ray_address,
                              "out": str(self.eval_dir(out or method)), "name": out or method,
                              "max_new_tokens": e.max_new_tokens, "env_kwargs": env.kwargs, **defaults, **settings})
 

@@ -43,6 +43,8 @@ class SynthesisConfig(BaseModel):
     temperature: float = 0.0
     max_new_tokens: int = 128
     workers: int = 2
+    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
+    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
     teacher: Literal["expert", "llm", "self"] = "expert"
     teacher_backend: BackendConfig | None = None  # the LLM teacher (teacher "llm")
     golden: str | None = None  # golden trajectories (JSONL) shown to the LLM teacher as a reference
@@ -77,7 +79,8 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
     if pool_factory is None:
         from steptune.envs.pool import EnvPool as pool_factory
     out = Path(cfg.out)
-    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
+    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None, transport=cfg.env_backend,
+                        ray_address=cfg.ray_address)
     backend = teacher_backend = None
     try:
         all_tasks = pool.tasks(cfg.split)
