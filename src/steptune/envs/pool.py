@@ -231,6 +231,7 @@ class EnvPool:
         self.processes = processes
         self.spec = make_env(env_name, **self.env_kwargs)  # lists tasks and prompts; starts no simulator
         self.restarts = 0
+        self.resets_ahead = 0  # episodes that started in a spare prepared for them
         self.spares = 0 if not processes else size if spares is None else spares
         n_envs = size + self.spares
         self.jvm_options = default_jvm_options(self.spec, n_envs) if jvm_options is None else jvm_options
@@ -380,6 +381,7 @@ class EnvPool:
                 self._idle.append(self._slot_env[slot])
                 self._slot_env[slot] = p.env
                 taken[i] = p
+                self.resets_ahead += 1
         direct = [i for i in range(len(calls)) if i not in taken]
         out = dict(zip(direct, self._call_many([(calls[i][0], "reset", calls[i][1]) for i in direct])))
         for i, p in taken.items():
