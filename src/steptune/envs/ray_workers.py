@@ -27,6 +27,10 @@ class RayMissingError(UserError, ImportError):
     pass
 
 
+class RayStartError(UserError, RuntimeError):
+    pass
+
+
 class _EnvActor:
     def __init__(self, env_name: str, env_kwargs: dict[str, Any], ids: list[int], jvm_options: str):
         enter_worker(jvm_options)
@@ -109,8 +113,13 @@ class RayTransport:
         self.started_here = False
         if not ray.is_initialized():
             local = address is None and not os.environ.get("RAY_ADDRESS")
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                     configure_logging=True, **({"num_cpus": max(n_workers, os.cpu_count() or 1)} if local else {}))
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=False, **({"num_cpus": max(n_workers, os.cpu_count() or 1)} if local else {}))
+            except Exception as e:
+                ray.shutdown()  # a half-started local instance leaves its GCS and monitors running otherwise
+                where = "a local Ray instance" if local else f"the Ray instance at {address or os.environ['RAY_ADDRESS']}"
+                raise RayStartError(f"could not start or reach {where}: {' '.join(str(e).split())}") from e
             self.started_here = True
         self.actor_cls = ray.remote(num_cpus=1, max_restarts=0, scheduling_strategy="SPREAD")(_EnvActor)
 
