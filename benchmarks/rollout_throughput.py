@@ -2,8 +2,10 @@
 
 Same tiny model (trained for a few seconds on golden TextWorldExpress coin games so it emits real actions),
 same tasks, same greedy decoding, measured side by side in one run. Reports where the time goes (model vs env).
+The batched run goes twice: with resets inline (a finished slot's next reset runs while the model waits) and with
+resets ahead (spare environments reset the next tasks while the model generates: the default).
 
-    python benchmarks/rollout_throughput.py [--quick] [--concurrency 16] [--tasks 64]
+    python benchmarks/rollout_throughput.py [--quick] [--env twx|sciworld] [--concurrency 16] [--tasks 64]
 """
 
 from __future__ import annotations
@@ -21,20 +23,21 @@ ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,includeDoors=0", "m
 WARMUP_RESETS = {"twx": 10}  # resets per slot before timing (ScienceWorld's take seconds: its episode warms it)
 
 
-def make_pool(size: int, env: str = "twx", workers: int | None = None):
+def make_pool(size: int, env: str = "twx", workers: int | None = None, spares: int | None = None):
     from steptune.envs.pool import EnvPool
 
-    pool = EnvPool(env, size, ENV_KWARGS if env == "twx" else None, workers=workers)
-    return pool, f"EnvPool ({len(pool.worker_pids())} worker process(es))"
+    pool = EnvPool(env, size, ENV_KWARGS if env == "twx" else None, workers=workers, spares=spares)
+    return pool, f"EnvPool ({len(pool.worker_pids())} worker process(es), {pool.spares} spare environment(s))"
 
 
-def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", workers: int | None = None) -> dict:
+def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", workers: int | None = None,
+            spares: int | None = None) -> dict:
     from steptune.agent.rollout import RolloutTotals, run_episodes
     from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend
 
     backend = LocalBackend(model_dir, max_batch_size=64)
-    pool, pool_kind = make_pool(concurrency, env, workers)
+    pool, pool_kind = make_pool(concurrency, env, workers, spares)
     try:
         tasks = pool.tasks("unseen")[:n_tasks]
         # Warm up every slot (JVM start and JIT compilation are one-off costs, not throughput): a few resets each,
@@ -42,7 +45,9 @@ def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", w
         warm = pool.tasks("seen")
         for k in range(WARMUP_RESETS.get(env, 0)):
             pool.reset_many([(slot, warm[k * concurrency + slot]) for slot in range(concurrency)])
-        run_episodes(pool, warm[:concurrency], backend, GenerationConfig(max_new_tokens=40), progress=False)
+        # (two rounds of episodes with spares, so that the spares' simulators are warm too)
+        n_warm = concurrency * (2 if pool.spares else 1)
+        run_episodes(pool, warm[:n_warm], backend, GenerationConfig(max_new_tokens=40), progress=False)
         totals = RolloutTotals()
         t0 = time.perf_counter()
         eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=40), progress=False, totals=totals)
@@ -63,7 +68,11 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--env", default="twx", help="twx (coin, 4 rooms) or sciworld")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
-    ap.add_argument("--env-workers", type=int, default=None, help="environment processes (default: one per slot)")
+    ap.add_argument("--env-workers", type=int, default=None,
+                    help="environment processes (default: one per environment)")
+    ap.add_argument("--spares", type=int, default=None,
+                    help="spare environments that reset the next tasks while the model generates (default: one per "
+                         "slot); the table also shows the batched run without them (resets on the critical path)")
     args = ap.parse_args()
     n_tasks = args.tasks or (24 if args.quick else 96)
 
@@ -75,18 +84,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = train_react_model(Path(tmp) / "model", steps=60)
-        seq = measure(model_dir, 1, n_tasks, args.env)
-        bat = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers)
+        seq = measure(model_dir, 1, n_tasks, args.env, spares=0)
+        inline = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, spares=0)
+        bat = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, args.spares)
 
     print(f"\nRollout throughput, {args.env}, {n_tasks} episodes, tiny Llama, greedy, "
           f"{args.threads} torch thread(s), pool: {bat['pool']}")
-    print(f"{'mode':<14}{'steps':>7}{'wall s':>9}{'steps/s':>10}{'model s':>9}{'env s':>8}{'(resets)':>10}"
+    print(f"{'mode':<36}{'steps':>7}{'wall s':>9}{'steps/s':>10}{'model s':>9}{'env s':>8}{'(resets)':>10}"
           f"{'other s':>9}{'gen calls':>11}{'success':>9}")
-    for name, r in (("sequential", seq), (f"batched x{args.concurrency}", bat)):
-        print(f"{name:<14}{r['agent_steps']:>7}{r['wall_s']:>9.2f}{r['steps_per_s']:>10.1f}{r['model_s']:>9.2f}"
+    rows = (("sequential", seq), (f"batched x{args.concurrency}, resets inline", inline),
+            (f"batched x{args.concurrency}, resets ahead", bat))
+    for name, r in rows:
+        print(f"{name:<36}{r['agent_steps']:>7}{r['wall_s']:>9.2f}{r['steps_per_s']:>10.1f}{r['model_s']:>9.2f}"
               f"{r['env_s']:>8.2f}{r['reset_s']:>10.2f}{r['other_s']:>9.2f}{r['model_calls']:>11}{r['success_rate']:>9.0%}")
     ratio = bat["steps_per_s"] / seq["steps_per_s"]
-    print(json.dumps({"batched_vs_sequential": round(ratio, 2), "batched_steps_per_s": round(bat["steps_per_s"], 1),
+    print(json.dumps({"batched_vs_sequential": round(ratio, 2),
+                      "batched_resets_inline_vs_sequential": round(inline["steps_per_s"] / seq["steps_per_s"], 2),
+                      "resets_ahead_vs_inline": round(bat["steps_per_s"] / inline["steps_per_s"], 2), "batched_steps_per_s": round(bat["steps_per_s"], 1),
                       "sequential_steps_per_s": round(seq["steps_per_s"], 1), "concurrency": args.concurrency,
                       "episodes": n_tasks, "batched_model_share": round(bat["model_s"] / bat["wall_s"], 3),
                       "batched_env_share": round(bat["env_s"] / bat["wall_s"], 3)}))

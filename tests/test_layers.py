@@ -9,7 +9,7 @@ from pathlib import Path
 
 import steptune
 
-LAYERS = ["errors", "envs", "data", "models", "backends", "teacher", "training", "agent", "synthesis", "evaluation",
+LAYERS = ["errors", "threads", "envs", "data", "models", "backends", "teacher", "training", "agent", "synthesis", "evaluation",
           "pipeline", "cli"]
 PACKAGE = Path(steptune.__file__).parent
 

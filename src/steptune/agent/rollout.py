@@ -16,6 +16,7 @@ step index): what an episode samples does not depend on which other episodes sha
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     results: dict[int, Episode] = {}
     active: dict[int, tuple[int, Episode]] = {}  # slot -> (task index, episode)
     bar = _Progress(len(tasks), enabled=progress)
+    prepare = getattr(pool, "prepare", None)  # pools without spares (scripted, in-process) reset when asked
 
     def finish(slot: int) -> None:
         idx, ep = active.pop(slot)
@@ -142,6 +144,8 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             for slot, _, ep in started:
                 if ep.failure is not None or ep.done or ep.steps_taken >= pool.max_steps(ep.task):
                     finish(slot)
+        if prepare is not None:  # the next tasks reset in spare environments while the model generates
+            prepare([task for _, task in reversed(queue[-pool.size:])], plans=teacher_plans)
 
     try:
         fill_free_slots()
@@ -359,13 +363,20 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
 
 
 class _Progress:
-    """Rich progress bar with episodes/s and the running mean reward."""
+    """Episodes done, episodes/s and the running mean reward: a rich bar on a terminal; where output goes to a file
+    or a pipe (a log, a batch job), a plain line on stderr every `every` episodes (default: a tenth of the run)."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, every: int | None = None):
+        from rich.console import Console
+
         self.enabled = enabled and total > 0
+        self.total = total
         self.n = 0
         self.reward_sum = 0.0
-        if self.enabled:
+        self.start = time.perf_counter()
+        self.every = every or max(1, total // 10)
+        self.progress = None
+        if self.enabled and Console(stderr=True).is_terminal and Console().is_terminal:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -378,16 +389,21 @@ class _Progress:
                                      TextColumn("{task.fields[rate]:.2f} ep/s  reward {task.fields[reward]:.1f}"),
                                      TimeElapsedColumn())
             self.task = self.progress.add_task("rollout", total=total, rate=0.0, reward=0.0)
-            self.start = time.perf_counter()
             self.progress.start()
 
     def advance(self, ep: Episode) -> None:
         self.n += 1
         self.reward_sum += ep.reward
-        if self.enabled:
-            rate = self.n / max(1e-9, time.perf_counter() - self.start)
-            self.progress.update(self.task, advance=1, rate=rate, reward=100 * self.reward_sum / self.n)
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate, reward = self.n / max(1e-9, elapsed), 100 * self.reward_sum / self.n
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, rate=rate, reward=reward)
+        elif self.n % self.every == 0 or self.n == self.total:
+            print(f"episodes {self.n}/{self.total}  {rate:.2f} ep/s  reward {reward:.1f}  "
+                  f"{int(elapsed) // 60}:{int(elapsed) % 60:02d} elapsed", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.stop()

@@ -27,6 +27,9 @@ def synthesize(
     golden: Optional[Path] = typer.Option(None, help="Golden trajectories shown to an LLM teacher as reference."),
     workers: int = typer.Option(2, help="Environment processes."),
     env_kwargs: str = typer.Option("{}", help="Adapter options as JSON."),
+    env_backend: str = typer.Option("process", help="process (this machine) | ray (Ray actors: pip install 'steptune[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --env-backend ray: the cluster, e.g. ray://head:10001 "
+                                                         "(default: RAY_ADDRESS, else a local Ray instance)."),
 ) -> None:
     """Run the base agent with a teacher judging every step; write self-reflected trajectories."""
     from steptune.backends import parse_backend_spec
@@ -40,7 +43,8 @@ def synthesize(
             update={"api_key_env": teacher_api_key_env})
     stats = run(SynthesisConfig(student=student, env=env, env_kwargs=json.loads(env_kwargs), split=split, limit=limit,
                                 samples_per_task=samples, temperature=temperature, teacher=teacher_settings,
-                                golden=str(golden) if golden else None, workers=workers, out=str(out)))
+                                golden=str(golden) if golden else None, workers=workers, env_backend=env_backend,
+                                ray_address=ray_address, out=str(out)))
     typer.echo(json.dumps(stats, indent=2))
 
 

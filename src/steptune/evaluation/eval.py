@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,8 @@ class EvalConfig(EvalSettings):
     env: str
     tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
     workers: int = 4  # concurrent episodes (env pool size)
+    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
+    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -76,7 +78,8 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed)
 
-    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
+    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None, transport=cfg.env_backend,
+                        ray_address=cfg.ray_address)
     backend = None
     try:
         wanted = set(cfg.tasks) if cfg.tasks is not None else None

@@ -32,7 +32,17 @@ class _Strict(BaseModel):
 class EnvSection(_Strict):
     name: str = "twx"  # a name of steptune.envs.registry.ENVS
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
-    workers: int = Field(2, ge=1)  # concurrent episodes = environment processes
+    workers: int = Field(2, ge=1)  # concurrent episodes = environment slots
+    # where the environments run: worker processes on this machine, or Ray actors (pip install 'steptune[ray]') on
+    # the Ray instance at ray_address (e.g. ray://head:10001), on RAY_ADDRESS's, or on a local one started for it
+    backend: Literal["process", "ray"] = "process"
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _address_for_ray(self) -> EnvSection:
+        if self.ray_address and self.backend != "ray":
+            raise ValueError("env.ray_address is set but env.backend is not 'ray'")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -39,7 +39,7 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads"}
+SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address"}
 
 
 @dataclass
@@ -212,7 +212,8 @@ class Run:
         return SynthesisConfig(
             **s.model_dump(exclude={"use_golden_reference", "seed"}), seed=self.cfg.seed if s.seed is None else s.seed,
             student=self.student(BASE_AGENT), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
-            tasks=self.u2_tasks(), workers=env.workers, out=str(self.synthesized),
+            tasks=self.u2_tasks(), workers=env.workers, env_backend=env.backend, ray_address=env.ray_address,
+            out=str(self.synthesized),
             golden=str(self.paths.dataset("d2")) if s.use_golden_reference else None)
 
     def _synthesize(self, cfg) -> dict:
@@ -237,7 +238,8 @@ class Run:
 
         env = self.cfg.env
         return EvalConfig(**{**self.cfg.eval.model_dump(exclude={"base_agent_u2"}), "model": self.student(method),
-                             "env": env.name, "workers": env.workers, "out": str(self.paths.eval_dir(out or method)),
+                             "env": env.name, "workers": env.workers, "env_backend": env.backend,
+                             "ray_address": env.ray_address, "out": str(self.paths.eval_dir(out or method)),
                              "name": out or method, "env_kwargs": env.kwargs, **settings})
 
     def base_agent_eval_config(self):

@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,6 +68,8 @@ class SynthesisConfig(SynthesisSettings):
     split: str = "train"
     tasks: list[str] | None = None  # task ids (TaskRef.id) to run; default: the split's first `limit`
     workers: int = 2
+    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
+    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
     golden: str | None = None  # golden trajectories (JSONL) shown to an LLM teacher as a reference
     out: str
 
@@ -78,7 +80,8 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
     if pool_factory is None:
         from steptune.envs.pool import EnvPool as pool_factory
     out = Path(cfg.out)
-    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None)
+    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None, transport=cfg.env_backend,
+                        ray_address=cfg.ray_address)
     backend = teacher_backend = None
     try:
         all_tasks = pool.tasks(cfg.split)
