@@ -155,10 +155,12 @@ class Run:
 
             trajs = read_any(g.path, env=self.cfg.env.name)[: g.limit]
             return {"trajectories": save_trajectories(trajs, self.golden)}
-        from steptune.synthesis.golden import write_expert_trajectories
+        from steptune.synthesis.golden import check_drops, write_expert_trajectories
 
         stats = write_expert_trajectories(self.cfg.env.name, g.split, self.golden, limit=g.limit,
                                           env_kwargs=self.cfg.env.kwargs, workers=self.cfg.env.workers)
+        if warning := check_drops(stats, g.max_drop_fraction):
+            console.print(f"[yellow]{warning}[/yellow]")
         # the file's count, not this call's: a resumed stage writes only what was missing
         return {"trajectories": len(load_trajectories(self.golden)), "dropped": stats.dropped,
                 "reasons": stats.reasons}
