@@ -333,8 +333,9 @@ def clear(run: Run, stages: list[Stage], name: str) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,
-                 until_stage: str | None = None) -> Path:
-    """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones."""
+                 until_stage: str | None = None, only: set[str] | None = None) -> Path:
+    """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones; `only`: just
+    these stages (the study's epoch curve and equal-steps runs, whose other inputs exist or are not needed)."""
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
@@ -346,6 +347,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         clear(run, stages, from_stage)
     t_start = time.perf_counter()
     for stage in stages[: names.index(until_stage) + 1] if until_stage else stages:
+        if only is not None and stage.name not in only:
+            continue
         config = stage.config()
         key = stage_key(config_for_key(config), [p for p in stage.inputs if p.exists()])
         if run.manifest.is_done(stage.name, key, stage.outputs):

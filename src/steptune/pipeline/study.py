@@ -182,6 +182,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs)
                  for k in ("epochs", "steps", "trained_tokens")]
         md.append(f"| {s['methods'][m]} | " + " | ".join(cells) + " |")
+    from steptune.pipeline.epochs import study_markdown_sections
+
+    md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
 
 
@@ -202,7 +205,10 @@ def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict
 
     from steptune.evaluation.report import _block_to_html, _blocks, html_page
 
+    from steptune.pipeline.epochs import study_sections
+
     s = aggregate(out, seeds)
+    s.update(study_sections(out, seeds))  # the epoch curve and the equal-steps row, where they were run
     (out / "study.json").write_text(json.dumps(s, indent=2))
     md = study_markdown(s, command)
     png = plot_study(s, out / "study.png")
