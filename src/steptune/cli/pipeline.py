@@ -121,6 +121,8 @@ def study(
         run_equal_steps(cfg, seeds, output)
         result = write_study(output, seeds, command)
     typer.echo(study_markdown(result, command))
+    if result.get("premise_note"):
+        typer.secho(f"warning: {result['premise_note']}", fg="yellow")
     typer.echo(f"wrote {output / 'study.json'}, {output / 'study.md'}, {output / 'study.html'}")
     keys = ["base_agent_success_u2", "step_minus_golden_d1_unseen", "step_minus_golden_all_unseen",
             "step_minus_unmasked_unseen", "recovery_step", "recovery_golden_d1"]

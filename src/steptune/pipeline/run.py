@@ -140,7 +140,7 @@ class Run:
                 out.append(self._train_stage(method, data_of[method]))
         if cfg.eval.base_agent_u2:
             out.append(Stage("eval:base_agent_u2", [self.model_dir("golden_d1"), self.d2],
-                             [self.eval_dir("base_agent_u2")], self.base_agent_eval_config, self._evaluate))
+                             [self.eval_dir("base_agent_u2")], self.base_agent_eval_config, self._evaluate_base))
         for method in cfg.methods:
             out.append(Stage(f"eval:{method}", [self.model_dir(method)], [self.eval_dir(method)],
                              lambda m=method: self.eval_config(m), self._evaluate))
@@ -281,6 +281,14 @@ class Run:
 
         summary = evaluate(cfg)
         return {"splits": summary["splits"], **({"injection": summary["injection"]} if cfg.inject else {})}
+
+    def _evaluate_base(self, cfg) -> dict:
+        from steptune.pipeline.report import premise_note
+
+        info = self._evaluate(cfg)
+        if note := premise_note(info["splits"].get(self.cfg.golden.split, {}).get("success_rate")):
+            console.print(f"[yellow]warning: {note}[/yellow]")
+        return info
 
     def u2_tasks(self) -> list[str]:
         """The task ids of U2 (the synthesis tasks), from D2."""

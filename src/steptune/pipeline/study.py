@@ -17,6 +17,7 @@ import numpy as np
 
 from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import METHOD_TITLES, PipelineConfig
+from steptune.pipeline.report import premise_note
 
 BOOTSTRAP = 2000
 PAIRS = {"step_minus_golden_d1": ("step", "golden_d1"), "step_minus_golden_all": ("step", "golden_all"),
@@ -115,6 +116,8 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     result["base_agent_success_u2"] = {"per_seed": [b["success_rate"] for b in base],
                                        "mean": round(float(np.mean([b["success_rate"] for b in base])), 2)
                                        if base else None}
+    result["premise_note"] = premise_note(result["base_agent_success_u2"]["mean"],
+                                          f"the base agent (mean of {len(base)} seed{'s' * (len(base) != 1)})")
     result["stage2"] = [json.loads(p.read_text()) if (p := r / "data" / "filter_stats.json").exists() else None
                         for r in runs]
     result["training"] = {m: [json.loads(p.read_text()) if (p := r / "models" / m / "train_summary.json").exists()
@@ -170,6 +173,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     base = s["base_agent_success_u2"]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
+           *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),
            "| seed | U2 episodes | success % with corrections | flagged steps / steps | recovery % | kept (Dr) |",
            "|---:|---:|---:|---:|---:|---:|"]
     for seed, st in zip(s["seeds"], s["stage2"]):
