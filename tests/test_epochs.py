@@ -16,6 +16,7 @@ from steptune.pipeline.epochs import (
     run_epoch_curve,
     run_equal_steps,
 )
+from steptune.pipeline.report import premise_note
 from steptune.pipeline.study import run_study, seed_dir, write_study
 
 
@@ -86,12 +87,12 @@ TINY = {
     "synthesis": {"teacher": "expert"},
     "filter": {"max_errors": 8},
     "methods": ["golden_d1", "golden_all", "step"],
-    "eval": {"splits": ["seen", "unseen"], "limit": 2, "max_new_tokens": 16, "base_agent_u2": False},
+    "eval": {"splits": ["seen", "unseen"], "limit": 2, "max_new_tokens": 16},
 }
 
 
 @pytest.mark.slow
-def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path):
+def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path, capsys):
     cfg = PipelineConfig.model_validate(TINY)
     curve = run_epoch_curve(cfg, [0], tmp_path, [1, 2])
     one, two = (seed_dir(curve_dir(tmp_path, e), 0) for e in (1, 2))
@@ -103,6 +104,10 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path):
     assert curve["chosen"] in (1, 2) and json.loads((tmp_path / "epoch_curve.json").read_text()) == curve
 
     run_study(cfg, [0], tmp_path)
+    # the pipeline warns when the base agent's U2 success is outside 30-70% (STeP's premise)
+    base = json.loads((seed_dir(tmp_path, 0) / "eval" / "base_agent_u2" / "summary.json").read_text())["overall"]
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("warning: STeP's premise does not hold" in out) == (premise_note(base["success_rate"]) is not None)
     run_equal_steps(cfg, [0], tmp_path)
     study, equal = seed_dir(tmp_path, 0), seed_dir(equal_steps_dir(tmp_path), 0)
     trained = {m: json.loads((study / "models" / m / "train_summary.json").read_text())["steps"]

@@ -326,10 +326,13 @@ def dependents(stages: list[Stage], name: str) -> list[str]:
     return [s.name for s in stages if s.name in hit]
 
 
-def clear(run: Run, stages: list[Stage], name: str) -> None:
-    """Remove the outputs and manifest records of `name` and of everything that depends on it."""
+def clear(run: Run, stages: list[Stage], name: str, only: set[str] | None = None) -> None:
+    """Remove the outputs and manifest records of `name` and of everything that depends on it (of those in `only`:
+    a partial run leaves what it does not run alone, e.g. the study data an equal-steps run copied in)."""
     by_name = {s.name: s for s in stages}
     for dep in dependents(stages, name):
+        if only is not None and dep not in only:
+            continue
         stale = [p for p in by_name[dep].outputs if p.exists() or p.is_symlink()]
         for path in stale:
             remove(path)
@@ -364,7 +367,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
             continue
         console.rule(f"[bold]{stage.name}")
         if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
-            clear(run, stages, stage.name)
+            clear(run, stages, stage.name, only)
         t0 = run.manifest.start(stage.name, key)
         try:
             info = stage.fn(config)
