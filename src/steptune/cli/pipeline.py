@@ -93,7 +93,7 @@ def study(
     epoch_curve: Optional[str] = typer.Option(
         None, "--epoch-curve", help="Choose the epoch count on the seen split first: e.g. 2,4,8 trains golden D1 and "
         "golden D1 ∪ D2 at each count; every method then trains the chosen count (see docs/study-settings.md)."),
-    curve_only: bool = typer.Option(False, "--curve-only", help="Stop after the epoch curve (prints the chosen count)."),
+    curve_only: bool = typer.Option(False, "--curve-only", help="Stop after the epoch curve; print the chosen count."),
     equal_steps: bool = typer.Option(False, "--equal-steps", help="Add the sensitivity row: every method retrained "
                                      "for the same number of optimizer steps on the study's data."),
 ) -> None:

@@ -218,7 +218,9 @@ class _CoinMap:
         opened: set[tuple[str, str]] = set()
         for room, direction, is_open in door_actions:
             there = self.exits.get(room, {}).get(direction)
-            sides = {(room, direction)} | ({(there, _OPPOSITE[direction])} if there and direction in _OPPOSITE else set())
+            sides = {(room, direction)}
+            if there and direction in _OPPOSITE:
+                sides.add((there, _OPPOSITE[direction]))
             opened = opened | sides if is_open else opened - sides
         return opened
 
