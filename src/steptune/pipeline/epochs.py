@@ -69,6 +69,7 @@ def run_epoch_curve(cfg: PipelineConfig, seeds: list[int], out: Path, counts: li
             point = curve_config(cfg, epochs, seed)
             run_pipeline(point, seed_dir(curve_dir(out, epochs), seed), only=curve_stages(point))
     curve = epoch_curve(out, seeds, counts)
+    choose_epochs(curve["points"])  # an error if no point has results
     (out / "epoch_curve.json").write_text(json.dumps(curve, indent=2))
     console.print(f"[bold]epoch curve[/bold] (seen success %, mean of the two golden methods): "
                   + ", ".join(f"{p['epochs']:g} → {p['score']}" for p in curve["points"])
@@ -77,7 +78,8 @@ def run_epoch_curve(cfg: PipelineConfig, seeds: list[int], out: Path, counts: li
 
 
 def epoch_curve(out: Path, seeds: list[int], counts: list[float]) -> dict[str, Any]:
-    """The curve from its run directories: per count, each method's seen success and training, the score."""
+    """The curve from its run directories: per count, each method's seen success and training, the score, and the
+    chosen count (None while no point has both methods' results)."""
     from steptune.pipeline.study import _success, seed_dir
 
     points = []
@@ -95,7 +97,8 @@ def epoch_curve(out: Path, seeds: list[int], counts: list[float]) -> dict[str, A
         episodes = min((len(_success(r, m).get(CURVE_SPLIT, {})) for r in runs for m in CURVE_METHODS), default=0)
         points.append({"epochs": epochs, "seen_success": seen, "training": training, "episodes_per_seed": episodes,
                        "score": round(float(np.mean(scores)), 2) if len(scores) == len(CURVE_METHODS) else None})
-    return {"split": CURVE_SPLIT, "seeds": seeds, "rule": RULE, "points": points, "chosen": choose_epochs(points)}
+    chosen = choose_epochs(points) if any(p["score"] is not None for p in points) else None
+    return {"split": CURVE_SPLIT, "seeds": seeds, "rule": RULE, "points": points, "chosen": chosen}
 
 
 def choose_epochs(points: list[dict[str, Any]], tie_pp: float = TIE_PP) -> float:
