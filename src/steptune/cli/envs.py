@@ -22,7 +22,7 @@ def expert(
     thought_model: Optional[str] = typer.Option(None, help="Backend spec of an LLM that writes the thoughts."),
 ) -> None:
     """Write golden trajectories from the environment's expert (gold path / planner), replayed to success."""
-    from steptune.synthesis.golden import write_expert_trajectories
+    from steptune.synthesis.golden import check_drops, write_expert_trajectories
 
     backend = None
     if thought_model:
@@ -33,3 +33,5 @@ def expert(
                                       workers=workers, thought_backend=backend)
     typer.echo(f"wrote {stats.written}, skipped {stats.skipped_done} already done, dropped {stats.dropped} "
                f"{stats.reasons or ''} → {out}")
+    if warning := check_drops(stats, max_drop_fraction=1.0):  # here a warning, never an error
+        typer.secho(warning, fg="yellow")

@@ -73,6 +73,16 @@ def quickstart(
     typer.echo(json.dumps(headline(run_dir)))  # the last line: headline figures, for scripts
 
 
+def _epoch_counts(text: str) -> list[float]:
+    try:
+        counts = [float(c) for c in text.replace(" ", ",").split(",") if c]
+    except ValueError:
+        counts = []
+    if not counts or any(c <= 0 for c in counts):
+        raise typer.BadParameter(f"--epoch-curve expects positive epoch counts like 2,4,8; got {text!r}")
+    return sorted(set(counts))
+
+
 @app.command()
 def study(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Pipeline YAML (see configs/ and presets)."),
@@ -80,6 +90,12 @@ def study(
     output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: seed-<S>/ runs + study.*"),
     quick: bool = typer.Option(False, help="Smaller runs: 30 test episodes per split, 1 synthesis sample per task."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field in every run: --set eval.limit=200"),
+    epoch_curve: Optional[str] = typer.Option(
+        None, "--epoch-curve", help="Choose the epoch count on the seen split first: e.g. 2,4,8 trains golden D1 and "
+        "golden D1 ∪ D2 at each count; every method then trains the chosen count (see docs/study-settings.md)."),
+    curve_only: bool = typer.Option(False, "--curve-only", help="Stop after the epoch curve; print the chosen count."),
+    equal_steps: bool = typer.Option(False, "--equal-steps", help="Add the sensitivity row: every method retrained "
+                                     "for the same number of optimizer steps on the study's data."),
 ) -> None:
     """Run the pipeline once per seed (resumable), then compare the methods with 95% confidence intervals:
     success per method and split, paired differences, the recovery benchmark and stage-2 yield."""
@@ -87,11 +103,25 @@ def study(
     import shlex
     import sys
 
-    from steptune.pipeline.study import HEADLINE_KEYS, QUICK, run_study, study_markdown
+    from steptune.pipeline.epochs import run_epoch_curve, run_equal_steps, with_epochs
+    from steptune.pipeline.study import HEADLINE_KEYS, QUICK, run_study, study_markdown, write_study
 
     cfg = _load(config, set_, QUICK if quick else None)
     command = shlex.join(["steptune", *sys.argv[1:]])
+    if epoch_curve:
+        counts = _epoch_counts(epoch_curve)
+        curve = run_epoch_curve(cfg, seeds, output, counts)
+        if curve_only:
+            typer.echo(json.dumps({"epoch_curve": {f"{p['epochs']:g}": p["seen_success"] for p in curve["points"]},
+                                   "chosen_epochs": curve["chosen"]}))
+            return
+        cfg = with_epochs(cfg, curve["chosen"])
     result = run_study(cfg, seeds, output, command)
+    if equal_steps:
+        run_equal_steps(cfg, seeds, output)
+        result = write_study(output, seeds, command)
     typer.echo(study_markdown(result, command))
+    if result.get("premise_note"):
+        typer.secho(f"warning: {result['premise_note']}", fg="yellow")
     typer.echo(f"wrote {output / 'study.json'}, {output / 'study.md'}, {output / 'study.html'}")
     typer.echo(json.dumps({k: result.get(k) for k in HEADLINE_KEYS}))

@@ -49,7 +49,9 @@ class TextWorldExpressEnv(Env):
         self._task: TaskRef | None = None
         self._coin_map: _CoinMap | None = None  # coin's rooms, mapped on the first expert call of an episode
         self._room = ""
-        self._opened: set[tuple[str, str]] = set()  # (room, direction) of the doors opened this episode
+        # (room, direction, opened?) of each door opened or closed this episode, in order: TWX lists `open door to X`
+        # among the valid actions whether that door is open or closed, so the state comes from what the agent did
+        self._door_actions: list[tuple[str, str, bool]] = []
         self._visited: set[str] = set()  # rooms the agent has been in this episode
 
     def tasks(self, split: str) -> list[TaskRef]:
@@ -74,7 +76,7 @@ class TextWorldExpressEnv(Env):
         self._valid = list(info["validActions"])
         self._score = 0.0
         self._task, self._coin_map = task, None
-        self._room, self._opened = _room_of(obs), set()
+        self._room, self._door_actions = _room_of(obs), []
         self._visited = {self._room}
         return Reset(task=f"{info['taskDescription']}\n{obs}", observation=obs, info={"task_type": task.name})
 
@@ -85,8 +87,8 @@ class TextWorldExpressEnv(Env):
         self._valid = list(info["validActions"])
         if not invalid:
             self._history.append(action)
-            if action.startswith("open door to "):
-                self._opened.add((self._room, action.removeprefix("open door to ")))
+            if action.startswith(("open door to ", "close door to ")):
+                self._door_actions.append((self._room, action.split()[-1], action.startswith("open")))
             elif action.startswith("move "):
                 self._room = _room_of(obs) or self._room
                 self._visited.add(self._room)
@@ -151,7 +153,7 @@ class TextWorldExpressEnv(Env):
         if self._coin_map is None:
             self._coin_map = _CoinMap.explore(self._env, self._task, FOLDS[self._task.split])
             self._replay()  # exploring moved the simulator; put it back where the episode stands
-        return self._coin_map.plan(self._room, self._valid, self._opened, self._visited)
+        return self._coin_map.plan(self._room, self._coin_map.open_doors(self._door_actions), self._visited)
 
     def _replay(self) -> None:
         assert self._task is not None
@@ -176,7 +178,7 @@ def _room_of(observation: str) -> str:
 class _CoinMap:
     """Coin's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and an explorer's
     route to the coin from any room (`plan`). Deterministic: exits are tried in sorted order, so ties always break
-    the same way. Doors (`includeDoors=1`) are opened on the way."""
+    the same way. Doors (`includeDoors=1`) start closed; the route opens each closed one it passes through."""
 
     def __init__(self, exits: dict[str, dict[str, str]], coin_room: str, doors: set[tuple[str, str]]):
         self.exits, self.coin_room, self.doors = exits, coin_room, doors
@@ -211,7 +213,18 @@ class _CoinMap:
                     queue.append(neighbour)
         return cls(exits, coin_room, doors)
 
-    def plan(self, room: str, valid: list[str], opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
+    def open_doors(self, door_actions: list[tuple[str, str, bool]]) -> set[tuple[str, str]]:
+        """The doors open now, from the episode's open/close actions in order; a door is open from both its sides."""
+        opened: set[tuple[str, str]] = set()
+        for room, direction, is_open in door_actions:
+            there = self.exits.get(room, {}).get(direction)
+            sides = {(room, direction)}
+            if there and direction in _OPPOSITE:
+                sides.add((there, _OPPOSITE[direction]))
+            opened = opened | sides if is_open else opened - sides
+        return opened
+
+    def plan(self, room: str, opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
         """An explorer's route from `room`: while the coin is not in sight, walk the shortest path to the nearest
         room not yet visited (ties broken by the path's directions, in alphabetical order), opening doors on the
         way; in the coin's room, `take coin`. Only the stop needs the coin's room: every move is one an agent could
@@ -222,14 +235,9 @@ class _CoinMap:
             if path is None:
                 return []
             for at, direction in path:
-                # the door right here is known open or closed from the valid actions; further ones from the episode
-                there = self.exits[at][direction]
-                closed = f"open door to {direction}" in valid if at == room and not plan else \
-                    (at, direction) in self.doors and (at, direction) not in opened and \
-                    (there, _OPPOSITE.get(direction, "")) not in opened
-                if closed:
+                if (at, direction) in self.doors and (at, direction) not in opened:
                     plan.append(f"open door to {direction}")
-                    opened.add((at, direction))
+                    opened |= self.open_doors([(at, direction, True)])
                 plan.append(f"move {direction}")
             here = self.exits[path[-1][0]][path[-1][1]]
             seen.add(here)

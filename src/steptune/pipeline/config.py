@@ -64,6 +64,9 @@ class GoldenSection(_Strict):
     path: str | None = None  # source: file — our JSONL or any format `steptune convert` reads
     split: str = "train"
     limit: int | None = Field(None, ge=1)  # number of tasks taken from the split
+    # source expert: the share of tasks the expert may fail on (they are dropped) before the stage is an error;
+    # more than a tenth dropped is always a console warning. 1.0 accepts any golden set.
+    max_drop_fraction: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _file_has_path(self) -> GoldenSection:

@@ -99,6 +99,25 @@ def base_agent_u2(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())["overall"] if path.exists() else None
 
 
+# STeP's premise: the base agent succeeds on some of the synthesis tasks U2, not most and not few (the paper's agents:
+# 30-70%). Below, stage 2's trajectories are mostly the teacher's corrections; above, there is little to reflect on.
+PREMISE_BAND = (30.0, 70.0)
+
+
+def premise_note(u2_success: float | None, who: str = "the base agent") -> str | None:
+    """A one-sentence warning when the base agent's U2 success (%) is outside PREMISE_BAND, else None."""
+    low, high = PREMISE_BAND
+    if u2_success is None or low <= u2_success <= high:
+        return None
+    if u2_success < low:
+        why = (f"below {low:g}%, so stage 2's trajectories are mostly the teacher's corrections rather than the "
+               "agent's own recoveries")
+    else:
+        why = f"above {high:g}%, so it makes few mistakes and stage 2 has little to reflect on"
+    return (f"STeP's premise does not hold: {who} succeeds on {u2_success:.1f}% of the U2 tasks, {why} "
+            f"(STeP expects {low:g}-{high:g}%; make the tasks harder or easier, choosing on seen and U2 only)")
+
+
 def teacher_accounting(run_dir: Path) -> str | None:
     """Stage 2's teacher accounting over the whole synthesis file (resumes included), in one sentence."""
     path = RunLayout(run_dir).teacher_stats
@@ -155,6 +174,8 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
     if base:
         md += [f"Base agent alone on the synthesis tasks U2 (greedy): success {base['success_rate']:.1f}% "
                f"({base['episodes']} episodes).", ""]
+        if note := premise_note(base["success_rate"]):
+            md += [f"**Note:** {note}.", ""]
     if any(s.get("injection") for s in summaries):
         md += ["## Recovery benchmark: one injected error per episode", "",
                "Each task again, with the expert's steps up to the injection step and then one wrong action "
@@ -231,6 +252,8 @@ def print_summary(run_dir: Path) -> None:
     if base:
         console.print(f"base agent alone on the U2 tasks: {base['success_rate']:.1f}% success "
                       f"({base['episodes']} episodes)")
+        if note := premise_note(base["success_rate"]):
+            console.print(f"[yellow]warning: {note}[/yellow]")
     if teacher := teacher_accounting(run_dir):
         console.print(teacher)
     console.print(f"report: {RunLayout(run_dir).report_dir / 'report.html'}")

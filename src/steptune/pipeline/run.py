@@ -113,7 +113,7 @@ class Run:
         out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
         if cfg.eval.base_agent_u2:
             out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
-                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate))
+                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base))
         for method in cfg.methods:
             out.append(Stage(f"eval:{method}", [paths.model_dir(method)], [paths.eval_dir(method)],
                              lambda m=method: self.eval_config(m), self._evaluate))
@@ -128,10 +128,12 @@ class Run:
 
             trajs = read_any(g.path, env=self.cfg.env.name)[: g.limit]
             return {"trajectories": save_trajectories(trajs, self.golden)}
-        from steptune.synthesis.golden import write_expert_trajectories
+        from steptune.synthesis.golden import check_drops, write_expert_trajectories
 
         stats = write_expert_trajectories(self.cfg.env.name, g.split, self.golden, limit=g.limit,
                                           env_kwargs=self.cfg.env.kwargs, workers=self.cfg.env.workers)
+        if warning := check_drops(stats, g.max_drop_fraction):
+            console.print(f"[yellow]{warning}[/yellow]")
         # the file's count, not this call's: a resumed stage writes only what was missing
         return {"trajectories": len(load_trajectories(self.golden)), "dropped": stats.dropped,
                 "reasons": stats.reasons}
@@ -253,6 +255,14 @@ class Run:
         summary = evaluate(cfg)
         return {"splits": summary["splits"], **({"injection": summary["injection"]} if cfg.inject else {})}
 
+    def _evaluate_base(self, cfg) -> dict:
+        from steptune.pipeline.report import premise_note
+
+        info = self._evaluate(cfg)
+        if note := premise_note(info["splits"].get(self.cfg.golden.split, {}).get("success_rate")):
+            console.print(f"[yellow]warning: {note}[/yellow]")
+        return info
+
     def u2_tasks(self) -> list[str]:
         """The task ids of U2 (the synthesis tasks), from D2."""
         return sorted({t.task_id for t in load_trajectories(self.paths.dataset("d2"))})
@@ -291,10 +301,13 @@ def dependents(stages: list[Stage], name: str) -> list[str]:
     return [s.name for s in stages if s.name in hit]
 
 
-def clear(run: Run, stages: list[Stage], name: str) -> None:
-    """Remove the outputs and manifest records of `name` and of everything that depends on it."""
+def clear(run: Run, stages: list[Stage], name: str, only: set[str] | None = None) -> None:
+    """Remove the outputs and manifest records of `name` and of everything that depends on it (of those in `only`:
+    a partial run leaves what it does not run alone, e.g. the study data an equal-steps run copied in)."""
     by_name = {s.name: s for s in stages}
     for dep in dependents(stages, name):
+        if only is not None and dep not in only:
+            continue
         stale = [p for p in by_name[dep].outputs if p.exists() or p.is_symlink()]
         for path in stale:
             remove(path)
@@ -306,8 +319,9 @@ def clear(run: Run, stages: list[Stage], name: str) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,
-                 until_stage: str | None = None) -> Path:
-    """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones."""
+                 until_stage: str | None = None, only: set[str] | None = None) -> Path:
+    """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones; `only`: just
+    these stages (the study's epoch curve and equal-steps runs, whose other inputs exist or are not needed)."""
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
@@ -319,6 +333,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         clear(run, stages, from_stage)
     t_start = time.perf_counter()
     for stage in stages[: names.index(until_stage) + 1] if until_stage else stages:
+        if only is not None and stage.name not in only:
+            continue
         config = stage.config()
         key = stage_key(config_for_key(config), [p for p in stage.inputs if p.exists()])
         if run.manifest.is_done(stage.name, key, stage.outputs):
@@ -326,7 +342,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
             continue
         console.rule(f"[bold]{stage.name}")
         if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
-            clear(run, stages, stage.name)
+            clear(run, stages, stage.name, only)
         t0 = run.manifest.start(stage.name, key)
         try:
             info = stage.fn(config)

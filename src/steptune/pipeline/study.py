@@ -19,6 +19,7 @@ from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
+from steptune.pipeline.report import premise_note
 
 BOOTSTRAP = 2000
 # paired comparisons: STeP minus each method the registry marks with `vs_step`
@@ -119,6 +120,8 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     result["base_agent_success_u2"] = {"per_seed": [b["success_rate"] for b in base],
                                        "mean": round(float(np.mean([b["success_rate"] for b in base])), 2)
                                        if base else None}
+    result["premise_note"] = premise_note(result["base_agent_success_u2"]["mean"],
+                                          f"the base agent (mean of {len(base)} seed{'s' * (len(base) != 1)})")
     result["stage2"] = [json.loads(p.read_text()) if (p := RunLayout(r).filter_stats).exists() else None
                         for r in runs]
     result["training"] = {m: [json.loads(p.read_text()) if (p := RunLayout(r).train_summary(m)).exists()
@@ -179,6 +182,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     base = s["base_agent_success_u2"]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
+           *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),
            "| seed | U2 episodes | success % with corrections | flagged steps / steps | success % of flagged episodes "
            "| kept (Dr) |",
            "|---:|---:|---:|---:|---:|---:|"]
@@ -192,6 +196,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs)
                  for k in ("epochs", "steps", "trained_tokens")]
         md.append(f"| {s['methods'][m]} | " + " | ".join(cells) + " |")
+    from steptune.pipeline.epochs import study_markdown_sections
+
+    md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
 
 
@@ -212,7 +219,10 @@ def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict
 
     from steptune.evaluation.report import html_page, markdown_to_html
 
+    from steptune.pipeline.epochs import study_sections
+
     s = aggregate(out, seeds)
+    s.update(study_sections(out, seeds))  # the epoch curve and the equal-steps row, where they were run
     (out / "study.json").write_text(json.dumps(s, indent=2))
     md = study_markdown(s, command)
     png = plot_study(s, out / "study.png")

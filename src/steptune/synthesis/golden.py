@@ -16,6 +16,13 @@ from steptune.data.trajectory import Step, Trajectory, TrajectoryWriter
 from steptune.envs.base import Reset, TaskRef
 from steptune.envs.expert import explain
 from steptune.envs.pool import EnvFailure, EnvPool
+from steptune.errors import UserError
+
+WARN_DROP_FRACTION = 0.1  # a golden set that lost more than this share of its tasks says so on the console
+
+
+class GoldenDropError(UserError):
+    """The expert failed on more of the golden tasks than the config allows."""
 
 
 @dataclass
@@ -28,6 +35,29 @@ class ExpertStats:
     def drop(self, why: str) -> None:
         self.dropped += 1
         self.reasons[why] = self.reasons.get(why, 0) + 1
+
+    @property
+    def tasks(self) -> int:
+        return self.written + self.skipped_done + self.dropped
+
+    def describe_drops(self) -> str:
+        """e.g. 'dropped 227 of 300 tasks (76%): expert path did not reach success x227'."""
+        why = "; ".join(f"{reason} x{n}" for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+        return f"dropped {self.dropped} of {self.tasks} tasks ({100 * self.dropped / max(self.tasks, 1):.0f}%): {why}"
+
+
+def check_drops(stats: ExpertStats, max_drop_fraction: float, setting: str = "golden.max_drop_fraction") -> str | None:
+    """A warning when more than a tenth of the tasks were dropped (None otherwise); GoldenDropError when more than
+    `max_drop_fraction` were: a golden set that quietly lost the tasks its expert cannot solve trains on the easy
+    ones only, while the test tasks keep the hard ones. Dropped tasks are retried on every resume, so `stats` of a
+    resumed call counts every drop of the set."""
+    if not stats.tasks or stats.dropped <= WARN_DROP_FRACTION * stats.tasks:
+        return None
+    if stats.dropped > max_drop_fraction * stats.tasks:
+        raise GoldenDropError(f"golden: the expert {stats.describe_drops()} — more than {setting} = "
+                              f"{max_drop_fraction:g}; give the expert more steps (env max_steps), or set "
+                              f"{setting} to train on what it solved")
+    return f"golden: the expert {stats.describe_drops()}; the golden set keeps only the tasks it solved"
 
 
 def _llm_thoughts(backend: ChatBackend, traj: Trajectory) -> None:

@@ -1,0 +1,129 @@
+"""`steptune study --epoch-curve` and the equal-steps sensitivity row: the rule that picks the epoch count on the
+seen split (hand-made run directories), and the real runs on a tiny TextWorldExpress setting."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steptune.data.trajectory import Step, Trajectory, save_trajectories
+from steptune.pipeline.config import PipelineConfig
+from steptune.pipeline.epochs import (
+    choose_epochs,
+    curve_dir,
+    epoch_curve,
+    equal_steps_dir,
+    run_epoch_curve,
+    run_equal_steps,
+)
+from steptune.pipeline.report import premise_note
+from steptune.pipeline.study import run_study, seed_dir, write_study
+
+
+def _ep(i: int, success: bool, split: str = "seen") -> Trajectory:
+    return Trajectory(id=f"{split}:twx/coin/{i}", env="twx", task_id=f"twx/coin/{i}", split=split, task="t",
+                      success=success, reward=float(success), steps=[Step(action="take coin")])
+
+
+def _curve_run(run: Path, wins: dict[str, int], n: int = 10, steps: int = 10) -> None:
+    for m, k in wins.items():
+        save_trajectories([_ep(i, i < k) for i in range(n)], run / "eval" / m / "episodes.jsonl")
+        (run / "models" / m).mkdir(parents=True, exist_ok=True)
+        (run / "models" / m / "train_summary.json").write_text(json.dumps({"steps": steps, "train_loss": 1.0}))
+
+
+def test_the_curve_picks_the_best_mean_seen_success_and_fewer_epochs_on_a_tie(tmp_path):
+    # seen successes out of 10 per seed, (golden D1, golden D1 ∪ D2), two seeds
+    wins = {2: [(0, 5), (0, 5)], 4: [(4, 6), (4, 6)], 8: [(5, 6), (4, 6)]}
+    for epochs, per_seed in wins.items():
+        for seed, (d1, all_) in enumerate(per_seed):
+            _curve_run(seed_dir(curve_dir(tmp_path, epochs), seed), {"golden_d1": d1, "golden_all": all_},
+                       steps=5 * epochs)
+    curve = epoch_curve(tmp_path, [0, 1], [2, 4, 8])
+    scores = {p["epochs"]: p["score"] for p in curve["points"]}
+    assert scores == {2: 25.0, 4: 50.0, 8: 52.5}
+    assert curve["points"][0]["seen_success"] == {"golden_d1": 0.0, "golden_all": 50.0}
+    assert curve["points"][2]["training"]["golden_d1"] == [{"steps": 40, "train_loss": 1.0}] * 2
+    assert curve["chosen"] == 8  # 52.5 beats 50.0 by more than the 1-point tie margin
+    assert choose_epochs([{**p, "score": s} for p, s in zip(curve["points"], [25.0, 52.0, 52.5])]) == 4  # a tie
+    assert choose_epochs([{"epochs": 2, "score": None}, {"epochs": 4, "score": 10.0}]) == 4  # an unfinished point
+    with pytest.raises(Exception, match="no seen-split results"):
+        choose_epochs([{"epochs": 2, "score": None}])
+
+
+def test_study_report_shows_the_curve_and_the_equal_steps_row(tmp_path):
+    methods = ["golden_d1", "golden_all", "step", "step_unmasked"]
+    for root in (tmp_path, equal_steps_dir(tmp_path)):
+        run = seed_dir(root, 0)
+        run.mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({"config": {"methods": methods, "eval": {"splits": ["seen"]}}}))
+        wins = {"golden_d1": 1, "golden_all": 2, "step": 3, "step_unmasked": 2} if root == tmp_path else \
+            {"golden_d1": 2, "golden_all": 2, "step": 2, "step_unmasked": 2}
+        for m in methods:
+            save_trajectories([_ep(i, i < wins[m]) for i in range(4)], run / "eval" / m / "episodes.jsonl")
+            (run / "models" / m).mkdir(parents=True)
+            (run / "models" / m / "train_summary.json").write_text(json.dumps({"steps": 30, "epochs": 2.0}))
+    _curve_run(seed_dir(curve_dir(tmp_path, 2), 0), {"golden_d1": 1, "golden_all": 3})
+    (tmp_path / "epoch_curve.json").write_text(json.dumps(epoch_curve(tmp_path, [0], [2])))
+    s = write_study(tmp_path, [0])
+    assert s["epoch_curve"]["chosen"] == 2 and s["epoch_curve"]["points"][0]["score"] == 20.0
+    eq = s["equal_steps"]
+    assert eq["steps_per_seed"] == [30] and eq["step_minus_golden_d1_seen"]["mean"] == 0.0
+    assert s["step_minus_golden_d1_seen"]["mean"] == 50.0  # the study's own row is untouched
+    md = (tmp_path / "study.md").read_text()
+    assert "## Epoch count, chosen on the seen split" in md and "Chosen: **2 epochs**" in md
+    assert "## Sensitivity: equal optimizer steps" in md and "| STeP − golden D1 | +0.0" in md
+
+
+TINY = {
+    "env": {"name": "twx", "kwargs": {"game": "coin", "max_steps": 8,
+                                      "game_params": "numLocations=2,numDistractorItems=0,includeDoors=0"},
+            "workers": 2},
+    "golden": {"source": "expert", "split": "train", "limit": 8},
+    "model": {"init": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 1024}},
+    "train": {"num_train_epochs": 1, "learning_rate": 0.003, "batch_size": 1, "max_length": 1024,
+              "warmup_ratio": 0.0, "num_threads": 1, "progress": False, "save_steps": 1000},
+    "synthesis": {"teacher": "expert"},
+    "filter": {"max_errors": 8},
+    "methods": ["golden_d1", "golden_all", "step"],
+    "eval": {"splits": ["seen", "unseen"], "limit": 2, "max_new_tokens": 16},
+}
+
+
+@pytest.mark.slow
+def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path, capsys):
+    cfg = PipelineConfig.model_validate(TINY)
+    curve = run_epoch_curve(cfg, [0], tmp_path, [1, 2])
+    one, two = (seed_dir(curve_dir(tmp_path, e), 0) for e in (1, 2))
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert "synthesize" not in manifest["stages"] and "train:step" not in manifest["stages"]  # no stage 2 here
+    assert not (one / "eval" / "golden_d1" / "summary.json").read_text().count('"unseen"')  # seen only
+    steps = {e: p["training"]["golden_d1"][0]["steps"] for e, p in zip((1, 2), curve["points"])}
+    assert steps[2] == 2 * steps[1]
+    assert curve["chosen"] in (1, 2) and json.loads((tmp_path / "epoch_curve.json").read_text()) == curve
+
+    run_study(cfg, [0], tmp_path)
+    # the pipeline warns when the base agent's U2 success is outside 30-70% (STeP's premise)
+    base = json.loads((seed_dir(tmp_path, 0) / "eval" / "base_agent_u2" / "summary.json").read_text())["overall"]
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("warning: STeP's premise does not hold" in out) == (premise_note(base["success_rate"]) is not None)
+    run_equal_steps(cfg, [0], tmp_path)
+    study, equal = seed_dir(tmp_path, 0), seed_dir(equal_steps_dir(tmp_path), 0)
+    trained = {m: json.loads((study / "models" / m / "train_summary.json").read_text())["steps"]
+               for m in cfg.methods}
+    target = max(trained.values())
+    assert len(set(trained.values())) > 1  # the methods differ in steps at equal epochs...
+    for m in cfg.methods:  # ...and not at equal steps
+        assert json.loads((equal / "models" / m / "train_summary.json").read_text())["steps"] == target
+    assert (equal / "data" / "dr.jsonl").read_bytes() == (study / "data" / "dr.jsonl").read_bytes()
+    assert not (equal / "eval" / "step" / "injected.jsonl").exists()
+    stages = json.loads((equal / "manifest.json").read_text())["stages"]
+    assert "synthesize" not in stages and "golden" not in stages
+    s = write_study(tmp_path, [0])
+    assert s["equal_steps"]["steps_per_seed"] == [target] and "step_minus_golden_d1_seen" in s["equal_steps"]
+
+    # resumable: a second call finds every stage up to date and retrains nothing
+    before = {m: (equal / "models" / m / "train_summary.json").stat().st_mtime_ns for m in cfg.methods}
+    run_equal_steps(cfg, [0], tmp_path)
+    assert before == {m: (equal / "models" / m / "train_summary.json").stat().st_mtime_ns for m in cfg.methods}
