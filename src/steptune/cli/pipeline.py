@@ -55,7 +55,7 @@ def run(
 @app.command()
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
-    preset: str = typer.Option("quickstart", help="quickstart (≤10 min on 2 CPU cores) or smoke (≈2 min)."),
+    preset: str = typer.Option("quickstart", help="quickstart (≤10 min on 2 CPU cores), smoke (≈2 min) or smollm2 (pretrained SmolLM2-135M-Instruct)."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset field: --set seed=1"),
 ) -> None:
