@@ -138,19 +138,23 @@ def test_a_few_masked_training_steps_on_smollm2(smollm2, tmp_path):
 def test_one_batched_react_turn_stops_at_the_action_line_and_matches_one_by_one(smollm2):
     from steptune.agent.backends.base import GenerationConfig
     from steptune.agent.backends.local import LocalBackend
-    from steptune.agent.policy import REACT_STOP, parse_react
+    from steptune.agent.policy import REACT_STOP
     from steptune.envs.prompts import TWX_INSTRUCTION
 
-    tasks = ["You are hungry! Let's find the coin. You are in the kitchen. To the north you see the hallway.",
-             "You are hungry! Let's find the coin. You are in the pantry. To the east you see the kitchen.",
-             "You are hungry! Let's find the coin. You are in the backyard. To the west you see a garden."]
-    example = ("Thought: I should look around.\nAction: look around\n\n")
-    conversations = [[{"role": "user", "content": f"{TWX_INSTRUCTION}\n\nReply with one Thought line and one "
-                       f"Action line, e.g.\n{example}{t}"}] for t in tasks]
+    rooms = ["kitchen", "pantry"]
+    # an episode's later turn: the model's earlier ReAct steps are in the context, as in a rollout
+    conversations = [[{"role": "user", "content": f"{TWX_INSTRUCTION}\n\nYou are hungry! Let's find the coin. "
+                                                  f"You are in the {room}. To the north you see the hallway."},
+                      {"role": "assistant", "content": "Thought: The coin is not here.\nAction: move north"},
+                      {"role": "user", "content": "Observation: You are in the hallway. To the east you see the "
+                                                  "bedroom. To the south you see the " + room + "."}]
+                     for room in rooms]
     gen = GenerationConfig(max_new_tokens=48, stop=list(REACT_STOP))
     batched = LocalBackend(smollm2, max_batch_size=8).complete(conversations, gen)
     one_by_one = [LocalBackend(smollm2, max_batch_size=1).complete([c], gen)[0] for c in conversations]
     assert batched == one_by_one
+    assert all(r.strip() for r in batched)
     for reply in batched:
-        assert not any(s in reply for s in REACT_STOP)  # cut at the stop: nothing after the Action line
-    assert any(parse_react(r) is not None for r in batched), batched
+        assert not any(s in reply for s in REACT_STOP)  # cut at the stop...
+        if "Action:" in reply:  # ...so nothing follows the Action line
+            assert "\n" not in reply.split("Action:", 1)[1].strip(), reply
