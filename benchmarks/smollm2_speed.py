@@ -178,7 +178,7 @@ def train_worker(mode: str, steps: int, warm: int, max_length: int, threads: int
     seconds = sum(times[warm:steps])
     cpu_seconds = sum(cpu[warm:steps])
     labelled = sum(int((b["labels"] != -100).sum()) for b in batches[warm:steps])
-    return {"mode": mode, "tokens_per_s": tokens / seconds, "model_gflops": flops / seconds / 1e9,
+    return {"mode": mode, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds, "model_gflops": flops / seconds / 1e9,
             "model_gflops_per_cpu_s": flops / cpu_seconds / 1e9,
             "median_step_s": median(times[warm:steps]), "tokens": tokens, "labelled_share": labelled / tokens,
             "steps": steps - warm, "params": n_params,
@@ -309,12 +309,13 @@ def main() -> None:
     if a.only in (None, "train"):
         runs = {m: in_subprocess(["--worker", m, *common]) for m in a.train_modes.split(",")}
         print(f"\nmasked SFT, packed rows of {length} tokens, batch 1, {steps - warm} timed steps")
-        print(f"{'mode':28}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'MFU/CPU s':>10}{'step s':>8}{'peak RSS GB':>12}")
+        print(f"{'mode':28}{'tokens/s':>10}{'tok/CPU s':>10}{'GFLOP/s':>9}{'MFU':>7}{'MFU/CPU s':>10}{'step s':>8}"
+              f"{'peak RSS GB':>12}")
         for m, r in runs.items():
             lora = m == "lora"  # its backward skips most weight gradients: 6·N·T overstates its work
             mfu = "-" if lora else format(r["model_gflops"] / peak, ".1%")
             mfu_cpu = "-" if lora else format(r["model_gflops_per_cpu_s"] / peak_cpu, ".1%")
-            print(f"{m:28}{r['tokens_per_s']:>10.1f}{r['model_gflops']:>9.1f}{mfu:>7}{mfu_cpu:>10}"
+            print(f"{m:28}{r['tokens_per_s']:>10.1f}{r['tokens_per_cpu_s']:>10.1f}{r['model_gflops']:>9.1f}{mfu:>7}{mfu_cpu:>10}"
                   f"{r['median_step_s']:>8.2f}{r['peak_rss_gb']:>12.2f}")
         if "full" in runs:
             head["mfu"] = round(runs["full"]["model_gflops"] / peak, 3)
@@ -332,6 +333,8 @@ def main() -> None:
             head["lora_peak_rss_gb"] = round(runs["lora"]["peak_rss_gb"], 2)
             if "full" in runs:
                 head["lora_vs_full_tokens_per_s"] = round(runs["lora"]["tokens_per_s"] / runs["full"]["tokens_per_s"], 2)
+                head["lora_vs_full_tokens_per_cpu_s"] = round(
+                    runs["lora"]["tokens_per_cpu_s"] / runs["full"]["tokens_per_cpu_s"], 2)
     if a.only in (None, "gen"):
         single = in_subprocess(["--worker", "gen", "--slots", "1", *common])
         batched = in_subprocess(["--worker", "gen", "--slots", "32", *common])
