@@ -260,11 +260,12 @@ def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | Non
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if save:
         Path(save).write_text(json.dumps(replies))
-    decode = clock["generate"] - clock["prefill"]
+    decode = clock["generate"]  # the packed prefill runs before generate(), which then only decodes
     return {"slots": slots, "agent_steps": len(replies), "wall_s": wall, "steps_per_s": len(replies) / wall,
             "steps_per_cpu_s": len(replies) / cpu, "tokens": backend.tokens_generated - tokens0, "decode_steps": clock["decode_steps"],
             "prompt_s": clock["prompt"], "prefill_s": clock["prefill"], "decode_s": decode,
-            "stop_checks_s": clock["stop_checks"], "other_s": wall - clock["generate"] - clock["prompt"],
+            "stop_checks_s": clock["stop_checks"], "other_s": wall - clock["generate"] - clock["prefill"] - clock["prompt"],
+            "row_steps": clock["decode_steps"] * slots,
             "weight_bytes": sum(p.numel() * p.element_size() for p in backend.model.parameters()),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -354,6 +355,8 @@ def main() -> None:
         head["batched_steps_per_s"] = round(batched["steps_per_s"], 2)
         head["single_decode_of_bound"] = round(single["decode_steps"] / single["decode_s"] / bound, 3)
         head["batched_decode_tokens_per_s"] = round(batched["tokens"] / batched["decode_s"], 1)
+        # a batch decodes until its longest reply ends: the share of row-steps that produced a kept token
+        head["batched_useful_row_steps"] = round(batched["tokens"] / batched["row_steps"], 3)
     print(json.dumps(head))
 
 
