@@ -109,7 +109,10 @@ def test_labelled_logits_loss_and_gradients_equal_the_full_logits_loss(smollm2, 
     for labelled_only in (True, False):
         trainer.labelled_logits_only = labelled_only
         model.zero_grad()
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum()))
+        n_targets = int((batch["labels"] != -100).sum())
+        loss, out = trainer.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=n_targets)
+        # the LM head ran at the labelled positions only, or (the reference) at every position of the row
+        assert out.logits.shape[:-1] == ((n_targets,) if labelled_only else batch["input_ids"].shape)
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
