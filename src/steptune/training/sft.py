@@ -167,11 +167,39 @@ def masked_sft_trainer():
 
     class MaskedSFTTrainer(SFTTrainer):
         fused_lm_head = True
+        labelled_logits_only = True  # the model's own loss path: logits only where a target is trained
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.fused_lm_head:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if not self.labelled_logits_only or "labels" not in inputs or self.label_smoother is not None \
+                    or self.compute_loss_func is not None:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return self._labelled_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _labelled_loss(self, model, inputs, return_outputs, num_items_in_batch):
+            """The model's masked cross-entropy with the LM head run only at positions whose next token is
+            trained. With STeP's masks most tokens (instructions, observations, weight-0 steps) are never targets,
+            and their logits over the whole vocabulary (49k for SmolLM2: a fifth of the model's FLOPs and the
+            largest activation) would be computed, softmaxed and backpropagated for nothing."""
+            import torch
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position i predicts token i+1
+            keep = targets != -100
+            outputs = model(**inputs, logits_to_keep=keep)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+                raise RuntimeError(f"{type(model).__name__} ignores a boolean logits_to_keep; train with "
+                                   "fused_lm_head: true")
+            # as transformers' ForCausalLMLoss: summed over targets, divided by the batch's target count
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return (loss, outputs) if return_outputs else loss
 
         def _run_epoch(self, *args, **kwargs):
             # transformers tests max_steps only after a step: resumed from the last checkpoint of a run whose
