@@ -19,6 +19,7 @@ from steptune.errors import UserError
 from steptune.evaluation.injection import InjectionConfig
 from steptune.models.tiny import TinyModelConfig
 from steptune.synthesis.filtering import FilterConfig
+from steptune.teacher.mc import MCSettings
 from steptune.training.sft import TrainSettings
 
 Method = Literal["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
@@ -78,7 +79,8 @@ class ModelSection(_Strict):
 
 
 class SynthesisSection(_Strict):
-    teacher: Literal["expert", "llm", "self"] = "expert"
+    teacher: Literal["expert", "llm", "self", "mc"] = "expert"
+    mc: MCSettings = Field(default_factory=MCSettings)  # teacher mc: rollouts, temperature, margin
     # teacher llm: e.g. {kind: openai, model: Qwen2-72B-Instruct, base_url: http://host:8000/v1,
     # api_key_env: OPENAI_API_KEY} (the variable's *name*; keys never go in configs), or {kind: local, model: PATH}
     teacher_backend: BackendConfig | None = None

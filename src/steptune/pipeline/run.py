@@ -239,7 +239,7 @@ class Run:
         return SynthesisConfig(
             student=self.student("golden_d1"), env=env.name, env_kwargs=env.kwargs, split=self.cfg.golden.split,
             tasks=self.u2_tasks(), limit=s.limit, samples_per_task=s.samples_per_task, temperature=s.temperature,
-            max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, teacher=s.teacher,
+            max_new_tokens=self.cfg.eval.max_new_tokens, workers=env.workers, teacher=s.teacher, mc=s.mc,
             teacher_backend=s.teacher_backend, golden=str(self.d2) if s.use_golden_reference else None,
             out=str(self.synthesized), seed=self.cfg.seed if s.seed is None else s.seed)
 

@@ -22,6 +22,7 @@ from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajecto
 from steptune.envs.base import TaskRef
 from steptune.errors import UserError
 from steptune.teacher.base import COUNT_KEYS, Teacher
+from steptune.teacher.mc import MCSettings
 
 
 class UnknownTasksError(UserError, ValueError):
@@ -43,15 +44,27 @@ class SynthesisConfig(BaseModel):
     temperature: float = 0.0
     max_new_tokens: int = 128
     workers: int = 2
-    teacher: Literal["expert", "llm", "self"] = "expert"
+    teacher: Literal["expert", "llm", "self", "mc"] = "expert"
+    mc: MCSettings = Field(default_factory=MCSettings)  # teacher "mc"
     teacher_backend: BackendConfig | None = None  # the LLM teacher (teacher "llm")
     golden: str | None = None  # golden trajectories (JSONL) shown to the LLM teacher as a reference
     out: str
     seed: int = 0
 
 
-def make_teacher(cfg: SynthesisConfig, student_backend) -> tuple[Teacher, object | None]:
-    """The teacher, and the backend it owns (to close), if any."""
+def make_teacher(cfg: SynthesisConfig, student_backend, pool_factory=None) -> tuple[Teacher, object | None]:
+    """The teacher, and what it owns (to close: a backend, the MC teacher's environments), if any."""
+    if cfg.teacher == "mc":
+        from steptune.teacher.mc import MCTeacher
+
+        if pool_factory is None:
+            from steptune.envs.pool import EnvPool as pool_factory
+        m = cfg.mc
+        pool = pool_factory(cfg.env, m.slots or 2 * cfg.workers, cfg.env_kwargs or None)
+        teacher = MCTeacher(student_backend, pool, rollouts=m.rollouts, temperature=m.temperature, margin=m.margin,
+                            max_valid_candidates=m.max_valid_candidates, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed)
+        return teacher, teacher
     if cfg.teacher == "expert":
         from steptune.teacher.expert import ExpertTeacher
 
@@ -95,7 +108,7 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
                                                if _record_id(t, k) not in writer.done_ids]
             if jobs:
                 backend = make_backend(cfg.student)
-                teacher, teacher_backend = make_teacher(cfg, backend)
+                teacher, teacher_backend = make_teacher(cfg, backend, pool_factory)
                 gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        seed=cfg.seed)
 

@@ -33,6 +33,11 @@ class Verdict:
     failed_requests: int = 0  # requests that failed for good (HTTP error after the retries, timeout)
     invalid_replies: int = 0  # replies that were no usable judgement
     why_unjudged: str | None = None
+    # a Monte-Carlo teacher's cost: the student's rollouts, their model turns, and what went wrong with them
+    rollouts: int = 0
+    rollout_steps: int = 0
+    failed_rollouts: int = 0  # env or model failures; the value is estimated from the others
+    replay_diverged: int = 0  # states that replaying the episode's actions did not reach again
 
 
 @runtime_checkable
@@ -47,7 +52,8 @@ class Teacher(Protocol):
         ...
 
 
-COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies")
+COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies",
+              "rollouts", "rollout_steps", "failed_rollouts", "replay_diverged")
 MAX_NOTES = 5  # reasons kept per episode for unjudged steps (the counts are complete; the notes are examples)
 
 
@@ -62,12 +68,20 @@ class TeacherCounts:
     requests: int = 0
     failed_requests: int = 0
     invalid_replies: int = 0
+    rollouts: int = 0
+    rollout_steps: int = 0
+    failed_rollouts: int = 0
+    replay_diverged: int = 0
     notes: list[str] = field(default_factory=list)
 
     def add(self, v: Verdict, step_index: int) -> None:
         self.requests += v.requests
         self.failed_requests += v.failed_requests
         self.invalid_replies += v.invalid_replies
+        self.rollouts += v.rollouts
+        self.rollout_steps += v.rollout_steps
+        self.failed_rollouts += v.failed_rollouts
+        self.replay_diverged += v.replay_diverged
         if v.critique is None:
             self.unjudged += 1
             if v.why_unjudged and len(self.notes) < MAX_NOTES:

@@ -1,0 +1,167 @@
+"""The Monte-Carlo teacher on real TextWorldExpress coin games: a step is judged by the student's own rollouts from
+the replayed states before and after it."""
+
+from __future__ import annotations
+
+import pytest
+
+from steptune.agent.backends.base import ChatBackend
+from steptune.agent.policy import parse_react
+from steptune.data.trajectory import Step
+from steptune.envs.pool import EnvPool
+from steptune.envs.twx import TextWorldExpressEnv
+from steptune.teacher.base import StepToJudge, TeacherCounts
+from steptune.teacher.mc import MCTeacher
+
+PARAMS = "numLocations=4,numDistractorItems=0,includeDoors=0"
+
+
+class ExpertStudent(ChatBackend):
+    """A test double of the MODEL only: replays the conversation's actions in its own real game and answers with the
+    expert's next action from there (a student that always finds the coin when the budget allows)."""
+
+    def __init__(self, tasks):
+        self.env = TextWorldExpressEnv(game="coin", game_params=PARAMS, max_steps=50)
+        self.tasks = tasks  # task text -> TaskRef
+        self.calls = 0
+
+    def complete(self, conversations, gen):
+        self.calls += 1
+        out = []
+        for conv in conversations:
+            task = next(t for text, t in self.tasks.items() if conv[0]["content"].endswith(text))
+            self.env.reset(task)
+            for m in conv[1:]:
+                if m["role"] == "assistant":
+                    self.env.step(parse_react(m["content"]).action)
+            plan = self.env.expert_actions() or ["look around"]
+            out.append(f"Thought: I go on.\nAction: {plan[0]}")
+        return out
+
+    def close(self):
+        self.env.close()
+
+
+def play(task, actions, budget):
+    """Executes `actions` in a real game; the steps to judge, as the rollout would pass them."""
+    env = TextWorldExpressEnv(game="coin", game_params=PARAMS, max_steps=budget)
+    try:
+        text = env.reset(task).task
+        steps, items, reward = [], [], 0.0
+        for a in actions:
+            res = env.step(a)
+            st = Step(thought="t", action=a, observation=res.observation)
+            items.append(StepToJudge(task=task, task_text=text, history=list(steps), step=st, reward_before=reward,
+                                     reward_after=res.reward, done=res.done))
+            steps.append(st)
+            reward = res.reward
+        return text, items
+    finally:
+        env.close()
+
+
+def expert_route(env, task, prefix=()):
+    """The expert's whole route to the coin from the state `prefix` leaves, following its re-plans."""
+    env.reset(task)
+    for a in prefix:
+        env.step(a)
+    route = []
+    while (plan := env.expert_actions()) and len(route) < 30:
+        route.append(plan[0])
+        if env.step(plan[0]).done:
+            return route
+    return None
+
+
+@pytest.fixture(scope="module")
+def game():
+    """A game, its expert route, and a wrong move at step k >= 1 after which the coin is out of reach within a budget
+    of the route's length plus one (one wasted step is affordable, a detour is not)."""
+    env = TextWorldExpressEnv(game="coin", game_params=PARAMS, max_steps=50)
+    try:
+        for task in env.tasks("train")[:40]:
+            route = expert_route(env, task)
+            for k in range(1, len(route or []) - 1):
+                expert_route(env, task, route[:k])
+                env.reset(task)
+                for a in route[:k]:
+                    env.step(a)
+                for wrong in [a for a in env.valid_actions() if a.startswith("move ") and a != route[k]]:
+                    rest = expert_route(env, task, (*route[:k], wrong))
+                    if rest is None or k + 1 + len(rest) > len(route) + 1:
+                        return task, route, k, wrong
+    finally:
+        env.close()
+    pytest.skip("no coin game with a costly wrong move among the first 40")
+
+
+def mc_teacher(student, **kw) -> MCTeacher:
+    return MCTeacher(student, EnvPool("twx", 2, {"game": "coin", "game_params": PARAMS, "max_steps": kw.pop("budget")}),
+                     rollouts=3, **kw)
+
+
+def test_mc_flags_the_move_that_makes_the_coin_unreachable_and_not_the_experts_steps(game):
+    task, route, k, wrong = game
+    budget = len(route) + 1
+    text, expert_items = play(task, route, budget)
+    _, detour = play(task, [*route[:k], wrong], budget)
+    student = ExpertStudent({text: task})
+    teacher = mc_teacher(student, budget=budget)
+    try:
+        verdicts = teacher.judge(expert_items + [detour[k]])
+    finally:
+        teacher.close()
+        student.close()
+    assert all(v.critique is not None for v in verdicts)
+    assert [v.critique.is_error for v in verdicts] == [False] * len(route) + [True]
+    flagged = verdicts[-1]
+    assert "1.00 before the step, 0.00 after" in flagged.critique.reason
+    assert wrong in flagged.critique.reflection and "0." not in flagged.critique.reflection  # no numbers for the agent
+    # every rollout is counted, once: one set per distinct state (the states before the expert's steps are the
+    # states after the previous ones), and the detour's candidates (no candidate can still reach the coin in time)
+    counts = TeacherCounts()
+    for i, v in enumerate(verdicts):
+        counts.add(v, i)
+    assert counts.rollouts % 3 == 0 and counts.rollouts >= 3 * (len(route) + 1)  # the final state is terminal
+    assert counts.rollout_steps > 0 and counts.replay_diverged == 0 and counts.failed_rollouts == 0
+    assert not flagged.critique.corrected_action  # nothing beats carrying on: no correction is offered
+
+
+def test_a_replay_that_diverges_is_reported_not_judged(game):
+    task, route, _, _ = game
+    text, items = play(task, route[:3], len(route) + 1)
+    tampered = items[2].history[1].model_copy(update={"observation": "You are in the attic. You see a coin."})
+    items[2].history[1] = tampered
+    student = ExpertStudent({text: task})
+    teacher = mc_teacher(student, budget=len(route) + 1)
+    try:
+        verdicts = teacher.judge([items[0], items[2]])  # the record of step 2 does not match the game
+    finally:
+        teacher.close()
+        student.close()
+    assert [v.critique is not None for v in verdicts] == [True, False]
+    assert "replay diverged" in verdicts[1].why_unjudged and "at step 2" in verdicts[1].why_unjudged
+    counts = TeacherCounts()
+    for i, v in enumerate(verdicts):
+        counts.add(v, i)
+    # counted per state: the states before and after step 3 both replay through the bad record
+    assert counts.replay_diverged == 2 and counts.unjudged == 1 and counts.notes
+
+
+def test_two_runs_of_a_sampling_student_judge_alike(game, tiny_model_dir):
+    """Every rollout turn draws from a seed derived from (seed, state, rollout, turn): two fresh teachers over a real
+    sampling model take the same rollouts, whatever else shares their batches."""
+    from steptune.agent.backends.local import LocalBackend
+
+    task, route, _, _ = game
+    _, items = play(task, route[:2], len(route) + 1)
+    runs = []
+    for order in (items, items[::-1]):
+        teacher = MCTeacher(LocalBackend(str(tiny_model_dir)), EnvPool("twx", 3, {"game": "coin", "game_params": PARAMS,
+                            "max_steps": 4}), rollouts=2, max_new_tokens=12, seed=7)
+        try:
+            teacher.judge(order)
+            runs.append({st: (e.first_actions, e.rewards, e.rollout_steps) for st, e in teacher.cache.items()})
+        finally:
+            teacher.close()
+    assert runs[0] == runs[1] and len(runs[0]) == 3
