@@ -20,9 +20,10 @@ class ExpertStudent(ChatBackend):
     """A test double of the MODEL only: replays the conversation's actions in its own real game and answers with the
     expert's next action from there (a student that always finds the coin when the budget allows)."""
 
-    def __init__(self, tasks):
+    def __init__(self, tasks, mistakes=None):
         self.env = TextWorldExpressEnv(game="coin", game_params=PARAMS, max_steps=50)
         self.tasks = tasks  # task text -> TaskRef
+        self.mistakes = mistakes or {}  # turn -> action, instead of the expert's
         self.calls = 0
 
     def complete(self, conversations, gen):
@@ -35,7 +36,8 @@ class ExpertStudent(ChatBackend):
                 if m["role"] == "assistant":
                     self.env.step(parse_react(m["content"]).action)
             plan = self.env.expert_actions() or ["look around"]
-            out.append(f"Thought: I go on.\nAction: {plan[0]}")
+            turn = sum(m["role"] == "assistant" for m in conv)
+            out.append(f"Thought: I go on.\nAction: {self.mistakes.get(turn, plan[0])}")
         return out
 
     def close(self):
@@ -165,3 +167,34 @@ def test_two_runs_of_a_sampling_student_judge_alike(game, tiny_model_dir):
         finally:
             teacher.close()
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_judge_agreement_replays_the_records_and_scores_flags_against_the_expert(game):
+    """The expert teacher's own synthesis agrees with the expert's replayed verdicts exactly; relabelling one of its
+    plain steps as an error is one false positive, dropping one flag one false negative."""
+    from steptune.agent.backends.base import GenerationConfig
+    from steptune.agent.rollout import run_episodes
+    from steptune.evaluation.judges import compare_with_expert
+    from steptune.teacher.expert import ExpertTeacher
+
+    task, route, k, wrong = game
+    kwargs = {"game": "coin", "game_params": PARAMS, "max_steps": len(route) + 6}
+    with EnvPool("twx", 1, kwargs) as pool:
+        text = pool.reset(0, task).task
+        student = ExpertStudent({text: task}, {k: wrong, 0: "dance"})
+        [ep] = run_episodes(pool, [task], student, GenerationConfig(max_new_tokens=16), teacher=ExpertTeacher(),
+                            progress=False)
+        student.close()
+        traj = ep.trajectory
+        assert traj.n_errors == 2
+        exact = compare_with_expert([traj], pool).summary()
+        plain = next(i for i, s in enumerate(traj.steps) if s.kind == "student")
+        first_error = next(i for i, s in enumerate(traj.steps) if s.kind == "error")
+        relabelled = traj.model_copy(deep=True)
+        relabelled.steps[plain].kind = "error"
+        relabelled.steps[first_error].kind = "student"
+        off = compare_with_expert([relabelled], pool).summary()
+    judged = sum(s.kind != "reflection" for s in traj.steps)
+    assert exact | {"disagreements": []} == exact | {"tp": 2, "fp": 0, "fn": 0, "tn": judged - 2, "precision": 1.0,
+                                                     "recall": 1.0, "diverged_trajectories": 0, "disagreements": []}
+    assert (off["tp"], off["fp"], off["fn"], off["precision"], off["recall"]) == (1, 1, 1, 0.5, 0.5)
