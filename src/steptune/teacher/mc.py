@@ -10,8 +10,8 @@ No teacher model and no expert (as IPR, arXiv 2406.11176, and STeCa, arXiv 2502.
     the student sampled there, plus the environment's valid actions when it lists at most `max_valid_candidates`;
     it is offered only when it beats carrying on from that state.
 All rollouts of a batch of steps run together: one `backend.complete` per round for every live rollout and one
-`step_many` for their actions, in the teacher's own environment pool. Values are cached per state (task, executed
-actions, steps used), and every rollout draws from seeds derived from (seed, state, rollout index, turn), so two
+`step_many` for their actions, in the teacher's own environment pool. Values are cached per state (task, the
+steps so far: thoughts and actions, which the student's prompt holds), and every rollout draws from seeds derived from (seed, state, rollout index, turn), so two
 runs, or a run and its resume, judge alike.
 """
 
@@ -63,8 +63,13 @@ class CannotReplayError(UserError, ValueError):
 @dataclass(frozen=True)
 class _State:
     task: TaskRef
-    actions: tuple[str, ...]  # the actions executed since the reset (steps without an action ran nothing)
-    used: int  # steps used so far, those without an action included: they count against the budget
+    # the steps so far as (thought, action): the actions reach the state, the thoughts are in the student's prompt (so a
+    # value never depends on which episode asked first, and a resumed run judges like an uninterrupted one)
+    steps: tuple[tuple[str, str], ...]
+
+    @property
+    def used(self) -> int:  # steps used so far, those without an action included: they count against the budget
+        return len(self.steps)
 
 
 @dataclass
@@ -226,11 +231,11 @@ class MCTeacher:
 
     @staticmethod
     def _state(task: TaskRef, steps: Sequence[Step]) -> _State:
-        return _State(task, tuple(s.action for s in steps if s.action), len(steps))
+        return _State(task, tuple((s.thought, s.action) for s in steps))
 
     @staticmethod
     def _then(state: _State, action: str) -> _State:
-        return _State(state.task, (*state.actions, action), state.used + 1)
+        return _State(state.task, (*state.steps, (_forced(action).thought, action)))
 
     # ---------------------------------------------------------------------------------------------------------
     def _estimate(self, wanted: dict[_State, tuple[str, list[Step]]]) -> None:
