@@ -177,6 +177,11 @@ class MCTeacher:
         for s, a, v in zip(steps, after, verdicts):
             if v.critique is not None and v.critique.is_error:
                 self._correct(s, a, v)
+        # keep only what the next call can use: the states the episodes go on from (a student step's "before" is the
+        # previous step's "after"). So an episode never inherits another's rollouts, and its accounting is the same
+        # whether or not the run was resumed in between.
+        self.cache = {a: self.cache[a] for s, a in zip(steps, after)
+                      if not s.done and a.used < self.pool.max_steps(s.task) and a in self.cache}
         self.seconds += time.perf_counter() - t0
         return verdicts
 
@@ -188,6 +193,12 @@ class MCTeacher:
             crit.reflection = f"{did}, and that ended my attempt before the goal was reached."
             return
         ea = self.cache[a]
+        crit.error = f"'{s.step.action or '(no action)'}' made the task less likely to succeed"
+        lost = "I can hardly reach the goal from here any more" if ea.value == 0 else \
+            "I am less likely to reach the goal from here than I was before"
+        if a.used >= self.pool.max_steps(s.task):  # no step left for a correction
+            crit.reflection = f"{did}, but thinking ahead, {lost}."
+            return
         scored = []
         for c in self._candidates(ea):
             e = self.cache[self._then(a, c)]
@@ -195,9 +206,6 @@ class MCTeacher:
             if e.value is not None:
                 scored.append((e.value, c))
         best = max(scored, key=lambda vc: vc[0], default=None)  # max keeps the first of equals: candidates' order
-        crit.error = f"'{s.step.action or '(no action)'}' made the task less likely to succeed"
-        lost = "I can hardly reach the goal from here any more" if ea.value == 0 else \
-            "I am less likely to reach the goal from here than I was before"
         if best is None or best[0] <= ea.value:
             crit.reflection = f"{did}, but thinking ahead, {lost}, and no next move I can see makes it much better."
             return
