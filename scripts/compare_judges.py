@@ -4,7 +4,8 @@
 
 RUN_DIR is a `steptune run` directory whose base agent is trained (stage train:golden_d1). For each judge, stage 2
 runs again with that judge (the run's own synthesis settings: tasks, samples, temperature, seed) into
-RUN_DIR/judges/<judge>.jsonl (resumable), then every step the student chose is replayed and judged by the expert
+RUN_DIR/judges/<judge>.jsonl (resumable; the run's own data/synthesized.jsonl where the judge and settings are the
+run's), then every step the student chose is replayed and judged by the expert
 (steptune.evaluation.judges). `llm` needs synthesis.teacher_backend in the run's config. `--set mc.KEY=VALUE` changes
 an MC setting (the file name then says so). Prints a table, writes RUN_DIR/judges/agreement.json, and ends with one
 line of JSON.
@@ -48,8 +49,10 @@ def main() -> None:
         scfg = base.model_copy(update={
             "teacher": judge, "out": str(out_dir / f"{name}.jsonl"),
             "limit": args.limit or base.limit, "mc": base.mc.model_copy(update=mc) if judge == "mc" else base.mc})
+        if scfg == base.model_copy(update={"out": scfg.out}) and run.synthesized.exists():
+            scfg = base  # the run's own stage 2 is this judge's: read it, do not run it again
         t0 = time.perf_counter()
-        stats = synthesize(scfg, progress=False)
+        stats = synthesize(scfg, progress=False)  # resumes: nothing to do where the file is complete
         seconds = time.perf_counter() - t0
         trajs = load_trajectories(scfg.out)
         with EnvPool(cfg.env.name, cfg.env.workers, cfg.env.kwargs) as pool:

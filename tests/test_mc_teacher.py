@@ -198,3 +198,13 @@ def test_judge_agreement_replays_the_records_and_scores_flags_against_the_expert
     assert exact | {"disagreements": []} == exact | {"tp": 2, "fp": 0, "fn": 0, "tn": judged - 2, "precision": 1.0,
                                                      "recall": 1.0, "diverged_trajectories": 0, "disagreements": []}
     assert (off["tp"], off["fp"], off["fn"], off["precision"], off["recall"]) == (1, 1, 1, 0.5, 0.5)
+
+
+def test_mc_settings_are_checked_when_the_config_loads():
+    from steptune.pipeline.config import ConfigError, load_config
+
+    cfg = load_config("configs/study-coin.yaml", {"synthesis.teacher": "mc", "synthesis.mc.rollouts": 3})
+    assert cfg.synthesis.teacher == "mc" and cfg.synthesis.mc.rollouts == 3 and cfg.synthesis.mc.margin == 0.2
+    for key, bad in (("margin", 1.5), ("rollouts", 0), ("temperature", 0), ("colour", "red")):
+        with pytest.raises(ConfigError, match=f"synthesis.mc.{key}"):
+            load_config("configs/study-coin.yaml", {"synthesis.teacher": "mc", f"synthesis.mc.{key}": bad})
