@@ -1,6 +1,7 @@
 """Precision and recall of step judges against the expert-grounded teacher, on a pipeline run's U2 tasks.
 
     python scripts/compare_judges.py RUN_DIR --judges mc self [--limit 8] [--set mc.margin=0.4]
+    python scripts/compare_judges.py --file SYNTH.jsonl --env twx --env-kwargs '{"game": "coin"}'   # one file, as is
 
 RUN_DIR is a `steptune run` directory whose base agent is trained (stage train:golden_d1). For each judge, stage 2
 runs again with that judge (the run's own synthesis settings: tasks, samples, temperature, seed) into
@@ -30,11 +31,21 @@ from steptune.synthesis.synthesize import synthesize
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("run_dir", type=Path, nargs="?")
+    ap.add_argument("--file", type=Path, help="score this synthesized file as it is (needs --env)")
+    ap.add_argument("--env")
+    ap.add_argument("--env-kwargs", type=json.loads, default={})
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--judges", nargs="+", default=["mc", "self"], choices=["expert", "mc", "self", "llm"])
     ap.add_argument("--limit", type=int, default=None, help="U2 tasks (default: the run's synthesis.limit)")
     ap.add_argument("--set", action="append", default=[], metavar="mc.KEY=VALUE")
     args = ap.parse_args()
+    if args.file:
+        with EnvPool(args.env, args.workers, args.env_kwargs) as pool:
+            summary = compare_with_expert(load_trajectories(args.file), pool).summary()
+        print(json.dumps(summary, indent=2))
+        print(json.dumps({k: summary[k] for k in ("steps", "judge_flags", "expert_flags", "precision", "recall")}))
+        return
 
     cfg = PipelineConfig.model_validate(json.loads((args.run_dir / "manifest.json").read_text())["config"])
     run = Run(cfg, args.run_dir)

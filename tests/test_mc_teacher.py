@@ -208,3 +208,53 @@ def test_mc_settings_are_checked_when_the_config_loads():
     for key, bad in (("margin", 1.5), ("rollouts", 0), ("temperature", 0), ("colour", "red")):
         with pytest.raises(ConfigError, match=f"synthesis.mc.{key}"):
             load_config("configs/study-coin.yaml", {"synthesis.teacher": "mc", f"synthesis.mc.{key}": bad})
+
+
+MC_SYNTH = """
+import json, sys
+from steptune.synthesis.synthesize import SynthesisConfig, synthesize
+synthesize(SynthesisConfig.model_validate_json(sys.argv[1]), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_mc_synthesis_resumes_to_the_records_of_an_uninterrupted_run(tmp_path_factory, tmp_path):
+    """A real trained student sampling at T=0.5 with the MC teacher: killed with SIGKILL after its first records, then
+    resumed, the file holds exactly the records (teacher accounting included) of a run that was never killed."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from _react_model import react_model_fixture
+
+    from steptune.agent.backends import BackendConfig
+    from steptune.data.trajectory import load_trajectories
+    from steptune.synthesis.synthesize import SynthesisConfig, synthesize
+
+    model = react_model_fixture(tmp_path_factory)
+    cfg = SynthesisConfig(student=BackendConfig(model=str(model)), env="twx",
+                          env_kwargs={"game": "coin", "game_params": "numLocations=2,includeDoors=0", "max_steps": 5},
+                          split="train", limit=4, workers=2, temperature=0.5, max_new_tokens=16, teacher="mc",
+                          mc={"rollouts": 2, "slots": 4}, out=str(tmp_path / "ref.jsonl"), seed=3)
+    reference = synthesize(cfg, progress=False)
+    killed = cfg.model_copy(update={"out": str(tmp_path / "killed.jsonl")})
+    log = tmp_path / "killed.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", MC_SYNTH, killed.model_dump_json()], stderr=err)
+    out, deadline = tmp_path / "killed.jsonl", time.time() + 900
+    while time.time() < deadline and proc.poll() is None and (not out.exists() or not out.read_text().splitlines()):
+        time.sleep(0.1)
+    assert proc.poll() is None, log.read_text()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(out.read_text().splitlines())
+    assert 1 <= n_before < 4
+    resumed = synthesize(killed, progress=False)
+    by_id = lambda p: {t.id: t.model_dump() for t in load_trajectories(p)}  # noqa: E731
+    assert by_id(out) == by_id(cfg.out)
+    assert resumed["teacher"] == reference["teacher"] and reference["teacher"]["rollouts"] > 0
+    assert json.loads((tmp_path / "killed_teacher.json").read_text())["rollout_steps"] == \
+        reference["teacher"]["rollout_steps"]
