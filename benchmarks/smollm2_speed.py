@@ -218,7 +218,7 @@ def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | Non
 
     from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend, _StopOnStrings
-    from steptune.agent.policy import REACT_STOP
+    from steptune.data.react import REACT_STOP
 
     torch.set_num_threads(threads)
     trajs = golden_coin(tmp, 64)

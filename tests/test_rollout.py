@@ -1,11 +1,11 @@
-"""The policy's prompt (steptune.agent.policy) and the batched rollout loop (steptune.agent.rollout), on real
+"""The policy's prompt (steptune.data.prompt) and the batched rollout loop (steptune.agent.rollout), on real
 TextWorldExpress with real tiny models."""
 
 import pytest
 from _react_model import react_model_fixture
 from _twx_pool import twx_pool
 
-from steptune.agent.policy import build_conversation
+from steptune.data.prompt import build_conversation
 from steptune.agent.rollout import RolloutTotals, run_episodes
 from steptune.backends.base import GenerationConfig
 from steptune.backends.local import LocalBackend
@@ -47,7 +47,7 @@ def test_truncation_keeps_head_and_most_recent_steps():
     conv, cut = build_conversation(_traj(10), max_context_tokens=150)
     assert cut and len(conv) < len(full)
     assert conv[0] == full[0] and conv[-1] == full[-1] and conv[1]["role"] == "assistant"
-    from steptune.agent.policy import TRUNCATION_BLOCK, approx_token_count
+    from steptune.data.prompt import TRUNCATION_BLOCK, approx_token_count
 
     assert approx_token_count(conv) <= 150
     dropped = (len(full) - len(conv)) // 2
@@ -68,7 +68,7 @@ def test_truncated_history_starts_at_the_same_step_for_several_turns():
 
 def test_truncation_drops_the_fewest_blocks_and_counts_tokens_rarely_turn_after_turn():
     """The search (from the previous turn's cut) finds what dropping block after block finds."""
-    from steptune.agent.policy import TRUNCATION_BLOCK, approx_token_count
+    from steptune.data.prompt import TRUNCATION_BLOCK, approx_token_count
 
     dropped, counts, turns = 0, 0, 0
     for n in range(8, 60):

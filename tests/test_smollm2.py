@@ -141,7 +141,7 @@ def test_a_few_masked_training_steps_on_smollm2(smollm2, tmp_path):
 def test_one_batched_react_turn_stops_at_the_action_line_and_matches_one_by_one(smollm2):
     from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend
-    from steptune.agent.policy import REACT_STOP
+    from steptune.data.react import REACT_STOP
     from steptune.envs.prompts import TWX_INSTRUCTION
 
     rooms = ["kitchen", "pantry"]

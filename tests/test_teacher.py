@@ -72,7 +72,8 @@ def test_llm_teacher_gets_its_key_from_the_configured_variable_and_waits_for_ret
     # both episodes: "look around" judged wrong, corrected with "take coin", won
     assert stats["episodes"] == 2 and stats["success_rate"] == 100.0
     assert stats["teacher"] == {"judged": 2, "unjudged": 0, "flagged": 2, "corrected": 2, "requests": 2,
-                                "failed_requests": 0, "invalid_replies": 0, "episodes_without_counts": 0}
+                                "failed_requests": 0, "invalid_replies": 0, "episodes_without_counts": 0,
+                                "rollouts": 0, "rollout_steps": 0, "failed_rollouts": 0, "replay_diverged": 0}
     for t in load_trajectories(out):
         assert [(s.kind, s.action) for s in t.steps] == [("error", "look around"), ("reflection", "take coin")]
     written = [p for p in tmp_path.joinpath("run").rglob("*") if p.is_file()]

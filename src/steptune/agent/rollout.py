@@ -28,7 +28,7 @@ from steptune.agent.injection import (
     injected_error,
     injection_step,
 )
-from steptune.agent.policy import approx_token_count, build_conversation
+from steptune.data.prompt import approx_token_count, build_conversation
 from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_STOP, parse_react
 from steptune.data.trajectory import Step, Trajectory

@@ -20,7 +20,7 @@ def synthesize(
     limit: Optional[int] = typer.Option(None, help="First N tasks of the split."),
     samples: int = typer.Option(1, help="Rollouts per task."),
     temperature: float = typer.Option(0.0),
-    teacher: str = typer.Option("expert", help="A teacher of steptune.teacher.registry: expert, llm, self, ..."),
+    teacher: str = typer.Option("expert", help="A teacher of steptune.teacher.registry: expert, llm, self, mc (the student's own rollouts), ..."),
     teacher_model: Optional[str] = typer.Option(None, help="LLM teacher backend spec, e.g. openai:Qwen1.5-110B-Chat@http://host:8000/v1"),
     teacher_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the teacher's API key."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Name of the variable holding the base agent's API key (openai:)."),

@@ -46,6 +46,9 @@ class Env(ABC):
     max_steps_default: int = 30
     # JVM options (JAVA_TOOL_OPTIONS) for a pool with more of this env's simulators than CPU cores
     crowded_jvm_options: str = ""
+    # the same task and actions reach the same state again (the Monte-Carlo teacher replays episodes to their states;
+    # it refuses an environment that says False, and reports any replay whose observations differ)
+    replays_exactly: bool = True
 
     @abstractmethod
     def tasks(self, split: str) -> list[TaskRef]: ...

@@ -129,6 +129,9 @@ def teacher_accounting(run_dir: Path) -> str | None:
     if t.get("requests"):
         line += (f"; {t['requests']} model requests, {t.get('failed_requests', 0)} failed, "
                  f"{t.get('invalid_replies', 0)} unusable replies")
+    if t.get("rollouts"):
+        line += (f"; {t['rollouts']} Monte-Carlo rollouts of {t.get('rollout_steps', 0)} student steps, "
+                 f"{t.get('failed_rollouts', 0)} failed, {t.get('replay_diverged', 0)} diverged replays")
     return line
 
 

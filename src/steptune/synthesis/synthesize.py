@@ -99,8 +99,12 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -
                                                if _record_id(t, k) not in writer.done_ids]
             if jobs:
                 backend = make_backend(cfg.student)
-                teacher, teacher_backend = cfg.teacher.build(TeacherContext(student=backend, golden=cfg.golden))
                 seed = cfg.seed or 0
+                teacher, teacher_backend = cfg.teacher.build(TeacherContext(
+                    student=backend, golden=cfg.golden, workers=cfg.workers, seed=seed,
+                    max_new_tokens=cfg.max_new_tokens,
+                    make_pool=lambda n: pool_factory(cfg.env, n, cfg.env_kwargs or None, transport=cfg.env_backend,
+                                                     ray_address=cfg.ray_address)))
                 gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
 
                 def write(ep, k: int) -> None:

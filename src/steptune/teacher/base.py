@@ -4,6 +4,7 @@ on each episode (trajectory meta "teacher_counts") and a resumed synthesis still
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,6 +38,11 @@ class Verdict:
     failed_requests: int = 0  # requests that failed for good (HTTP error after the retries, timeout)
     invalid_replies: int = 0  # replies that were no usable judgement
     why_unjudged: str | None = None
+    # a Monte-Carlo teacher's cost: the student's rollouts, their model turns, and what went wrong with them
+    rollouts: int = 0
+    rollout_steps: int = 0
+    failed_rollouts: int = 0  # env or model failures; the value is estimated from the others
+    replay_diverged: int = 0  # states that replaying the episode's actions did not reach again
 
 
 @runtime_checkable
@@ -55,8 +61,14 @@ class Teacher(Protocol):
 class TeacherContext:
     """What synthesis hands a teacher's settings to build the teacher from."""
 
-    student: Any  # the student's ChatBackend (the self-teacher judges with it)
+    student: Any  # the student's ChatBackend (the self-teacher judges with it, the MC teacher rolls out with it)
     golden: str | None = None  # golden trajectories (JSONL) a teacher may show as a reference solution
+    # environments of the teacher's own: make_pool(n) opens n slots of synthesis's environment (the MC teacher's
+    # rollouts); the teacher closes them
+    make_pool: Callable[[int], Any] | None = None
+    workers: int = 1  # synthesis's concurrent episodes
+    seed: int = 0
+    max_new_tokens: int = 128  # a student turn's length
 
     def golden_references(self) -> dict[str, str]:
         """task id → the golden trajectory's actions, one `Action: ...` line each."""
@@ -77,7 +89,8 @@ class TeacherSettings(BaseModel):
         raise NotImplementedError
 
 
-COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies")
+COUNT_KEYS = ("judged", "unjudged", "flagged", "corrected", "requests", "failed_requests", "invalid_replies",
+              "rollouts", "rollout_steps", "failed_rollouts", "replay_diverged")
 MAX_NOTES = 5  # reasons kept per episode for unjudged steps (the counts are complete; the notes are examples)
 
 
@@ -92,12 +105,20 @@ class TeacherCounts:
     requests: int = 0
     failed_requests: int = 0
     invalid_replies: int = 0
+    rollouts: int = 0
+    rollout_steps: int = 0
+    failed_rollouts: int = 0
+    replay_diverged: int = 0
     notes: list[str] = field(default_factory=list)
 
     def add(self, v: Verdict, step_index: int) -> None:
         self.requests += v.requests
         self.failed_requests += v.failed_requests
         self.invalid_replies += v.invalid_replies
+        self.rollouts += v.rollouts
+        self.rollout_steps += v.rollout_steps
+        self.failed_rollouts += v.failed_rollouts
+        self.replay_diverged += v.replay_diverged
         if v.critique is None:
             self.unjudged += 1
             if v.why_unjudged and len(self.notes) < MAX_NOTES:

@@ -12,11 +12,13 @@ from pydantic import BeforeValidator, Field
 from steptune.teacher.base import TeacherSettings
 from steptune.teacher.expert import ExpertSettings
 from steptune.teacher.llm import LLMSettings, SelfSettings
+from steptune.teacher.mc import MCSettings
 
 TEACHERS: dict[str, type[TeacherSettings]] = {
     "expert": ExpertSettings,
     "llm": LLMSettings,
     "self": SelfSettings,
+    "mc": MCSettings,
 }
 
 

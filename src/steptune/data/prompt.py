@@ -1,5 +1,5 @@
-"""The ReAct policy's prompt: the chat for the agent's next turn, cut to fit the context window (the text format
-itself, and the parsing of replies, is steptune.data.react).
+"""The ReAct prompt for the agent's next turn, cut to fit the context window (the text format itself, and the parsing
+of replies, is steptune.data.react). The rollout loop and the Monte-Carlo teacher's rollouts both prompt with it.
 
 Prompts follow ETO: the first user turn holds the environment instruction (action list, format rules),
 an optional worked example, then the task; after that the turns alternate between the agent's
