@@ -82,7 +82,7 @@ TINY = {
     "golden": {"source": "expert", "split": "train", "limit": 8},
     "model": {"init": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 1024}},
-    "train": {"num_train_epochs": 1, "learning_rate": 0.003, "batch_size": 1, "max_length": 1024,
+    "train": {"num_train_epochs": 1, "learning_rate": 0.003, "per_device_train_batch_size": 1, "max_length": 1024,
               "warmup_ratio": 0.0, "num_threads": 1, "progress": False, "save_steps": 1000},
     "synthesis": {"teacher": "expert"},
     "filter": {"max_errors": 8},
