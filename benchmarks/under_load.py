@@ -36,6 +36,7 @@ from statistics import median
 import yaml
 
 from steptune.pipeline.config import load_config
+from steptune.pipeline.methods import BASE_AGENT, METHODS
 from steptune.pipeline.run import Run, run_pipeline
 from steptune.threads import ADDED
 
@@ -60,7 +61,7 @@ def setup(work: Path, quick: bool) -> tuple[Run, list[str]]:
         else {}
     cfg = load_config(PRESET, {**overrides, "train.progress": False})
     run = Run(cfg, work / "setup")
-    run_pipeline(cfg, run.dir, until_stage="train:golden_d1")
+    run_pipeline(cfg, run.dir, until_stage=f"train:{BASE_AGENT}")
     return run, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
 
 
@@ -75,11 +76,11 @@ def timed_slice(run: Run, work: Path, tag: str, variant: str, kind: str, overrid
         if variant == "threads1":
             cmds["quickstart"] += ["--set", "train.num_threads=1"]
     else:
-        train_cfg = run.train_config("golden_d1", [run.d1]).model_copy(
+        train_cfg = run.train_config(METHODS[BASE_AGENT]).model_copy(
             update={"output_dir": str(out / "model"), "progress": False,
                     **({"num_threads": 1} if variant == "threads1" else {})})
         (work / f"{tag}-train.yaml").write_text(yaml.safe_dump(train_cfg.model_dump(mode="json")))
-        eval_cfg = run.eval_config("golden_d1").model_copy(update={"out": str(out / "eval")})
+        eval_cfg = run.eval_config(BASE_AGENT).model_copy(update={"out": str(out / "eval")})
         (work / f"{tag}-eval.json").write_text(eval_cfg.model_dump_json())
         cmds = {"train": steptune_cmd("train", str(work / f"{tag}-train.yaml")),
                 "eval": steptune_cmd("eval", "--config", str(work / f"{tag}-eval.json"), "--quiet")}
