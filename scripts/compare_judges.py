@@ -7,8 +7,8 @@ RUN_DIR is a `steptune run` directory whose base agent is trained (stage train:g
 runs again with that judge (the run's own synthesis settings: tasks, samples, temperature, seed) into
 RUN_DIR/judges/<judge>.jsonl (resumable; the run's own data/synthesized.jsonl where the judge and settings are the
 run's), then every step the student chose is replayed and judged by the expert
-(steptune.evaluation.judges). `llm` needs the run's synthesis.teacher to be an llm teacher (its backend). `--set mc.KEY=VALUE` changes
-an MC setting (the file name then says so). Prints a table, writes RUN_DIR/judges/agreement.json, and ends with one
+(steptune.evaluation.judges). `llm` needs the run's synthesis.teacher to be an llm teacher (its backend).
+`--set mc.KEY=VALUE` changes an MC setting (the file name then says so). Prints a table, writes RUN_DIR/judges/agreement.json, and ends with one
 line of JSON.
 """
 
@@ -26,8 +26,8 @@ from steptune.envs.pool import EnvPool
 from steptune.evaluation.judges import compare_with_expert
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.run import Run
-from steptune.teacher.registry import TEACHERS
 from steptune.synthesis.synthesize import synthesize
+from steptune.teacher.registry import TEACHERS
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--env")
     ap.add_argument("--env-kwargs", type=json.loads, default={})
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--judges", nargs="+", default=["mc", "self"], choices=["expert", "mc", "self", "llm"])
+    ap.add_argument("--judges", nargs="+", default=["mc", "self"], choices=sorted(TEACHERS))
     ap.add_argument("--limit", type=int, default=None, help="U2 tasks (default: the run's synthesis.limit)")
     ap.add_argument("--set", action="append", default=[], metavar="mc.KEY=VALUE")
     args = ap.parse_args()
@@ -58,11 +58,10 @@ def main() -> None:
     for judge in args.judges:
         base = run.synthesis_config()
         name = judge + (tag if judge == "mc" else "")
-        teacher = (base.teacher if base.teacher.name == judge
-                   else TEACHERS[judge].model_validate({"name": judge, **({"backend": base.teacher.backend}
-                                                                         if judge == "llm" else {})}))
-        if judge == "mc":
-            teacher = teacher.model_copy(update=mc)
+        settings = base.teacher.model_dump() if base.teacher.name == judge else {"name": judge}
+        if judge == "llm":
+            settings.setdefault("backend", getattr(base.teacher, "backend", None))
+        teacher = TEACHERS[judge].model_validate({**settings, **(mc if judge == "mc" else {})})
         scfg = base.model_copy(update={"teacher": teacher, "out": str(out_dir / f"{name}.jsonl"),
                                        "limit": args.limit or base.limit})
         if scfg == base.model_copy(update={"out": scfg.out}) and run.synthesized.exists():

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Critique, Step, load_trajectories
 from steptune.envs.base import TaskRef
 
@@ -68,7 +69,7 @@ class TeacherContext:
     make_pool: Callable[[int], Any] | None = None
     workers: int = 1  # synthesis's concurrent episodes
     seed: int = 0
-    max_new_tokens: int = 128  # a student turn's length
+    max_new_tokens: int = REACT_MAX_NEW_TOKENS  # a student turn's length
 
     def golden_references(self) -> dict[str, str]:
         """task id → the golden trajectory's actions, one `Action: ...` line each."""
