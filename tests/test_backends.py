@@ -147,7 +147,6 @@ def test_rows_of_one_batch_share_their_prefixes(backend):
 
 
 def test_stop_check_decodes_generated_tails_as_batch_decode_does(tiny_model_dir):
-    import torch
     from transformers import AutoTokenizer
 
     from steptune.backends.local import _StopOnStrings
@@ -156,11 +155,52 @@ def test_stop_check_decodes_generated_tails_as_batch_decode_does(tiny_model_dir)
     prompt = tok("Thought: go\nAction: take coin\n\nObservation: ok", add_special_tokens=False)["input_ids"]
     specials = sorted(tok.all_special_ids)
     rows = [prompt + prompt[i:] + specials[: i % 3] for i in range(4)]  # special tokens are dropped from the text
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
-    stop = _StopOnStrings(tok, REACT_STOP, prompt_len=5)
+    stop = _StopOnStrings(tok, REACT_STOP)
     assert stop.rust is not None  # the Rust path is the one under test
-    start = max(5, ids.shape[1] - stop.tail)
-    assert stop.decode_tails(ids) == tok.batch_decode(ids[:, start:], skip_special_tokens=True)
+    assert [stop.decode_tail(r) for r in rows] == tok.batch_decode([r[-stop.tail :] for r in rows],
+                                                                   skip_special_tokens=True)
+    assert [stop.hit(r) for r in rows] == [any(s in t for s in REACT_STOP) for t in
+                                           tok.batch_decode([r[-stop.tail :] for r in rows], skip_special_tokens=True)]
+    assert stop.hit(prompt)  # "\nObservation:" ends it
     tok.clean_up_tokenization_spaces = True  # transformers would then change the text after decoding: its own path
-    assert _StopOnStrings(tok, REACT_STOP, prompt_len=5).rust is None
+    assert _StopOnStrings(tok, REACT_STOP).rust is None
+
+
+def test_decoding_equals_transformers_generate(backend, prompts):
+    """The decode loop is transformers' greedy `generate`, token for token (eos ends a row), on a padded batch."""
+    import torch
+
+    tok, model = backend.tokenizer, backend.model
+    rows = [backend.encode(c) for c in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, temperature=None,
+                             top_p=None, top_k=None)[:, width:]
+    expected = tok.batch_decode(ref, skip_special_tokens=True)
+    for packed in (True, False):
+        b = LocalBackend(model.name_or_path, packed_prefill=packed)
+        assert b.complete(prompts, GenerationConfig(max_new_tokens=40)) == expected
+
+
+def test_finished_rows_leave_the_batch(backend, prompts):
+    """A row that has hit its stop no longer runs through the model; what every row generates is unchanged."""
+    batch = prompts * 2
+    # hot sampling with a stop on common letters: rows end after different numbers of tokens
+    gen = GenerationConfig(max_new_tokens=30, stop=["o", "e"], temperature=3.0, row_seeds=list(range(len(batch))))
+    sizes = []
+    hook = backend.model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape),
+                                                   with_kwargs=True)
+    try:
+        replies = backend.complete(batch, gen)
+    finally:
+        hook.remove()
+    decode_rows = [s[0] for s in sizes if s[1] == 1]
+    assert decode_rows[0] == len(batch) and decode_rows[-1] < len(batch), decode_rows
+    assert decode_rows == sorted(decode_rows, reverse=True)
+    assert len(set(map(len, replies))) > 2
+    alone = [backend.complete([c], GenerationConfig(**{**gen.__dict__, "row_seeds": [seed]}))[0]
+             for c, seed in zip(batch, gen.row_seeds)]
+    assert replies == alone

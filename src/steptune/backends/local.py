@@ -15,11 +15,11 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 
 class _StopOnStrings:
-    """Per-row stop on strings in the *generated* text only. (transformers' `stop_strings` also matches
-    across the prompt boundary, so a stop like "\\nThought:" fires on a reply that starts "Thought:".)"""
+    """Per-row stop on strings in the *generated* text only (a stop like "\\nThought:" must not fire on a reply that
+    starts "Thought:" right after the prompt)."""
 
-    def __init__(self, tokenizer, stop: list[str], prompt_len: int):
-        self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
         # a stop string that appears now ends within the newest token, so decoding a tail as long as the longest
         # stop (every token is at least one character) finds it; +1 for tokens that only decode with a neighbour
         self.tail = max(len(s) for s in stop) + 1
@@ -30,19 +30,15 @@ class _StopOnStrings:
         self.rust = backend if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True) \
             else None
 
-    def decode_tails(self, input_ids) -> list[str]:
-        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
-        tails = input_ids[:, start:]
+    def decode_tail(self, generated: list[int]) -> str:
+        tail = generated[-self.tail :]
         if self.rust is None:
-            return self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        # one row at a time: the Rust batch call would start the tokenizer's thread pool for a few tokens
-        return [self.rust.decode(row, skip_special_tokens=True) for row in tails.tolist()]
+            return self.tokenizer.decode(tail, skip_special_tokens=True)
+        return self.rust.decode(tail, skip_special_tokens=True)
 
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        texts = self.decode_tails(input_ids)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+    def hit(self, generated: list[int]) -> bool:
+        text = self.decode_tail(generated)
+        return any(s in text for s in self.stop)
 
 
 class LocalBackend(ChatBackend):
@@ -119,32 +115,71 @@ class LocalBackend(ChatBackend):
         for i, r in enumerate(rows):
             padded[i, width - len(r) :] = r
             seen[i, width - len(r) :] = 1
-        enc = {"input_ids": torch.from_numpy(padded).to(self.device),
-               "attention_mask": torch.from_numpy(seen).to(self.device)}
-        sampling = gen.temperature > 0
-        kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": sampling, "use_cache": True,
-                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
-        if sampling and gen.row_seeds is not None:  # each row draws from its own generator; greedy takes the draw
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                          logits_processor=[_RowSampler(gen.row_seeds, gen.temperature, gen.top_p)])
-        elif sampling:
-            kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
-            if gen.seed is not None:
-                torch.manual_seed(gen.seed)
-        else:  # silence "temperature is set but do_sample=False" from models whose generation config samples
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if gen.stop:  # finished rows stop early; the batch ends when every row has hit a stop or eos
-            kwargs["stopping_criteria"] = [_StopOnStrings(self.tokenizer, gen.stop, enc["input_ids"].shape[1])]
+        ids, mask = torch.from_numpy(padded).to(self.device), torch.from_numpy(seen).to(self.device)
         with torch.inference_mode():
             if self.packed_prefill and (len(rows) > 1 or self.prefix_cache is not None):
-                enc["cache"] = self._prefill(rows, gen.max_new_tokens)
+                cache, ids = self._prefill(rows, gen.max_new_tokens), ids[:, -1:]  # the last prompt token decodes
             else:
-                self.prefill_tokens += int(enc["attention_mask"].sum())
-            ids = self.model.generate(**enc, **kwargs)
-        new = ids[:, enc["input_ids"].shape[1] :]
-        self.tokens_generated += int((new != self.tokenizer.pad_token_id).sum())
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                self.prefill_tokens += int(mask.sum())
+            new = self._decode(ids, mask, cache, gen)
+        self.tokens_generated += sum(map(len, new))
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
+
+    def _decode(self, ids, mask, cache, gen: GenerationConfig) -> list[list[int]]:
+        """Each row's new tokens, up to eos, a stop string or `max_new_tokens`.
+
+        `ids` holds what the cache lacks (a whole padded prompt, or each row's last prompt token after the packed
+        prefill) and `mask` every position's padding. transformers' `generate` decodes every row until the last one
+        ends, and a ReAct turn's length varies (about half of a batch's row-steps were for finished rows); here a
+        finished row leaves the batch, so the matmuls and, more, the attention over its cache (at batch 32 of
+        SmolLM2 the caches outweigh the weights) stop costing."""
+        import torch
+
+        n = ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(n)]
+        live = list(range(n))  # original row of each batch row
+        pick = _TokenPicker(gen, n, self.device)
+        stop = _StopOnStrings(self.tokenizer, gen.stop) if gen.stop else None
+        eos = self.tokenizer.eos_token_id
+        prunable = isinstance(cache, _static_cache_type()) and _full_attention_only(self.model.config)
+        batch_rows = n  # rows the cache holds (finished ones until the next compaction)
+        kept = torch.arange(n, device=self.device)  # cache row of each live row
+        for _ in range(gen.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1] :]
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if len(live) < batch_rows:
+                logits = logits[kept]
+            tokens = pick(logits, live)
+            still = []
+            for i, (row, token) in enumerate(zip(live, tokens.tolist())):
+                out[row].append(token)
+                if token != eos and not (stop and stop.hit(out[row])):
+                    still.append(i)
+            if not still:
+                break
+            if len(still) < len(live):
+                live = [live[i] for i in still]
+                kept = kept[still]
+                tokens = tokens[still]
+            if len(live) <= 0.75 * batch_rows:
+                # drop finished rows (and left padding no live row needs) once a quarter of the cache is theirs:
+                # the copy costs about what one decode step's attention reads, and every later step saves it
+                mask = mask[kept]
+                cut = int((mask.cumsum(-1) == 0).sum(-1).min()) if prunable else 0
+                _select_cache(cache, kept, cut)
+                mask = mask[:, cut:]
+                batch_rows, kept = len(live), torch.arange(len(live), device=self.device)
+            # finished rows still in the cache decode a padding token whose result is never read
+            step = torch.full((batch_rows, 1), self.tokenizer.pad_token_id, dtype=ids.dtype, device=self.device)
+            step[kept, 0] = tokens
+            ids = step
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return out
 
     def _prefill(self, rows: list[list[int]], max_new_tokens: int):
         """A cache for all but the last prompt token of each row (generate feeds that one), left-padded.
@@ -198,29 +233,55 @@ class LocalBackend(ChatBackend):
         return cache
 
 
-class _RowSampler:
-    """A logits processor that samples each row's next token (temperature, then top-p) from that row's own
-    generator and leaves only that token possible, so greedy decoding picks it: a row's draws depend on its seed
-    alone, not on the rows it is batched with (transformers' sampling shares one generator across the batch)."""
+class _TokenPicker:
+    """The next token of each live row: greedy, or sampled (temperature, then top-p).
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
-        self.generators = None
+    With `row_seeds` each row draws from its own generator, so what a row samples depends on its seed alone, not on
+    the rows it is batched with nor on when they finish; otherwise one generator (torch's, seeded with `seed` when
+    given) draws for the batch."""
 
-    def __call__(self, input_ids, scores):
+    def __init__(self, gen: GenerationConfig, n: int, device):
         import torch
 
-        if self.generators is None:
-            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        self.temperature, self.top_p = gen.temperature, gen.top_p
+        self.generators = None
+        if gen.temperature > 0 and gen.row_seeds is not None:
+            self.generators = [torch.Generator(device).manual_seed(s) for s in gen.row_seeds]
+        elif gen.temperature > 0 and gen.seed is not None:
+            torch.manual_seed(gen.seed)
+
+    def __call__(self, logits, live: list[int]):
+        import torch
+
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p  # keep the smallest set reaching top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(picks), device=scores.device), picks] = 0.0
-        return out
+        if self.generators is None:
+            return torch.multinomial(probs, 1)[:, 0]
+        return torch.cat([torch.multinomial(p, 1, generator=self.generators[row]) for p, row in zip(probs, live)])
+
+
+def _static_cache_type():
+    from transformers import StaticCache
+
+    return StaticCache
+
+
+def _select_cache(cache, rows, cut: int) -> None:
+    """Keep only `rows` of every layer's keys and values, and drop the first `cut` positions (left padding no kept
+    row has tokens in: a static cache then attends over fewer slots)."""
+    if not cut:
+        cache.reorder_cache(rows)  # any cache type: an index_select of the batch dimension
+        return
+    for layer in cache.layers:  # full-attention static layers (the caller checked)
+        layer.keys = layer.keys[rows, :, cut:].contiguous()
+        layer.values = layer.values[rows, :, cut:].contiguous()
+        layer.max_cache_len -= cut
+        layer.cumulative_length.sub_(cut)
 
 
 def _full_attention_only(config) -> bool:
