@@ -1,4 +1,5 @@
-"""In-process transformers backend: a batch of conversations becomes one batched `generate` call."""
+"""In-process transformers backend: a batch of conversations is prefilled and decoded together; a row that has
+finished leaves the batch."""
 
 from __future__ import annotations
 
