@@ -470,7 +470,7 @@ class ScriptedPool:
     def max_steps(self, task) -> int:
         return self.turns
 
-    def reset_many(self, calls):
+    def reset_many(self, calls, expert: bool = True):
         from steptune.envs.base import Reset
 
         return [Reset(task=f"Your task is to find the key of room {task.variation} and open the chest with it. "

@@ -5,7 +5,11 @@ same tasks, same greedy decoding, measured side by side in one run. Reports wher
 The batched run goes twice: with resets inline (a finished slot's next reset runs while the model waits) and with
 resets ahead (spare environments reset the next tasks while the model generates: the default).
 
+The episodes are plain, as in an evaluation: no expert plan is asked for, so ScienceWorld loads its tasks without
+building their gold paths. `--expert-resets` builds them at every reset, as stage 2 with the expert teacher does.
+
     python benchmarks/rollout_throughput.py [--quick] [--env twx|sciworld] [--concurrency 16] [--tasks 64]
+                                            [--expert-resets]
 """
 
 from __future__ import annotations
@@ -23,21 +27,30 @@ ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,includeDoors=0", "m
 WARMUP_RESETS = {"twx": 10}  # resets per slot before timing (ScienceWorld's take seconds: its episode warms it)
 
 
-def make_pool(size: int, env: str = "twx", workers: int | None = None, spares: int | None = None):
+def make_pool(size: int, env: str = "twx", workers: int | None = None, spares: int | None = None,
+              expert_resets: bool = False):
     from steptune.envs.pool import EnvPool
 
-    pool = EnvPool(env, size, ENV_KWARGS if env == "twx" else None, workers=workers, spares=spares)
+    class ExpertResets(EnvPool):  # every reset as if the expert's plan were wanted
+        def reset_many(self, calls, expert=True):
+            return super().reset_many(calls, expert=True)
+
+        def prepare(self, tasks, plans=False, expert=True):
+            return super().prepare(tasks, plans, expert=True)
+
+    cls = ExpertResets if expert_resets else EnvPool
+    pool = cls(env, size, ENV_KWARGS if env == "twx" else None, workers=workers, spares=spares)
     return pool, f"EnvPool ({len(pool.worker_pids())} worker process(es), {pool.spares} spare environment(s))"
 
 
 def measure(model_dir: Path, concurrency: int, n_tasks: int, env: str = "twx", workers: int | None = None,
-            spares: int | None = None) -> dict:
+            spares: int | None = None, expert_resets: bool = False) -> dict:
     from steptune.agent.rollout import RolloutTotals, run_episodes
     from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend
 
     backend = LocalBackend(model_dir, max_batch_size=64)
-    pool, pool_kind = make_pool(concurrency, env, workers, spares)
+    pool, pool_kind = make_pool(concurrency, env, workers, spares, expert_resets)
     try:
         tasks = pool.tasks("unseen")[:n_tasks]
         # Warm up every slot (JVM start and JIT compilation are one-off costs, not throughput): a few resets each,
@@ -73,6 +86,9 @@ def main() -> None:
     ap.add_argument("--spares", type=int, default=None,
                     help="spare environments that reset the next tasks while the model generates (default: one per "
                          "slot); the table also shows the batched run without them (resets on the critical path)")
+    ap.add_argument("--expert-resets", action="store_true",
+                    help="build the expert's plan at every reset (stage 2 with the expert teacher; ScienceWorld's gold "
+                         "path), though these episodes never ask for it")
     args = ap.parse_args()
     n_tasks = args.tasks or (24 if args.quick else 96)
 
@@ -84,12 +100,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = train_react_model(Path(tmp) / "model", steps=60)
-        seq = measure(model_dir, 1, n_tasks, args.env, spares=0)
-        inline = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, spares=0)
-        bat = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, args.spares)
+        expert = args.expert_resets
+        seq = measure(model_dir, 1, n_tasks, args.env, spares=0, expert_resets=expert)
+        inline = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, 0, expert)
+        bat = measure(model_dir, args.concurrency, n_tasks, args.env, args.env_workers, args.spares, expert)
 
     print(f"\nRollout throughput, {args.env}, {n_tasks} episodes, tiny Llama, greedy, "
-          f"{args.threads} torch thread(s), pool: {bat['pool']}")
+          f"{args.threads} torch thread(s), pool: {bat['pool']}, "
+          f"{'expert plans built at every reset' if args.expert_resets else 'no expert plans'}")
     print(f"{'mode':<36}{'steps':>7}{'wall s':>9}{'steps/s':>10}{'model s':>9}{'env s':>8}{'(resets)':>10}"
           f"{'other s':>9}{'gen calls':>11}{'success':>9}")
     rows = (("sequential", seq), (f"batched x{args.concurrency}, resets inline", inline),
@@ -102,7 +120,7 @@ def main() -> None:
                       "batched_resets_inline_vs_sequential": round(inline["steps_per_s"] / seq["steps_per_s"], 2),
                       "resets_ahead_vs_inline": round(bat["steps_per_s"] / inline["steps_per_s"], 2), "batched_steps_per_s": round(bat["steps_per_s"], 1),
                       "sequential_steps_per_s": round(seq["steps_per_s"], 1), "concurrency": args.concurrency,
-                      "episodes": n_tasks, "batched_model_share": round(bat["model_s"] / bat["wall_s"], 3),
+                      "episodes": n_tasks, "expert_resets": args.expert_resets, "batched_model_share": round(bat["model_s"] / bat["wall_s"], 3),
                       "batched_env_share": round(bat["env_s"] / bat["wall_s"], 3)}))
 
 

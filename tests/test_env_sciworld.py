@@ -95,6 +95,27 @@ def test_gold_replay_invalid_action_and_expert():
         assert not env.step(plan[0]).info["invalid"]
 
 
+def test_reset_without_the_expert_builds_the_gold_path_when_first_asked():
+    with ScienceWorldEnv() as env:
+        task = _find_task(env)
+        env.reset(task)
+        gold = env.expert_actions()
+        moved = gold[: next(i for i, a in enumerate(gold) if a.startswith("go to")) + 1]  # up to leaving the room
+        plain = env.reset_without_expert(task)  # loads without the gold path (most of a load's cost)
+        assert "find" in plain.task and plain.observation
+        for action in moved:
+            assert not env.step(action).info["invalid"]
+        where = env.step("look around").observation.splitlines()[0]
+        # asked late: the task loads again with its gold path and the steps taken so far are replayed
+        plan = env.expert_actions()
+        assert plan and env.gold_path()[: len(moved)] == moved
+        assert env.step("look around").observation.splitlines()[0] == where
+        result = None
+        for action in plan:
+            result = env.step(action)
+        assert result.done and result.info["won"]
+
+
 def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
     before = _scienceworld_jvms()
     # the options a crowded pool gives its JVMs (more simulators than cores), so this JVM must run with them

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,9 @@ CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
 METHODS = ["golden_d1", "golden_all", "step", "step_unmasked", "sequential"]
 
 
-def quickstart(out: Path, **kw) -> subprocess.Popen:
+def quickstart(out: Path, *args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*CLI, "quickstart", "--preset", "smoke", "--output", str(out)], env=env,
+    return subprocess.Popen([*CLI, "quickstart", "--preset", "smoke", "--output", str(out), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -35,8 +36,8 @@ def smoke_run(tmp_path_factory):
     return out, log
 
 
-def episodes(run: Path, method: str) -> dict[str, tuple]:
-    trajs = load_trajectories(run / "eval" / method / "episodes.jsonl")
+def episodes(run: Path, method: str, file: str = "episodes.jsonl") -> dict[str, tuple]:
+    trajs = load_trajectories(run / "eval" / method / file)
     ids = [t.id for t in trajs]
     assert len(ids) == len(set(ids)), "an evaluation episode was duplicated"
     return {t.id: (t.reward, tuple(s.action for s in t.steps)) for t in trajs}
@@ -111,3 +112,19 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     for m in METHODS:
         assert episodes(run, m) == episodes(clean, m)
+
+
+def test_evaluations_side_by_side_write_what_one_after_another_writes(smoke_run, tmp_path):
+    clean, log = smoke_run
+    assert "6 stages, 2 at a time" in log and "eval:step  episodes" in log  # the preset runs 2 at once, labelled lines
+    run = tmp_path / "one_by_one"
+    shutil.copytree(clean, run)
+    shutil.rmtree(run / "eval")
+    proc = quickstart(run, "--set", "eval.processes=1")
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "at a time" not in log
+    for m in [*METHODS, "base_agent_u2"]:
+        assert episodes(run, m) == episodes(clean, m)
+        if m != "base_agent_u2":
+            assert episodes(run, m, "injected.jsonl") == episodes(clean, m, "injected.jsonl")

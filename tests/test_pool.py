@@ -67,6 +67,18 @@ def test_a_spare_whose_worker_dies_fails_only_the_episode_it_was_preparing():
         assert not isinstance(pool.reset(0, tasks[2]), EnvFailure) and pool.expert_actions(0)
 
 
+def test_a_reset_prepared_without_the_expert_serves_only_resets_without_it():
+    # (ScienceWorld skips its gold path in such a reset; an episode that wants the expert must not start from one)
+    with EnvPool("twx", 1, twx_kwargs(max_steps=5), spares=1) as pool:
+        tasks = pool.tasks("train")[:2]
+        assert not isinstance(pool.reset(0, tasks[0]), EnvFailure)
+        pool.prepare([tasks[1]], expert=False)
+        assert not isinstance(pool.reset(0, tasks[1]), EnvFailure) and pool.resets_ahead == 0
+        pool.prepare([tasks[0]], expert=False)
+        assert not isinstance(pool.reset(0, tasks[0], expert=False), EnvFailure) and pool.resets_ahead == 1
+        assert pool.expert_actions(0)  # TextWorldExpress plans either way
+
+
 PIPED = """
 import sys
 sys.path.insert(0, {tests!r})

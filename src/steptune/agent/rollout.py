@@ -97,12 +97,13 @@ class RolloutTotals:
 
 def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
                  teacher: Teacher | None = None, on_episode_end: Callable[[Episode], None] | None = None,
-                 max_context_tokens: int | None = None, progress: bool = True, example: str | None = None,
+                 max_context_tokens: int | None = None, progress: bool | str = True, example: str | None = None,
                  totals: RolloutTotals | None = None, injection: InjectionConfig | None = None) -> list[Episode]:
     """Run every task to the end; returns the episodes in the order of `tasks`.
 
     `gen.stop` defaults to the ReAct stops (end of the Action line). `max_context_tokens` defaults to the
-    backend's window (`backend.context_window`) minus `gen.max_new_tokens`, when the backend knows it.
+    backend's window (`backend.context_window`) minus `gen.max_new_tokens`, when the backend knows it. `progress`:
+    a bar (or lines in a log), none, or a label: lines that start with it (several runs printing at once).
     """
     totals = totals if totals is not None else RolloutTotals()
     if not gen.stop:
@@ -112,6 +113,8 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
         max_context_tokens = window - gen.max_new_tokens
     count_tokens = getattr(backend, "count_tokens", approx_token_count)
     teacher_plans = teacher is not None and teacher.uses_expert_plan
+    # who will ask for the expert's plan; where nobody will, ScienceWorld skips building its gold path at reset
+    expert = teacher_plans or injection is not None
 
     def wants_plan(ep: Episode) -> bool:
         return teacher_plans or ep.awaiting_plan
@@ -121,7 +124,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     queue.reverse()  # pop() from the end takes tasks in order
     results: dict[int, Episode] = {}
     active: dict[int, tuple[int, Episode]] = {}  # slot -> (task index, episode)
-    bar = _Progress(len(tasks), enabled=progress)
+    bar = _Progress(len(tasks), enabled=bool(progress), label=progress if isinstance(progress, str) else None)
     prepare = getattr(pool, "prepare", None)  # pools without spares (scripted, in-process) reset when asked
 
     def finish(slot: int) -> None:
@@ -135,7 +138,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     def fill_free_slots() -> None:
         while queue and (free := [s for s in range(pool.size) if s not in active]):
             starting = [(slot, *queue.pop()) for slot in free[: len(queue)]]
-            started = _start_episodes(pool, starting, instruction, totals)  # reset in parallel
+            started = _start_episodes(pool, starting, instruction, totals, expert)  # reset in parallel
             for slot, idx, ep in started:
                 active[slot] = (idx, ep)
                 ep.teacher = TeacherCounts() if teacher is not None else None
@@ -145,7 +148,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
                 if ep.failure is not None or ep.done or ep.steps_taken >= pool.max_steps(ep.task):
                     finish(slot)
         if prepare is not None:  # the next tasks reset in spare environments while the model generates
-            prepare([task for _, task in reversed(queue[-pool.size:])], plans=teacher_plans)
+            prepare([task for _, task in reversed(queue[-pool.size:])], plans=teacher_plans, expert=expert)
 
     try:
         fill_free_slots()
@@ -200,10 +203,10 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
 
 
 def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], instruction: str,
-                    totals: RolloutTotals) -> list[tuple[int, int, Episode]]:
+                    totals: RolloutTotals, expert: bool = True) -> list[tuple[int, int, Episode]]:
     """(slot, task index, task) -> (slot, task index, episode), every slot reset in one parallel call."""
     t0 = time.perf_counter()
-    resets = pool.reset_many([(slot, task) for slot, _, task in starting])
+    resets = pool.reset_many([(slot, task) for slot, _, task in starting], expert=expert)
     dt = time.perf_counter() - t0
     totals.env_seconds += dt
     totals.reset_seconds += dt
@@ -364,9 +367,10 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
 
 class _Progress:
     """Episodes done, episodes/s and the running mean reward: a rich bar on a terminal; where output goes to a file
-    or a pipe (a log, a batch job), a plain line on stderr every `every` episodes (default: a tenth of the run)."""
+    or a pipe (a log, a batch job), or with a `label` (runs in parallel share the terminal), a plain line on stderr
+    every `every` episodes (default: a tenth of the run)."""
 
-    def __init__(self, total: int, enabled: bool, every: int | None = None):
+    def __init__(self, total: int, enabled: bool, every: int | None = None, label: str | None = None):
         from rich.console import Console
 
         self.enabled = enabled and total > 0
@@ -376,7 +380,8 @@ class _Progress:
         self.start = time.perf_counter()
         self.every = every or max(1, total // 10)
         self.progress = None
-        if self.enabled and Console(stderr=True).is_terminal and Console().is_terminal:
+        self.prefix = f"{label}  " if label else ""
+        if self.enabled and label is None and Console(stderr=True).is_terminal and Console().is_terminal:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -401,7 +406,7 @@ class _Progress:
         if self.progress is not None:
             self.progress.update(self.task, advance=1, rate=rate, reward=reward)
         elif self.n % self.every == 0 or self.n == self.total:
-            print(f"episodes {self.n}/{self.total}  {rate:.2f} ep/s  reward {reward:.1f}  "
+            print(f"{self.prefix}episodes {self.n}/{self.total}  {rate:.2f} ep/s  reward {reward:.1f}  "
                   f"{int(elapsed) // 60}:{int(elapsed) % 60:02d} elapsed", file=sys.stderr, flush=True)
 
     def close(self) -> None:

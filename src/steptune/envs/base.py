@@ -56,6 +56,12 @@ class Env(ABC):
     @abstractmethod
     def reset(self, task: TaskRef) -> Reset: ...
 
+    def reset_without_expert(self, task: TaskRef) -> Reset:
+        """`reset` for an episode whose expert plan nobody is expected to ask for (a plain evaluation, the Monte-Carlo
+        teacher's rollouts): an environment whose expert costs at reset time may skip that work and build the plan
+        on first use instead. The same as `reset` unless the environment overrides it."""
+        return self.reset(task)
+
     @abstractmethod
     def step(self, action: str) -> StepResult: ...
 

@@ -48,6 +48,8 @@ def default_jvm_options(env: Env, n_simulators: int) -> str:
 def _run(env, cmd: str, arg: Any) -> Any:
     if cmd == "reset":
         return env.reset(arg)
+    if cmd == "reset_without_expert":
+        return env.reset_without_expert(arg)
     if cmd == "step":
         return env.step(arg)
     if cmd == "expert":
@@ -55,6 +57,10 @@ def _run(env, cmd: str, arg: Any) -> Any:
     if cmd == "valid":
         return env.valid_actions()
     raise ValueError(f"unknown command {cmd}")
+
+
+def _reset_command(expert: bool) -> str:
+    return "reset" if expert else "reset_without_expert"
 
 
 def _close_quietly(env) -> None:
@@ -197,6 +203,7 @@ class _Message:
 class _Prepared:
     task: TaskRef
     env: int
+    expert: bool  # reset with the expert's plan at hand (`Env.reset`), not `Env.reset_without_expert`
     handles: list[Any] = field(default_factory=list)  # the reset's and, with plans, the expert's
 
 
@@ -348,13 +355,15 @@ class EnvPool:
         return [self._result(h) for h in handles]
 
     # episodes ------------------------------------------------------------------------------------------
-    def prepare(self, tasks: list[TaskRef], plans: bool = False) -> None:
+    def prepare(self, tasks: list[TaskRef], plans: bool = False, expert: bool = True) -> None:
         """The tasks `reset_many` will be asked for next, in order: idle spares start resetting them now (with
-        `plans`, the expert's plan from the reset state too), in their workers, without waiting."""
+        `plans`, the expert's plan from the reset state too), in their workers, without waiting. `expert=False`:
+        as `reset_many(..., expert=False)` will ask."""
+        expert = expert or plans
         unclaimed = list(self._prepared)
         wanted = []
         for task in tasks:
-            if (match := next((p for p in unclaimed if p.task == task), None)) is not None:
+            if (match := next((p for p in unclaimed if p.task == task and p.expert == expert), None)) is not None:
                 unclaimed.remove(match)
             else:
                 wanted.append(task)
@@ -365,25 +374,26 @@ class EnvPool:
             if not self._idle:
                 break
             env = self._idle.popleft()
-            calls = [(env, "reset", task)] + ([(env, "expert", None)] if plans else [])
-            self._prepared.append(_Prepared(task, env, self._submit(calls)))
+            calls = [(env, _reset_command(expert), task)] + ([(env, "expert", None)] if plans else [])
+            self._prepared.append(_Prepared(task, env, expert, self._submit(calls)))
 
-    def reset(self, slot: int, task: TaskRef) -> Reset | EnvFailure:
-        return self.reset_many([(slot, task)])[0]
+    def reset(self, slot: int, task: TaskRef, expert: bool = True) -> Reset | EnvFailure:
+        return self.reset_many([(slot, task)], expert=expert)[0]
 
-    def reset_many(self, calls: list[tuple[int, TaskRef]]) -> list[Reset | EnvFailure]:
+    def reset_many(self, calls: list[tuple[int, TaskRef]], expert: bool = True) -> list[Reset | EnvFailure]:
         """Start each slot's episode: a prepared task takes over its spare (the slot's old environment becomes a
-        spare), the others reset in the slot's own environment, all in parallel."""
+        spare), the others reset in the slot's own environment, all in parallel. `expert=False` when no expert
+        plan will be asked for (`Env.reset_without_expert`: ScienceWorld then skips building its gold path)."""
         taken: dict[int, _Prepared] = {}
         for i, (slot, task) in enumerate(calls):
-            if (p := next((p for p in self._prepared if p.task == task), None)) is not None:
+            if (p := next((p for p in self._prepared if p.task == task and p.expert == expert), None)) is not None:
                 self._prepared.remove(p)
                 self._idle.append(self._slot_env[slot])
                 self._slot_env[slot] = p.env
                 taken[i] = p
                 self.resets_ahead += 1
         direct = [i for i in range(len(calls)) if i not in taken]
-        out = dict(zip(direct, self._call_many([(calls[i][0], "reset", calls[i][1]) for i in direct])))
+        out = dict(zip(direct, self._call_many([(calls[i][0], _reset_command(expert), calls[i][1]) for i in direct])))
         for i, p in taken.items():
             out[i] = self._result(p.handles[0])
             if len(p.handles) > 1:

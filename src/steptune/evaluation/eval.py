@@ -61,7 +61,7 @@ class EvalConfig(EvalSettings):
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool = True) -> dict:
+def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool | str = True) -> dict:
     """Run the not-yet-finished episodes of every split, then (re)write and return the summary."""
     from steptune.agent.rollout import run_episodes
 

@@ -106,6 +106,9 @@ class EvalSection(EvalSettings):
 
     splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)  # a run tests both
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
+    # evaluations that run at once, each in a process of its own with one torch thread: a small model on CPU keeps one
+    # core busy and leaves the others idle. 1: one after another, in this process. Changes how fast, not what is written
+    processes: int = Field(1, ge=1)
 
 
 class LauncherSection(_Strict):

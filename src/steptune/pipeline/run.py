@@ -48,7 +48,10 @@ class Stage:
     inputs: list[Path]
     outputs: list[Path]  # everything the stage writes: removed when its key changes
     config: Callable[[], Any]  # the stage's config, built when the stage is reached (its inputs exist then)
-    fn: Callable[[Any], dict | None]  # runs the stage with that config
+    fn: Callable[..., dict | None]  # runs the stage with that config
+    # may run in a process of its own beside its neighbours that may too (evaluations: `eval.processes`); its fn
+    # then also takes `progress`, the label of its progress lines
+    parallel: bool = False
 
 
 def config_for_key(config: Any) -> Any:
@@ -121,10 +124,11 @@ class Run:
         out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
         if cfg.eval.base_agent_u2:
             out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
-                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base))
+                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base,
+                             parallel=True))
         for method in cfg.methods:
             out.append(Stage(f"eval:{method}", [paths.model_dir(method)], [paths.eval_dir(method)],
-                             lambda m=method: self.eval_config(m), self._evaluate))
+                             lambda m=method: self.eval_config(m), self._evaluate, parallel=True))
         out.append(Stage("report", [paths.eval_summary(m) for m in cfg.methods], [paths.report_dir],
                          dict, self._report))
         return out
@@ -247,7 +251,8 @@ class Run:
         from steptune.evaluation.eval import EvalConfig
 
         env = self.cfg.env
-        return EvalConfig(**{**self.cfg.eval.model_dump(exclude={"base_agent_u2"}), "model": self.student(method),
+        return EvalConfig(**{**self.cfg.eval.model_dump(exclude={"base_agent_u2", "processes"}),
+                             "model": self.student(method),
                              "env": env.name, "workers": env.workers, "env_backend": env.backend,
                              "ray_address": env.ray_address, "out": str(self.paths.eval_dir(out or method)),
                              "name": out or method, "env_kwargs": env.kwargs, **settings})
@@ -257,16 +262,16 @@ class Run:
         return self.eval_config(BASE_AGENT, BASE_AGENT_U2, splits=[self.cfg.golden.split], limit=None,
                                 inject=None, tasks=self.u2_tasks())
 
-    def _evaluate(self, cfg) -> dict:
+    def _evaluate(self, cfg, progress: bool | str = True) -> dict:
         from steptune.evaluation.eval import evaluate
 
-        summary = evaluate(cfg)
+        summary = evaluate(cfg, progress=progress)
         return {"splits": summary["splits"], **({"injection": summary["injection"]} if cfg.inject else {})}
 
-    def _evaluate_base(self, cfg) -> dict:
+    def _evaluate_base(self, cfg, progress: bool | str = True) -> dict:
         from steptune.pipeline.report import premise_note
 
-        info = self._evaluate(cfg)
+        info = self._evaluate(cfg, progress)
         if note := premise_note(info["splits"].get(self.cfg.golden.split, {}).get("success_rate")):
             console.print(f"[yellow]warning: {note}[/yellow]")
         return info
@@ -344,25 +349,83 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     if from_stage:
         clear(run, stages, from_stage)
     t_start = time.perf_counter()
-    for stage in stages[: names.index(until_stage) + 1] if until_stage else stages:
-        if only is not None and stage.name not in only:
-            continue
-        config = stage.config()
-        key = stage_key(config_for_key(config), [p for p in stage.inputs if p.exists()])
-        if run.manifest.is_done(stage.name, key, stage.outputs):
-            console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
-            continue
-        console.rule(f"[bold]{stage.name}")
-        if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
-            clear(run, stages, stage.name, only)
-        t0 = run.manifest.start(stage.name, key)
-        try:
-            info = stage.fn(config)
-        except BaseException as e:
-            run.manifest.fail(stage.name, t0, e)
-            raise
-        run.manifest.finish(stage.name, t0, stage.outputs, info)
-        console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+    todo = [s for s in (stages[: names.index(until_stage) + 1] if until_stage else stages)
+            if only is None or s.name in only]
+    while todo:
+        n = 1
+        if todo[0].parallel and cfg.eval.processes > 1:
+            while n < len(todo) and todo[n].parallel:
+                n += 1
+        group, todo = todo[:n], todo[n:]
+        ready = []
+        for stage in group:
+            config = stage.config()
+            key = stage_key(config_for_key(config), [p for p in stage.inputs if p.exists()])
+            if run.manifest.is_done(stage.name, key, stage.outputs):
+                console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+            else:
+                ready.append((stage, config, key))
+        if len(ready) > 1:
+            _run_at_once(run, stages, ready, cfg.eval.processes, only)
+        elif ready:
+            _run_stage(run, stages, *ready[0], only)
     run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
     run.manifest.save()
     return run.dir
+
+
+def _run_stage(run: Run, stages: list[Stage], stage: Stage, config: Any, key: str, only: set[str] | None) -> None:
+    console.rule(f"[bold]{stage.name}")
+    if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
+        clear(run, stages, stage.name, only)
+    t0 = run.manifest.start(stage.name, key)
+    try:
+        info = stage.fn(config)
+    except BaseException as e:
+        run.manifest.fail(stage.name, t0, e)
+        raise
+    run.manifest.finish(stage.name, t0, stage.outputs, info)
+    console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, str]], processes: int,
+                 only: set[str] | None) -> None:
+    """Independent stages, `processes` at a time, each in a fresh process (spawned: this one may hold torch's
+    threads) with one torch thread; each stage is recorded as it ends, and the first failure is raised once the
+    others have ended."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    width = min(processes, len(ready))
+    console.rule(f"[bold]{len(ready)} stages, {width} at a time")
+    console.print(", ".join(s.name for s, _, _ in ready), soft_wrap=True)
+    queue, running, failures = list(ready), {}, []
+    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=_one_torch_thread) as pool:
+        while queue or running:
+            while queue and len(running) < width:
+                stage, config, key = queue.pop(0)
+                if run.manifest.key(stage.name) != key:
+                    clear(run, stages, stage.name, only)
+                t0 = run.manifest.start(stage.name, key)
+                running[pool.submit(stage.fn, config, progress=stage.name)] = (stage, t0)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, t0 = running.pop(future)
+                try:
+                    info = future.result()
+                except BaseException as e:  # noqa: BLE001 - recorded, raised after the others
+                    run.manifest.fail(stage.name, t0, e)
+                    console.print(f"[red]✗ {stage.name}[/red]: {' '.join(str(e).split())[:300]}")
+                    failures.append(e)
+                    continue
+                run.manifest.finish(stage.name, t0, stage.outputs, info)
+                console.print(f"[green]✓ {stage.name}[/green] in "
+                              f"{run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+    if failures:
+        raise failures[0]

@@ -332,7 +332,8 @@ class MCTeacher:
         the first rollout of each state also asks for the valid actions there."""
         if not rollouts:
             return
-        for r, reset in zip(rollouts, self.pool.reset_many([(r.slot, r.state.task) for r in rollouts])):
+        resets = self.pool.reset_many([(r.slot, r.state.task) for r in rollouts], expert=False)  # no plan is asked
+        for r, reset in zip(rollouts, resets):
             if not isinstance(reset, Reset):
                 r.failure = f"env reset: {getattr(reset, 'reason', reset)}"
             elif r.task_text and reset.task != r.task_text:
