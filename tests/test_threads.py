@@ -53,3 +53,26 @@ def test_set_thread_wait_defaults_reports_only_what_it_added():
     assert set_thread_wait_defaults(environ) == {"KMP_BLOCKTIME": "0"}
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "0"}
     assert set_thread_wait_defaults({"STEPTUNE_THREAD_DEFAULTS": "0"}) == {}
+
+
+def test_models_loaded_after_importing_steptune_fetch_no_hub_kernels(tmp_path):
+    # transformers kernelizes a model that trains on a GPU with kernels fetched from the Hub whenever the `kernels`
+    # package is installed; offline that raised at model.train() on an H200 (benchmarks/gpu_check.py)
+    pytest.importorskip("kernels")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    load = ("from transformers import AutoModelForCausalLM; "
+            f"print(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).use_kernels)")
+    clean = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+
+    def use_kernels(code: str, **env: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env},
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()[-1]
+
+    assert use_kernels(f"import steptune; {load}") == "False"
+    assert use_kernels(load) == "True"  # transformers' own default: what steptune turns off
+    assert use_kernels(f"import steptune; {load}", USE_HUB_KERNELS="1") == "True"  # the user's choice wins
