@@ -5,7 +5,8 @@ valid action-object combination (~100-140 ms a step); our `step` calls the serve
 `getCompleted` only (~7 ms). The gold path is generated at `load` (generateGoldPath=True), and we never call the
 library's `reset()` afterwards, because a reset after a gold-path load regenerates the gold path (up to 25 s):
 each episode is a fresh `load`, which already puts the world at its first move. An episode whose expert nobody will
-ask for (`reset_without_expert`: a plain evaluation, the student's rollouts) loads without the gold path, about 16x faster.
+ask for (`reset_without_expert`: a plain evaluation, the student's rollouts) loads without the gold path, about 16x
+faster.
 
 Reward = best score reached so far / 100, clipped to 0..1; a negative score (a failed task) counts as 0 and ends
 the episode. Invalid actions get the simulator's own answer ("No known action matches that input.") and
@@ -106,29 +107,29 @@ class ScienceWorldEnv(Env):
         return self._load(task, gold_path=False)
 
     def _load(self, task: TaskRef, gold_path: bool) -> Reset:
-        sw = self._server()
-        sw.load(task.name, int(task.variation), self.simplification, generateGoldPath=gold_path)
+        self._server()
         self._task = task
-        self._gold = self._read_gold() if gold_path else None
+        description, first = self._start(gold_path)
         self._stepped = []  # every action sent this episode, to rebuild the state if the gold path is built late
         self._done_actions = []
         self._best = 0.0
-        description = str(sw.server.getTaskDescription())
-        first = str(sw.server.step("look around"))
         return Reset(task=f"{description}\n{first}", observation=first,
                      info={"task_id": task.id, "task_type": task.name})
 
-    def _read_gold(self) -> list[str]:
-        return [_norm(a) for a in self._sw.get_gold_action_sequence() if not a.startswith("ERROR")]
+    def _start(self, gold_path: bool) -> tuple[str, str]:
+        """Load this episode's task afresh and take the first look: (task description, first observation)."""
+        sw, task = self._sw, self._task
+        sw.load(task.name, int(task.variation), self.simplification, generateGoldPath=gold_path)
+        self._gold = None
+        if gold_path:
+            self._gold = [_norm(a) for a in sw.get_gold_action_sequence() if not a.startswith("ERROR")]
+        return str(sw.server.getTaskDescription()), str(sw.server.step("look around"))
 
     def _gold_path(self) -> list[str]:
-        if self._gold is None and self._sw is not None and self._task is not None:  # reset without the expert
-            sw, task = self._sw, self._task
-            sw.load(task.name, int(task.variation), self.simplification, generateGoldPath=True)
-            self._gold = self._read_gold()
-            sw.server.step("look around")
+        if self._gold is None and self._sw is not None:  # reset without the expert: rebuild the state with it
+            self._start(gold_path=True)
             for action in self._stepped:
-                sw.server.step(action)
+                self._sw.server.step(action)
         return self._gold or []
 
     def step(self, action: str) -> StepResult:

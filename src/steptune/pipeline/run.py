@@ -374,18 +374,26 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     return run.dir
 
 
-def _run_stage(run: Run, stages: list[Stage], stage: Stage, config: Any, key: str, only: set[str] | None) -> None:
-    console.rule(f"[bold]{stage.name}")
+def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:
     if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
         clear(run, stages, stage.name, only)
-    t0 = run.manifest.start(stage.name, key)
+    return run.manifest.start(stage.name, key)
+
+
+def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:
+    run.manifest.finish(stage.name, t0, stage.outputs, info)
+    console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+
+
+def _run_stage(run: Run, stages: list[Stage], stage: Stage, config: Any, key: str, only: set[str] | None) -> None:
+    console.rule(f"[bold]{stage.name}")
+    t0 = _begin(run, stages, stage, key, only)
     try:
         info = stage.fn(config)
     except BaseException as e:
         run.manifest.fail(stage.name, t0, e)
         raise
-    run.manifest.finish(stage.name, t0, stage.outputs, info)
-    console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+    _finish(run, stage, t0, info)
 
 
 def _one_torch_thread() -> None:
@@ -410,9 +418,7 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
         while queue or running:
             while queue and len(running) < width:
                 stage, config, key = queue.pop(0)
-                if run.manifest.key(stage.name) != key:
-                    clear(run, stages, stage.name, only)
-                t0 = run.manifest.start(stage.name, key)
+                t0 = _begin(run, stages, stage, key, only)
                 running[pool.submit(stage.fn, config, progress=stage.name)] = (stage, t0)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
@@ -424,8 +430,6 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
                     console.print(f"[red]✗ {stage.name}[/red]: {' '.join(str(e).split())[:300]}")
                     failures.append(e)
                     continue
-                run.manifest.finish(stage.name, t0, stage.outputs, info)
-                console.print(f"[green]✓ {stage.name}[/green] in "
-                              f"{run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
+                _finish(run, stage, t0, info)
     if failures:
         raise failures[0]
