@@ -127,6 +127,22 @@ def test_mc_flags_the_move_that_makes_the_coin_unreachable_and_not_the_experts_s
     assert counts.rollouts % 3 == 0 and counts.rollouts >= 3 * (len(route) + 1)  # the final state is terminal
     assert counts.rollout_steps > 0 and counts.replay_diverged == 0 and counts.failed_rollouts == 0
     assert not flagged.critique.corrected_action  # nothing beats carrying on: no correction is offered
+    # each judged step's values go into the record, so other margins can be scored later without new rollouts
+    assert flagged.values == (1.0, 0.0) and counts.as_meta()["step_values"][str(len(route))] == [1.0, 0.0]
+    assert len(counts.step_values) == len(verdicts)
+
+
+def test_the_margin_sweep_scores_each_margin_on_the_same_steps():
+    from steptune.evaluation.judges import Agreement
+
+    a = Agreement()
+    # (value before, value after, expert flags it): drops of 1.0, 0.4, 0.2 and 0 against the expert's verdicts
+    a.valued = [(1.0, 0.0, True), (0.6, 0.2, True), (0.4, 0.2, False), (0.8, 0.8, True), (0.2, 0.2, False)]
+    sweep = {row["margin"]: row for row in a.margin_sweep()}
+    assert [sweep[m]["judge_flags"] for m in (0.0, 0.2, 0.4, 0.6, 0.8)] == [3, 2, 1, 1, 1]
+    assert (sweep[0.0]["precision"], sweep[0.0]["recall"]) == (0.667, 0.667)
+    assert (sweep[0.2]["precision"], sweep[0.2]["recall"]) == (1.0, 0.667)  # a drop of exactly the margin: no flag
+    assert (sweep[0.4]["precision"], sweep[0.4]["recall"]) == (1.0, 0.333)
 
 
 def test_a_replay_that_diverges_is_reported_not_judged(game):

@@ -129,6 +129,15 @@ def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
     assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
 
 
+def test_step_trains_on_d1_alone_and_says_so_when_the_filter_keeps_nothing(tmp_path):
+    run = tmp_path / "run"
+    proc = smoke(run, "--set", "filter.min_errors=1000", "--until", "train:step")
+    assert (run / "data" / "dr.jsonl").read_text() == ""
+    summary = json.loads((run / "models" / "step" / "train_summary.json").read_text())
+    assert summary["trajectories"] == len(load_trajectories(run / "data" / "d1.jsonl")) > 0
+    assert "dr.jsonl is empty" in " ".join(proc.stdout.split())
+
+
 # Fast checks of what only a slow test (or none) pinned before ---------------------------------------------------
 
 def test_the_run_seed_builds_the_tiny_models_initial_weights_unless_init_seed_pins_them(tmp_path):

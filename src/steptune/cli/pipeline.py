@@ -97,6 +97,9 @@ def study(
     curve_only: bool = typer.Option(False, "--curve-only", help="Stop after the epoch curve; print the chosen count."),
     equal_steps: bool = typer.Option(False, "--equal-steps", help="Add the sensitivity row: every method retrained "
                                      "for the same number of optimizer steps on the study's data."),
+    teachers: Optional[str] = typer.Option(
+        None, "--teachers", help="Also compare stage-2 teachers, e.g. expert,mc,self: each judges stage 2 from every "
+        "seed's base agent, STeP retrains on its Dr; writes teachers.{json,md,html} (see docs/teachers.md)."),
 ) -> None:
     """Run the pipeline once per seed (resumable), then compare the methods with 95% confidence intervals:
     success per method and split, paired differences, the recovery benchmark and stage-2 yield."""
@@ -121,6 +124,12 @@ def study(
     if equal_steps:
         run_equal_steps(cfg, seeds, output)
         result = write_study(output, seeds, command)
+    if teachers:
+        from steptune.pipeline.teachers import run_teachers, teachers_markdown
+
+        compared = run_teachers(cfg, seeds, output, [t.strip() for t in teachers.split(",") if t.strip()], command)
+        typer.echo(teachers_markdown(compared, command))
+        typer.echo(f"wrote {output / 'teachers.json'}, {output / 'teachers.md'}, {output / 'teachers.html'}")
     typer.echo(study_markdown(result, command))
     if result.get("premise_note"):
         typer.secho(f"warning: {result['premise_note']}", fg="yellow")

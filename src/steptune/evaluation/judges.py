@@ -6,6 +6,11 @@ re-plans, and the expert-grounded teacher (steptune.teacher.expert) judges the s
 synthesis. Precision: of the steps the judge flagged, the share the expert flags too; recall: of the steps the expert
 flags, the share the judge flagged. A step the judge left unjudged stays a plain step, so it counts as not flagged;
 a step the expert cannot judge (no plan) is left out, and so is the rest of a trajectory whose replay diverged.
+
+A judge that scores states (the Monte-Carlo teacher records each judged step's value before and after it) also gets a
+margin sweep: the flags it would have raised at other margins, on the same steps, against the same expert verdicts.
+Those steps are the ones the run reached with its own margin; a run at another margin would correct other steps and
+reach other states, so the sweep compares margins on one set of states, not whole runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from steptune.teacher.base import StepToJudge
 from steptune.teacher.expert import ExpertTeacher
 
 JUDGED_KINDS = ("student", "error")
+SWEEP_MARGINS = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Agreement:
     expert_unjudged: int = 0  # steps the expert had no plan for
     diverged: int = 0  # trajectories whose replay did not reproduce the record (their remaining steps left out)
     examples: list[dict] = field(default_factory=list)  # a few disagreements, to read
+    valued: list[tuple[float, float, bool]] = field(default_factory=list)  # (value before, after, expert flag)
 
     def add(self, judge: bool, expert: bool, example: dict) -> None:
         if judge and expert:
@@ -53,7 +60,20 @@ class Agreement:
                 "f1": None if f1 is None else round(f1, 3),
                 "agreement": round((self.tp + self.tn) / steps, 3) if steps else None,
                 "expert_unjudged": self.expert_unjudged, "diverged_trajectories": self.diverged,
+                **({"margin_sweep": self.margin_sweep()} if self.valued else {}),
                 "disagreements": self.examples}
+
+    def margin_sweep(self, margins=SWEEP_MARGINS) -> list[dict]:
+        """Precision, recall and F1 had the judge flagged `after < before - margin`, for each margin."""
+        rows = []
+        for m in margins:
+            at = Agreement()
+            for before, after, expert in self.valued:
+                at.add(after < before - m - 1e-9, expert, {})
+            s = at.summary()
+            rows.append({"margin": m, **{k: s[k] for k in ("judge_flags", "tp", "fp", "fn", "precision", "recall",
+                                                           "f1")}})
+        return rows
 
 
 def _task_of(t: Trajectory) -> TaskRef:
@@ -94,6 +114,9 @@ def compare_with_expert(trajs: list[Trajectory], pool) -> Agreement:
                     if v.critique is None:
                         out.expert_unjudged += 1
                     else:
+                        values = t.meta.get("teacher_counts", {}).get("step_values", {}).get(str(k))
+                        if values is not None:
+                            out.valued.append((values[0], values[1], v.critique.is_error))
                         out.add(st.kind == "error", v.critique.is_error,
                                 {"trajectory": t.id, "step": k + 1, "action": st.action,
                                  "expert_next": (before or [""])[0]})

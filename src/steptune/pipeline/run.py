@@ -184,13 +184,19 @@ class Run:
     def _train(self, cfg) -> dict:
         from steptune.training.sft import train
 
-        if not any(load_trajectories(p) for p in cfg.data):
+        empty = [p for p in cfg.data if not load_trajectories(p)]
+        target = Path(cfg.output_dir)
+        if len(empty) == len(cfg.data):
             # nothing survived filtering (Dr is a method's only data): its model is its start model
-            target = Path(cfg.output_dir)
             remove(target)
             target.symlink_to(Path(cfg.model).resolve(), target_is_directory=True)
             console.print(f"[yellow]{target.name}: no training data (Dr is empty); using {cfg.model} as is[/yellow]")
             return {"skipped": "no training data", "model": cfg.model}
+        if empty:  # e.g. STeP when the filter kept nothing: it trains on the rest (D1 alone), and says so
+            rest = [p for p in cfg.data if p not in empty]
+            console.print(f"[yellow]{target.name}: {', '.join(Path(p).name for p in empty)} is empty (nothing "
+                          f"survived filtering); training on {', '.join(Path(p).name for p in rest)} alone[/yellow]")
+            cfg = cfg.model_copy(update={"data": rest})
         out = train(cfg) if self.cfg.launcher is None else self._launch_training(cfg)
         return json.loads((out / "train_summary.json").read_text())
 

@@ -44,6 +44,9 @@ class Verdict:
     rollout_steps: int = 0
     failed_rollouts: int = 0  # env or model failures; the value is estimated from the others
     replay_diverged: int = 0  # states that replaying the episode's actions did not reach again
+    # a judge that scores states (the Monte-Carlo teacher): the value before the step and after it, so the flags at
+    # any other margin can be read off the records (steptune.evaluation.judges' margin sweep)
+    values: tuple[float, float] | None = None
 
 
 @runtime_checkable
@@ -111,6 +114,7 @@ class TeacherCounts:
     failed_rollouts: int = 0
     replay_diverged: int = 0
     notes: list[str] = field(default_factory=list)
+    step_values: dict[str, list[float]] = field(default_factory=dict)  # step index → [value before, value after]
 
     def add(self, v: Verdict, step_index: int) -> None:
         self.requests += v.requests
@@ -127,6 +131,9 @@ class TeacherCounts:
         else:
             self.judged += 1
             self.flagged += v.critique.is_error
+            if v.values is not None:
+                self.step_values[str(step_index)] = [round(x, 4) for x in v.values]
 
     def as_meta(self) -> dict:
-        return {**{k: getattr(self, k) for k in COUNT_KEYS}, **({"notes": self.notes} if self.notes else {})}
+        return {**{k: getattr(self, k) for k in COUNT_KEYS}, **({"notes": self.notes} if self.notes else {}),
+                **({"step_values": self.step_values} if self.step_values else {})}

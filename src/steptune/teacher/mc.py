@@ -163,6 +163,7 @@ class MCTeacher:
                 verdicts.append(v)
                 continue
             value_after = (s.reward_after if s.done else ea.value)
+            v.values = (eb.value, value_after)
             if value_after < eb.value - self.margin - 1e-9:
                 v.critique = Critique(is_error=True, teacher=self.name)
                 if not s.done and a.used < self.pool.max_steps(s.task):
