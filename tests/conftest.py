@@ -32,3 +32,21 @@ def tiny_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-model")
     cfg = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     return build_tiny_model(REACT_CORPUS * 20, out, cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """`steptune study` of tests/_tiny_study.py for seed 0, run once: (config, study directory, console output).
+    Tests add what they study (the epoch curve, the equal-steps row, other teachers) beside its run, never in it."""
+    import contextlib
+    import io
+
+    from _tiny_study import TINY
+
+    from steptune.pipeline.config import PipelineConfig
+    from steptune.pipeline.study import run_study
+
+    cfg, out, log = PipelineConfig.model_validate(TINY), tmp_path_factory.mktemp("tiny-study"), io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run_study(cfg, [0], out)
+    return cfg, out, log.getvalue()

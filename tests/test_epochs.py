@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
-from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.epochs import (
     choose_epochs,
     curve_dir,
@@ -17,7 +16,7 @@ from steptune.pipeline.epochs import (
     run_equal_steps,
 )
 from steptune.pipeline.report import premise_note
-from steptune.pipeline.study import run_study, seed_dir, write_study
+from steptune.pipeline.study import seed_dir, write_study
 
 
 def _ep(i: int, success: bool, split: str = "seen") -> Trajectory:
@@ -75,25 +74,9 @@ def test_study_report_shows_the_curve_and_the_equal_steps_row(tmp_path):
     assert "## Sensitivity: equal optimizer steps" in md and "| STeP − golden D1 | +0.0" in md
 
 
-TINY = {
-    "env": {"name": "twx", "kwargs": {"game": "coin", "max_steps": 8,
-                                      "game_params": "numLocations=2,numDistractorItems=0,includeDoors=0"},
-            "workers": 2},
-    "golden": {"source": "expert", "split": "train", "limit": 8},
-    "model": {"init": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 1024}},
-    "train": {"num_train_epochs": 1, "learning_rate": 0.003, "per_device_train_batch_size": 1, "max_length": 1024,
-              "warmup_ratio": 0.0, "num_threads": 1, "progress": False, "save_steps": 1000},
-    "synthesis": {"teacher": "expert"},
-    "filter": {"max_errors": 8},
-    "methods": ["golden_d1", "golden_all", "step"],
-    "eval": {"splits": ["seen", "unseen"], "limit": 2, "max_new_tokens": 16},
-}
-
-
 @pytest.mark.slow
-def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path, capsys):
-    cfg = PipelineConfig.model_validate(TINY)
+def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
+    cfg, tmp_path, log = tiny_study
     curve = run_epoch_curve(cfg, [0], tmp_path, [1, 2])
     one, two = (seed_dir(curve_dir(tmp_path, e), 0) for e in (1, 2))
     manifest = json.loads((one / "manifest.json").read_text())
@@ -103,10 +86,9 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tmp_path, capsys):
     assert steps[2] == 2 * steps[1]
     assert curve["chosen"] in (1, 2) and json.loads((tmp_path / "epoch_curve.json").read_text()) == curve
 
-    run_study(cfg, [0], tmp_path)
     # the pipeline warns when the base agent's U2 success is outside 30-70% (STeP's premise)
     base = json.loads((seed_dir(tmp_path, 0) / "eval" / "base_agent_u2" / "summary.json").read_text())["overall"]
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(log.split())
     assert ("warning: STeP's premise does not hold" in out) == (premise_note(base["success_rate"]) is not None)
     run_equal_steps(cfg, [0], tmp_path)
     study, equal = seed_dir(tmp_path, 0), seed_dir(equal_steps_dir(tmp_path), 0)

@@ -62,3 +62,20 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
     assert "STeP − golden D1" in (tmp_path / "study.md").read_text() and (tmp_path / "study.html").stat().st_size > 5000
+
+
+def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "docs/results/study-2epochs.json", root / "docs/results/study.json"]
+    out = subprocess.run([sys.executable, str(root / "scripts/compare_studies.py"), *map(str, files),
+                          "--names", "two", "eight"], capture_output=True, text=True, check=True).stdout.splitlines()
+    studies = [json.loads(f.read_text()) for f in files]
+    row = next(line for line in out if line.startswith("| STeP − golden D1 ∪ D2, unseen |"))
+    for s in studies:
+        d = s["step_minus_golden_all_unseen"]
+        assert f"{d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" in row
+    assert json.loads(out[-1])["eight"]["step_minus_golden_d1_injected"] == studies[1]["step_minus_golden_d1_injected"]["mean"]

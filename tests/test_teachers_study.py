@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 
 from steptune.data.trajectory import load_trajectories
-from steptune.pipeline.config import PipelineConfig
-from steptune.pipeline.study import run_study, seed_dir
+from steptune.pipeline.study import seed_dir
 from steptune.pipeline.teachers import run_teachers, teacher_dir
-
-from test_epochs import TINY
-
-CFG = {**TINY, "eval": {**TINY["eval"], "inject": {"step": 1}},
-       "synthesis": {"teacher": "expert", "samples_per_task": 1, "max_new_tokens": 16}}
 
 
 @pytest.mark.slow
-def test_each_teacher_judges_the_same_base_agent_and_step_is_paired_with_the_studys_golden_runs(tmp_path):
-    cfg = PipelineConfig.model_validate(CFG)
-    run_study(cfg, [0], tmp_path)
+def test_each_teacher_judges_the_same_base_agent_and_step_is_paired_with_the_studys_golden_runs(tiny_study):
+    cfg, tmp_path, _ = tiny_study
     s = run_teachers(cfg, [0], tmp_path, ["expert", "mc"], command="steptune study test --teachers expert,mc")
     study, mc = seed_dir(tmp_path, 0), seed_dir(teacher_dir(tmp_path, "mc"), 0)
 
@@ -67,5 +60,9 @@ def test_each_teacher_judges_the_same_base_agent_and_step_is_paired_with_the_stu
 
 
 def test_an_unknown_teacher_is_one_clear_error(tmp_path):
+    from _tiny_study import TINY
+
+    from steptune.pipeline.config import PipelineConfig
+
     with pytest.raises(Exception, match="unknown teacher.*oracle.*known: expert"):
-        run_teachers(PipelineConfig.model_validate(CFG), [0], tmp_path, ["expert", "oracle"])
+        run_teachers(PipelineConfig.model_validate(TINY), [0], tmp_path, ["expert", "oracle"])
