@@ -197,7 +197,7 @@ def test_judge_agreement_replays_the_records_and_scores_flags_against_the_expert
     kwargs = {"game": "coin", "game_params": PARAMS, "max_steps": len(route) + 6}
     with EnvPool("twx", 1, kwargs) as pool:
         text = pool.reset(0, task).task
-        student = ExpertStudent({text: task}, {k: wrong, 0: "dance"})
+        student = ExpertStudent({text: task}, {k: wrong, 0: "take coin"})  # refused: no coin here yet
         [ep] = run_episodes(pool, [task], student, GenerationConfig(max_new_tokens=16), teacher=ExpertTeacher(),
                             progress=False)
         student.close()

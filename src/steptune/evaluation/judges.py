@@ -98,18 +98,19 @@ def compare_with_expert(trajs: list[Trajectory], pool) -> Agreement:
             for slot, st in calls:
                 t = chunk[slot]
                 before, after = plans[slot], plans[slot]
-                reward_after, done = rewards[slot], False
+                reward_after, done, invalid = rewards[slot], False, not st.action
                 if st.action:
                     res, after = results[slot]
                     if not isinstance(res, StepResult) or res.observation != st.observation:
                         live.discard(slot)
                         out.diverged += 1
                         continue
-                    reward_after, done = res.reward, res.done
+                    reward_after, done, invalid = res.reward, res.done, bool(res.info.get("invalid"))
                 if st.kind in JUDGED_KINDS:
+                    # as the rollout passes it: an action the environment refused is an error whatever the plan
                     item = StepToJudge(task=_task_of(t), task_text=t.task, history=t.steps[:k], step=st,
                                        reward_before=rewards[slot], reward_after=reward_after, done=done,
-                                       plan_before=before, plan_after=after)
+                                       invalid=invalid, plan_before=before, plan_after=after)
                     v = expert.judge_one(item)
                     if v.critique is None:
                         out.expert_unjudged += 1

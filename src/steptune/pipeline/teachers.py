@@ -31,6 +31,8 @@ from steptune.pipeline.methods import BASE_AGENT, STEP
 GOLDEN_ALL = "golden_all"
 VERSUS = {"step_minus_golden_d1": BASE_AGENT, "step_minus_golden_all": GOLDEN_ALL}
 AGREEMENT_FILE = "agreement_with_expert.json"
+# bumped when steptune.evaluation.judges changes what it counts: a cached agreement of another version is recomputed
+AGREEMENT_VERSION = 2  # 2: a refused action is an error at replay too, as it was during synthesis
 
 
 def teacher_dir(out: Path, teacher: str) -> Path:
@@ -122,14 +124,15 @@ def agreement(cfg: PipelineConfig, run: Path) -> dict[str, Any] | None:
     if not synthesized.exists():
         return None
     digest = _digest(synthesized)
-    if cached.exists() and (old := json.loads(cached.read_text())).get("synthesized_sha256") == digest:
+    if cached.exists() and (old := json.loads(cached.read_text())).get("synthesized_sha256") == digest \
+            and old.get("version") == AGREEMENT_VERSION:
         return old
     from steptune.envs.pool import EnvPool
     from steptune.evaluation.judges import compare_with_expert
 
     with EnvPool(cfg.env.name, cfg.env.workers, cfg.env.kwargs) as pool:
         summary = compare_with_expert(load_trajectories(synthesized), pool).summary()
-    summary["synthesized_sha256"] = digest
+    summary["synthesized_sha256"], summary["version"] = digest, AGREEMENT_VERSION
     cached.write_text(json.dumps(summary, indent=2))
     return summary
 
