@@ -109,3 +109,24 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
     before = {m: (equal / "models" / m / "train_summary.json").stat().st_mtime_ns for m in cfg.methods}
     run_equal_steps(cfg, [0], tmp_path)
     assert before == {m: (equal / "models" / m / "train_summary.json").stat().st_mtime_ns for m in cfg.methods}
+
+
+@pytest.mark.slow
+def test_the_curve_can_run_on_fewer_seeds_than_the_study(tmp_path):
+    """`--curve-seeds 0` with a study of seeds 0 and 1: the curve trains seed 0 only (a slow model's curve costs one
+    seed, not three)."""
+    import yaml
+    from _tiny_study import TINY
+    from typer.testing import CliRunner
+
+    from steptune.cli.app import app
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(app, ["study", str(tmp_path / "tiny.yaml"), "--seeds", "0", "--seeds", "1",
+                                      "--epoch-curve", "1", "--curve-seeds", "0", "--curve-only",
+                                      "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["chosen_epochs"] == 1
+    points = tmp_path / "out" / "epoch-curve" / "epochs-1"
+    assert (points / "seed-0" / "eval" / "golden_all" / "summary.json").exists() and not (points / "seed-1").exists()
+    assert json.loads((tmp_path / "out" / "epoch_curve.json").read_text())["seeds"] == [0]

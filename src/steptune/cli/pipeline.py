@@ -95,6 +95,8 @@ def study(
         None, "--epoch-curve", help="Choose the epoch count on the seen split first: e.g. 2,4,8 trains golden D1 and "
         "golden D1 ∪ D2 at each count; every method then trains the chosen count (see docs/study-settings.md)."),
     curve_only: bool = typer.Option(False, "--curve-only", help="Stop after the epoch curve; print the chosen count."),
+    curve_seeds: list[int] = typer.Option([], "--curve-seeds", help="Seeds of the epoch curve (repeatable; default: "
+                                          "the study's): one seed makes the curve of a slow model affordable."),
     equal_steps: bool = typer.Option(False, "--equal-steps", help="Add the sensitivity row: every method retrained "
                                      "for the same number of optimizer steps on the study's data."),
     teachers: Optional[str] = typer.Option(
@@ -114,7 +116,7 @@ def study(
     command = shlex.join(["steptune", *sys.argv[1:]])
     if epoch_curve:
         counts = _epoch_counts(epoch_curve)
-        curve = run_epoch_curve(cfg, seeds, output, counts)
+        curve = run_epoch_curve(cfg, curve_seeds or seeds, output, counts)
         if curve_only:
             typer.echo(json.dumps({"epoch_curve": {f"{p['epochs']:g}": p["seen_success"] for p in curve["points"]},
                                    "chosen_epochs": curve["chosen"]}))
