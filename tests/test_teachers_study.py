@@ -48,6 +48,12 @@ def test_each_teacher_judges_the_same_base_agent_and_step_is_paired_with_the_stu
         assert step.keys() == d1.keys()
         want = 100 * np.mean([float(step[k]) - float(d1[k]) for k in step])
         assert s["teachers"][teacher]["step_minus_golden_d1_seen"]["mean"] == pytest.approx(want, abs=0.01)
+    # and the teachers themselves compared: STeP under mc minus STeP under the study's expert, task by task
+    seen = {r: {t.id: float(t.success) for t in load_trajectories(r / "eval" / "step" / "episodes.jsonl")
+                if t.split == "seen"} for r in (study, mc)}
+    want = 100 * np.mean([seen[mc][k] - seen[study][k] for k in seen[mc]])
+    assert s["teachers"]["mc"]["minus_expert_seen"]["mean"] == pytest.approx(want, abs=0.01)
+    assert "minus_expert_seen" not in s["teachers"]["expert"]
     assert json.loads((tmp_path / "teachers.json").read_text())["command"].endswith("--teachers expert,mc")
     assert "| mc |" in (tmp_path / "teachers.md").read_text()
 

@@ -152,6 +152,8 @@ def summarize(cfg: PipelineConfig, out: Path, seeds: list[int], teachers: list[s
     golden_inj = {m: [_success(r, m, injected=True) for r in study_runs] for m in VERSUS.values()}
     splits = cfg.eval.splits
     rows: dict[str, Any] = {}
+    steps: dict[str, list] = {}
+    steps_inj: dict[str, list] = {}
     for teacher in teachers:
         runs = run_dirs(cfg, out, teacher, seeds)
         step = [_success(r, STEP) for r in runs]
@@ -174,6 +176,16 @@ def summarize(cfg: PipelineConfig, out: Path, seeds: list[int], teachers: list[s
         row["test_episodes_per_split_per_seed"] = {sp: min((len(s.get(sp, {})) for s in step), default=0)
                                                    for sp in splits}
         rows[teacher] = row
+        steps[teacher], steps_inj[teacher] = step, step_inj
+    own = cfg.synthesis.teacher.name
+    for teacher, row in rows.items():  # the teachers themselves compared: STeP under each minus under the study's
+        if teacher != own and own in steps:
+            for sp in splits:
+                row[f"minus_{own}_{sp}"] = _bootstrap([_paired(a, b, sp) for a, b in zip(steps[teacher], steps[own])],
+                                                      rng=rng)
+            row[f"minus_{own}_injected"] = _bootstrap(
+                [np.concatenate([_paired(a, b, sp) for sp in a] or [np.zeros(0)])
+                 for a, b in zip(steps_inj[teacher], steps_inj[own])], rng=rng)
     return {"seeds": seeds, "splits": splits, "study_teacher": cfg.synthesis.teacher.name,
             "golden_success": {m: {sp: _bootstrap([np.array(list(s.get(sp, {}).values())) for s in golden[m]], rng=rng)
                                    for sp in splits} for m in VERSUS.values()},
@@ -281,9 +293,13 @@ def teachers_markdown(s: dict[str, Any], command: str | None = None) -> str:
     md += ["", "## STeP minus golden, paired (percentage points)", "",
            "| teacher | comparison | " + " | ".join(splits) + " | injected |",
            "|---|---|" + "---:|" * (len(splits) + 1)]
+    own = s["study_teacher"]
     for name, row in s["teachers"].items():
         for key, title in (("step_minus_golden_d1", "STeP − golden D1"),
-                           ("step_minus_golden_all", "STeP − golden D1 ∪ D2")):
+                           ("step_minus_golden_all", "STeP − golden D1 ∪ D2"),
+                           (f"minus_{own}", f"STeP − STeP with the {own} teacher")):
+            if f"{key}_injected" not in row:
+                continue
             md.append(f"| {name} | {title} | " + " | ".join(_ci(row.get(f"{key}_{sp}")) for sp in splits)
                       + f" | {_ci(row.get(f'{key}_injected'))} |")
     return "\n".join(md) + "\n"
