@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from steptune.pipeline.study import PAIR_TITLES, _ci
+from steptune.pipeline.study import PAIR_TITLES, _ci, _rate
 
 
 def rows(studies: dict[str, dict]) -> list[tuple[str, list[str]]]:
@@ -28,18 +28,12 @@ def rows(studies: dict[str, dict]) -> list[tuple[str, list[str]]]:
                 label = f"{title}, {'with one injected error' if sp == 'injected' else sp}"
                 out.append((label, [_ci(s.get(key)) for s in studies.values()]))
     for method, title in (("step", "STeP"), ("golden_d1", "golden D1")):
-        out.append((f"recovery rate, {title}", [_ratio(s.get(f"recovery_{method}")) for s in studies.values()]))
+        out.append((f"recovery rate, {title}", [_rate(s.get(f"recovery_{method}")) for s in studies.values()]))
     out.append(("base agent on U2 (%)", [str(s.get("base_agent_success_u2", {}).get("mean", "–"))
                                          for s in studies.values()]))
     out.append(("seeds × test episodes per split",
                 [f"{len(s['seeds'])} × {min(s['test_episodes_per_split_per_seed'].values())}" for s in studies.values()]))
     return out
-
-
-def _ratio(r: dict | None) -> str:
-    if not r or r.get("mean") is None:
-        return "–"
-    return f"{r['mean']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
 
 def main() -> None:

@@ -85,3 +85,24 @@ def test_run_until_a_stage_stops_there_and_says_so(tmp_path):
         proc = subprocess.run([*cli, flag, "nope"], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr
     assert not fresh.exists()
+
+
+def test_stage_keys_survive_moving_the_run_and_ignore_speed_settings(tmp_path):
+    import steptune
+    from steptune.pipeline.run import Run, config_for_key
+
+    preset = Path(steptune.__file__).parent / "resources" / "presets" / "smoke.yaml"
+
+    def keys(run_dir: Path, **overrides) -> dict[str, str]:
+        run = Run(load_config(preset, overrides), run_dir)
+        # training and the methods' evaluations: stages whose settings name paths and need no data to be built
+        return {s.name: stage_key(config_for_key(s.config(), run.dir), []) for s in run.stages()
+                if s.name.startswith(("train:", "eval:")) and s.name != "eval:base_agent_u2"}
+
+    here = keys(tmp_path / "a")
+    assert any("<run>/models/" in str(config_for_key(s.config(), tmp_path / "a"))
+               for s in Run(load_config(preset), tmp_path / "a").stages() if s.name == "eval:step")  # the eval stages name the run's models
+    assert keys(tmp_path / "elsewhere" / "b") == here  # a copied or moved run directory is still up to date
+    assert keys(tmp_path / "a", **{"eval.processes": 1, "env.workers": 3}) == here
+    changed = keys(tmp_path / "a", **{"eval.limit": 5})
+    assert all((changed[n] != here[n]) == n.startswith("eval:") for n in here)

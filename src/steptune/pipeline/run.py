@@ -39,7 +39,7 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address"}
+SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes"}
 
 
 @dataclass
@@ -54,12 +54,16 @@ class Stage:
     parallel: bool = False
 
 
-def config_for_key(config: Any) -> Any:
+def config_for_key(config: Any, run_dir: Path | None = None) -> Any:
+    """What a stage's key hashes of its settings: not the speed-only ones, and paths inside the run directory relative
+    to it (a run directory that was moved or copied, e.g. from a cluster to a laptop, is still up to date)."""
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     if isinstance(data, dict):
-        return {k: config_for_key(v) for k, v in data.items() if k not in SPEED_ONLY}
+        return {k: config_for_key(v, run_dir) for k, v in data.items() if k not in SPEED_ONLY}
     if isinstance(data, list):
-        return [config_for_key(v) for v in data]
+        return [config_for_key(v, run_dir) for v in data]
+    if run_dir is not None and isinstance(data, str) and (data == str(run_dir) or data.startswith(f"{run_dir}/")):
+        return "<run>" + data[len(str(run_dir)):]
     return data
 
 
@@ -366,7 +370,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         ready = []
         for stage in group:
             config = stage.config()
-            key = stage_key(config_for_key(config), [p for p in stage.inputs if p.exists()])
+            key = stage_key(config_for_key(config, run.dir), [p for p in stage.inputs if p.exists()])
             if run.manifest.is_done(stage.name, key, stage.outputs):
                 console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
             else:

@@ -80,6 +80,19 @@ def _ratio(pairs: np.ndarray) -> float:
     return pairs[:, 0].mean() / without if without else np.nan
 
 
+def paired_differences(a: list[dict], b: list[dict], a_injected: list[dict], b_injected: list[dict],
+                       splits: list[str], rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    """`a` minus `b`, task by task, with CIs: per split, and with one injected error per episode (the recovery
+    benchmark, splits pooled) under `injected`. Each argument holds one `_success` result per seed."""
+    out = {}
+    for sp in splits:
+        out[sp] = _bootstrap([np.array([x[sp][t] - y[sp][t] for t in x.get(sp, {}) if t in y.get(sp, {})])
+                              for x, y in zip(a, b)], rng=rng)
+    out["injected"] = _bootstrap([np.array([x[sp][t] - y[sp][t] for sp in x for t in x[sp] if t in y.get(sp, {})])
+                                  for x, y in zip(a_injected, b_injected)], rng=rng)
+    return out
+
+
 def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     runs = [seed_dir(out, s) for s in seeds]
     manifest = json.loads(RunLayout(runs[0]).manifest.read_text())
@@ -99,15 +112,10 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     }
     for name, (a, b) in PAIRS.items():
         if a in methods and b in methods:
-            for sp in splits:
-                diffs = [np.array([sa[sp][t] - sb[sp][t] for t in sa.get(sp, {}) if t in sb.get(sp, {})])
-                         for sa, sb in zip(success[a], success[b])]
-                result[f"{name}_{sp}"] = _bootstrap(diffs, rng=rng)
-            # the same comparison with one injected error per episode (the recovery benchmark), splits pooled
-            diffs = [np.array([ia[sp][t] - ib[sp][t] for sp in ia for t in ia[sp] if t in ib.get(sp, {})])
-                     for ia, ib in zip(injected[a], injected[b])]
-            if any(len(d) for d in diffs):
-                result[f"{name}_injected"] = _bootstrap(diffs, rng=rng)
+            for key, diff in paired_differences(success[a], success[b], injected[a], injected[b], splits,
+                                                rng).items():
+                if diff["mean"] is not None or key != "injected":
+                    result[f"{name}_{key}"] = diff
     for m in methods:
         pairs = [np.array([(inj[sp][t], ok[sp][t]) for sp in inj for t in inj[sp] if t in ok.get(sp, {})])
                  .reshape(-1, 2) for inj, ok in zip(injected[m], success[m])]
@@ -148,6 +156,13 @@ def _pct(x: dict | None) -> str:
     return f"{x['mean']:.1f} [{x['ci_low']:.1f}, {x['ci_high']:.1f}]"
 
 
+def _rate(x: dict | None) -> str:
+    """A ratio (the recovery rate) with its CI."""
+    if not x or x.get("mean") is None:
+        return "–"
+    return f"{x['mean']:.2f} [{x['ci_low']:.2f}, {x['ci_high']:.2f}]"
+
+
 def study_markdown(s: dict, command: str | None = None) -> str:
     splits = list(next(iter(s["success"].values())))
     n = s["test_episodes_per_split_per_seed"]
@@ -173,8 +188,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     for m, label in s["methods"].items():
         rec = s.get(f"recovery_{m}")
         if rec:
-            ratio = "–" if rec["mean"] is None else f"{rec['mean']:.2f} [{rec['ci_low']:.2f}, {rec['ci_high']:.2f}]"
-            md.append(f"| {label} | {_pct(s.get(f'success_injected_{m}'))} | {ratio} |")
+            md.append(f"| {label} | {_pct(s.get(f'success_injected_{m}'))} | {_rate(rec)} |")
     rows = [f"| {PAIR_TITLES[name]} | {_ci(s[f'{name}_injected'])} |" for name in PAIRS if f"{name}_injected" in s]
     if rows:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",

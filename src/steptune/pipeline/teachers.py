@@ -26,6 +26,7 @@ import numpy as np
 from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import RunLayout
+from steptune.pipeline.manifest import file_digest
 from steptune.pipeline.methods import BASE_AGENT, STEP
 
 GOLDEN_ALL = "golden_all"
@@ -107,7 +108,7 @@ def _copy_upstream(source: RunLayout, target: RunLayout) -> None:
 
 def _copy_model(model: Path, copy: Path) -> None:
     weights = "model.safetensors"
-    if copy.exists() and _digest(copy / weights) != _digest(model / weights):  # the study retrained it
+    if copy.exists() and file_digest(copy / weights) != file_digest(model / weights):  # the study retrained it
         shutil.rmtree(copy)
     if not copy.exists():  # written beside and renamed, so a killed copy never passes for a whole one
         partial = copy.with_name(copy.name + ".partial")
@@ -123,7 +124,7 @@ def agreement(cfg: PipelineConfig, run: Path) -> dict[str, Any] | None:
     synthesized = layout.dataset("synthesized")
     if not synthesized.exists():
         return None
-    digest = _digest(synthesized)
+    digest = file_digest(synthesized)
     if cached.exists() and (old := json.loads(cached.read_text())).get("synthesized_sha256") == digest \
             and old.get("version") == AGREEMENT_VERSION:
         return old
@@ -137,14 +138,8 @@ def agreement(cfg: PipelineConfig, run: Path) -> dict[str, Any] | None:
     return summary
 
 
-def _digest(path: Path) -> str:
-    from steptune.pipeline.manifest import file_digest
-
-    return file_digest(path)
-
-
 def summarize(cfg: PipelineConfig, out: Path, seeds: list[int], teachers: list[str]) -> dict[str, Any]:
-    from steptune.pipeline.study import _bootstrap, _success, seed_dir
+    from steptune.pipeline.study import _bootstrap, _success, paired_differences, seed_dir
 
     rng = np.random.default_rng(0)
     study_runs = [seed_dir(out, s) for s in seeds]
@@ -168,11 +163,9 @@ def summarize(cfg: PipelineConfig, out: Path, seeds: list[int], teachers: list[s
         row["success_injected"] = _bootstrap([np.array([v for sp in s for v in s[sp].values()]) for s in step_inj],
                                              rng=rng)
         for name, method in VERSUS.items():
-            for sp in splits:
-                row[f"{name}_{sp}"] = _bootstrap([_paired(a, b, sp) for a, b in zip(step, golden[method])], rng=rng)
-            row[f"{name}_injected"] = _bootstrap(
-                [np.concatenate([_paired(a, b, sp) for sp in a] or [np.zeros(0)])
-                 for a, b in zip(step_inj, golden_inj[method])], rng=rng)
+            for key, diff in paired_differences(step, golden[method], step_inj, golden_inj[method], splits,
+                                                rng).items():
+                row[f"{name}_{key}"] = diff
         row["test_episodes_per_split_per_seed"] = {sp: min((len(s.get(sp, {})) for s in step), default=0)
                                                    for sp in splits}
         rows[teacher] = row
@@ -180,20 +173,13 @@ def summarize(cfg: PipelineConfig, out: Path, seeds: list[int], teachers: list[s
     own = cfg.synthesis.teacher.name
     for teacher, row in rows.items():  # the teachers themselves compared: STeP under each minus under the study's
         if teacher != own and own in steps:
-            for sp in splits:
-                row[f"minus_{own}_{sp}"] = _bootstrap([_paired(a, b, sp) for a, b in zip(steps[teacher], steps[own])],
-                                                      rng=rng)
-            row[f"minus_{own}_injected"] = _bootstrap(
-                [np.concatenate([_paired(a, b, sp) for sp in a] or [np.zeros(0)])
-                 for a, b in zip(steps_inj[teacher], steps_inj[own])], rng=rng)
+            for key, diff in paired_differences(steps[teacher], steps[own], steps_inj[teacher], steps_inj[own],
+                                                splits, rng).items():
+                row[f"minus_{own}_{key}"] = diff
     return {"seeds": seeds, "splits": splits, "study_teacher": cfg.synthesis.teacher.name,
             "golden_success": {m: {sp: _bootstrap([np.array(list(s.get(sp, {}).values())) for s in golden[m]], rng=rng)
                                    for sp in splits} for m in VERSUS.values()},
             "teachers": rows}
-
-
-def _paired(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], split: str) -> np.ndarray:
-    return np.array([a[split][t] - b[split][t] for t in a.get(split, {}) if t in b.get(split, {})])
 
 
 def _stage2(run: Path) -> dict[str, Any] | None:
@@ -232,24 +218,21 @@ def _short(a: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _pool_agreement(per_seed: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    from steptune.evaluation.judges import Agreement
+
     got = [a for a in per_seed if a]
     if not got:
         return None
-    pooled = {"steps": sum(a["steps"] for a in got), **_scores(*(sum(a[k] for a in got) for k in ("tp", "fp", "fn")))}
+
+    def scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        s = Agreement(*(sum(r.get(k, 0) for r in rows) for k in ("tp", "fp", "fn", "tn"))).summary()
+        return {k: s[k] for k in ("judge_flags", "expert_flags", "tp", "fp", "fn", "precision", "recall", "f1")}
+
+    pooled = {"steps": sum(a["steps"] for a in got), **scores(got)}
     sweeps = [a["margin_sweep"] for a in got if "margin_sweep" in a]
     if sweeps:  # a judge that scores states: its flags at other margins, the same steps, seeds pooled
-        pooled["margin_sweep"] = [{"margin": rows[0]["margin"], **_scores(*(sum(r[k] for r in rows)
-                                                                            for k in ("tp", "fp", "fn")))}
-                                  for rows in zip(*sweeps)]
+        pooled["margin_sweep"] = [{"margin": rows[0]["margin"], **scores(list(rows))} for rows in zip(*sweeps)]
     return pooled
-
-
-def _scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
-    p = tp / (tp + fp) if tp + fp else None
-    r = tp / (tp + fn) if tp + fn else None
-    f1 = 2 * p * r / (p + r) if p and r else None
-    return {"judge_flags": tp + fp, "expert_flags": tp + fn, "tp": tp, "fp": fp, "fn": fn,
-            **{k: None if x is None else round(x, 3) for k, x in (("precision", p), ("recall", r), ("f1", f1))}}
 
 
 def teachers_markdown(s: dict[str, Any], command: str | None = None) -> str:
