@@ -73,6 +73,28 @@ def test_prefix_cache_prefills_only_new_tokens_and_changes_no_output(backend):
     assert cached.prefill_tokens < plain.prefill_tokens / 2, (cached.prefill_tokens, plain.prefill_tokens)
 
 
+def test_replies_are_not_prefilled_again_and_change_no_output(backend):
+    """An agent's next prompt repeats its reply: the keys and values computed while decoding it are reused."""
+    from _react_model import golden_conversations
+
+    reuse = LocalBackend(backend.model.name_or_path)
+    plain = LocalBackend(backend.model.name_or_path, reuse_replies=False)
+    gen = GenerationConfig(max_new_tokens=24, stop=REACT_STOP)
+    # the rows differ (else a row would reuse another's reply within the batch, with or without this)
+    convs = [[{"role": "user", "content": f"{g[0]['content']}\nEpisode {i}."}]
+             for i, g in enumerate(golden_conversations(3))]
+    replies = 0
+    for turn in range(3):
+        out = reuse.complete(convs, gen)
+        assert out == plain.complete(convs, gen)
+        convs = [c + [{"role": "assistant", "content": r}, {"role": "user", "content": f"Observation: {turn}."}]
+                 for c, r in zip(convs, out)]
+        replies += sum(len(reuse.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in out) * (turn < 2)
+    saved = plain.prefill_tokens - reuse.prefill_tokens
+    print(f"saved {saved} of {replies} reply tokens")
+    assert replies > 0 and 0.8 * replies <= saved <= replies + 6, (saved, replies)  # 6: two tokens per row of slack
+
+
 def test_prefix_cache_finds_the_longest_common_prefix():
     from steptune.backends.local import _PrefixCache
 

@@ -79,7 +79,7 @@ def test_smoke_pipeline_produces_every_artifact(smoke_run):
     injected = {m: load_trajectories(run / "eval" / m / "injected.jsonl") for m in METHODS}
     errors = {m: sorted((t.id, t.meta["injection"]["action"]) for t in trajs) for m, trajs in injected.items()}
     assert len(errors["step"]) == 16 and all(e == errors["step"] for e in errors.values())
-    assert "Recovery benchmark" in report
+    assert "Recovery benchmark" in report and "## Reflections at test time" in report
     base = json.loads((run / "eval" / "base_agent_u2" / "summary.json").read_text())
     assert base["overall"]["episodes"] == len({t.task_id for t in d2})
     headline = json.loads(log.strip().splitlines()[-1])  # the last line: flat headline figures

@@ -18,7 +18,7 @@ from steptune.envs.base import TaskRef
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.evaluation.eval import EvalConfig, evaluate
-from steptune.evaluation.recovery import injection_summary
+from steptune.evaluation.recovery import injection_summary, reflections_at_test_time
 from steptune.synthesis.golden import write_expert_trajectories
 
 FOUR_ROOMS = "numLocations=4,numDistractorItems=0,includeDoors=0"
@@ -183,3 +183,22 @@ def test_synthesis_at_temperature_is_identical_across_runs_and_pool_sizes(react_
     for t in trajs:
         by_task.setdefault(t.task_id, []).append([s.action for s in t.steps])
     assert len(trajs) == 10 and any(a != b for a, b in by_task.values())  # the two samples of a task differ somewhere
+
+
+def test_reflections_at_test_time_tell_the_agents_own_mistakes_from_the_injected_one():
+    def episode(i: int, injected_step: int | None, reflect_at: int, won: bool) -> Trajectory:
+        steps = [Step(thought=f"I go on {k}.", action=f"move {k}", observation=f"room {k}") for k in range(4)]
+        steps[reflect_at].thought = f"I tried to {steps[reflect_at - 1].action}, but that is not something I can do."
+        meta = {"injection": {"step": injected_step, "action": "x"}} if injected_step else {}
+        return Trajectory(id=f"e{i}", env="twx", task_id=f"twx/coin/{i}", task="t", steps=steps, reward=float(won),
+                          success=won, meta=meta, split="unseen")
+
+    eps = [episode(0, 2, 2, True),  # reflects on step 2, the injected one
+           episode(1, None, 1, False),  # lost: counted, not shown
+           episode(2, 1, 3, True),  # reflects on its own step 3
+           Trajectory(id="e3", env="twx", task_id="twx/coin/3", task="t",
+                      steps=[Step(thought="I tried to x.", action="x")])]  # a first step reflects on nothing
+    r = reflections_at_test_time(eps)
+    assert (r["episodes"], r["with_reflection"], r["succeeded"], r["reflection_steps"]) == (4, 3, 2, 3)
+    assert [(e["id"], e["own_mistake"], e["before"]["action"]) for e in r["examples"]] == \
+        [("e2", True, "move 2"), ("e0", False, "move 1")]

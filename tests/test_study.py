@@ -46,6 +46,10 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
                                                                   "eval": {"splits": ["unseen"]}}}))
         for m in methods:
             plain = [_ep(i, bool(w), split="unseen") for i, w in enumerate(won[m])]
+            if m == "step":  # STeP reflects at test time in episode 1 (won) of each seed
+                plain[1].steps = [Step(thought="", action="move west", observation="You cannot go that way."),
+                                  Step(thought="I tried to move west, but that is not something I can do here.",
+                                       action="take coin")]
             injected = [_ep(i, bool(w) and i == 0, {"step": 1, "action": "move west", "error": "off_plan",
                                                      "steps_to_plan": 1}, split="unseen") for i, w in enumerate(won[m])]
             save_trajectories(plain, run / "eval" / m / "episodes.jsonl")
@@ -59,9 +63,15 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert s["recovery_step"]["mean"] == pytest.approx(1 / 3, abs=1e-3)  # 1 of 4 with the error, 3 of 4 without
     assert s["recovery_golden_d1"]["mean"] == 1.0
     assert s["base_agent_success_u2"] == {"per_seed": [40.0, 40.0], "mean": 40.0}
+    refl = s["reflections_at_test_time"]
+    assert {k: refl["step"]["plain"][k] for k in ("episodes", "with_reflection", "succeeded")} == \
+        {"episodes": 8, "with_reflection": 2, "succeeded": 2}
+    assert refl["golden_d1"]["plain"]["with_reflection"] == 0 and refl["step"]["injected"]["with_reflection"] == 0
+    assert refl["step"]["plain"]["examples"][0]["before"]["action"] == "move west"
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
-    assert "STeP − golden D1" in (tmp_path / "study.md").read_text() and (tmp_path / "study.html").stat().st_size > 5000
+    md = (tmp_path / "study.md").read_text()
+    assert "STeP − golden D1" in md and "| 2 / 8 (2 won) |" in md and (tmp_path / "study.html").stat().st_size > 5000
 
 
 def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():

@@ -16,6 +16,7 @@ from steptune.data.trajectory import Step, Trajectory, load_trajectories
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
+from steptune.evaluation.recovery import reflections_at_test_time
 from steptune.synthesis.filtering import FilterConfig, filter_trajectories
 from steptune.synthesis.synthesize import SynthesisConfig, synthesize
 from steptune.teacher.base import StepToJudge
@@ -68,6 +69,14 @@ def test_expert_teacher_flags_wrong_steps_and_corrects_with_the_experts_action()
     second = [s for s in steps if s.kind == "error"][1]
     assert second.action.startswith("open ") and "does not advance" in second.critique.error
     assert "subgoal" in second.critique.reason and "put" in second.critique.reflection  # names what is missing
+    # a STeP agent that learned these steps would reflect in the same words at test time: what the report counts
+    seen = reflections_at_test_time([ep.trajectory])
+    assert (seen["with_reflection"], seen["succeeded"], seen["reflection_steps"]) == (1, 1, 2)
+    [example] = seen["examples"]
+    assert example["own_mistake"] and example["before"]["action"] == "dance around"
+    assert example["reflection"] == steps[kinds.index("reflection")].thought
+    plain = ep.trajectory.model_copy(update={"steps": [s for s in steps if s.kind != "reflection"]})
+    assert reflections_at_test_time([plain])["with_reflection"] == 0  # the student's and the expert's own thoughts
     # the synthesized trajectory replays in the environment to the same observations
     env = TextWorldExpressEnv(game="twc", max_steps=12)
     try:

@@ -48,7 +48,7 @@ class LocalBackend(ChatBackend):
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "auto",
                  max_batch_size: int = 32, adapter: str | Path | None = None,
-                 packed_prefill: bool | None = None, prefix_cache: bool | None = None):
+                 packed_prefill: bool | None = None, prefix_cache: bool | None = None, reuse_replies: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +86,9 @@ class LocalBackend(ChatBackend):
         self.prefix_cache = _PrefixCache(2 * max_batch_size) if self.packed_prefill and prefix_cache is not False \
             else None
         self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
+        # the cache also keeps each reply's keys and values, computed while decoding it (an agent's next prompt
+        # repeats its reply: a third of a ReAct turn's new tokens)
+        self.reuse_replies = reuse_replies
 
     def render(self, conversation: Conversation) -> str:
         return self.prompts.render(conversation)
@@ -118,26 +121,32 @@ class LocalBackend(ChatBackend):
             seen[i, width - len(r) :] = 1
         ids, mask = torch.from_numpy(padded).to(self.device), torch.from_numpy(seen).to(self.device)
         with torch.inference_mode():
+            keep = None
             if self.packed_prefill and (len(rows) > 1 or self.prefix_cache is not None):
-                cache, ids = self._prefill(rows, gen.max_new_tokens), ids[:, -1:]  # the last prompt token decodes
+                cache, prompt_kv = self._prefill(rows, gen.max_new_tokens)
+                ids = ids[:, -1:]  # the last prompt token decodes
+                if self.prefix_cache is not None and self.reuse_replies:
+                    keep = _KeepReplies(self.prefix_cache, rows, prompt_kv, width - 1)
             else:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=self.model.config)
                 self.prefill_tokens += int(mask.sum())
-            new = self._decode(ids, mask, cache, gen)
+            new = self._decode(ids, mask, cache, gen, keep)
         self.tokens_generated += sum(map(len, new))
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
 
-    def _decode(self, ids, mask, cache, gen: GenerationConfig) -> list[list[int]]:
+    def _decode(self, ids, mask, cache, gen: GenerationConfig, keep: _KeepReplies | None = None) -> list[list[int]]:
         """Each row's new tokens, up to eos, a stop string or `max_new_tokens`.
 
         `ids` holds what the cache lacks (a whole padded prompt, or each row's last prompt token after the packed
         prefill) and `mask` every position's padding. transformers' `generate` decodes every row until the last one
         ends, and a ReAct turn's length varies (about half of a batch's row-steps were for finished rows); here a
         finished row leaves the batch, so the matmuls and, more, the attention over its cache (at batch 32 of
-        SmolLM2 the caches outweigh the weights) stop costing."""
+        SmolLM2 the caches outweigh the weights) stop costing. With `keep`, each row's keys and values (its prompt and
+        reply) go to the prefix cache before its cache row is dropped, so the next turn does not compute its reply
+        again."""
         import torch
 
         n = ids.shape[0]
@@ -170,9 +179,13 @@ class LocalBackend(ChatBackend):
             if len(live) <= 0.75 * batch_rows:
                 # drop finished rows (and left padding no live row needs) once a quarter of the cache is theirs:
                 # the copy costs about what one decode step's attention reads, and every later step saves it
+                if keep is not None:
+                    keep.leaving(cache, out, set(live))
                 mask = mask[kept]
                 cut = int((mask.cumsum(-1) == 0).sum(-1).min()) if prunable else 0
                 _select_cache(cache, kept, cut)
+                if keep is not None:
+                    keep.compacted(live, cut)
                 mask = mask[:, cut:]
                 batch_rows, kept = len(live), torch.arange(len(live), device=self.device)
             # finished rows still in the cache decode a padding token whose result is never read
@@ -180,10 +193,13 @@ class LocalBackend(ChatBackend):
             step[kept, 0] = tokens
             ids = step
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if keep is not None:
+            keep.leaving(cache, out, set())
         return out
 
     def _prefill(self, rows: list[list[int]], max_new_tokens: int):
-        """A cache for all but the last prompt token of each row (generate feeds that one), left-padded.
+        """A cache for all but the last prompt token of each row (generate feeds that one), left-padded, and each
+        prompt's own keys and values (those the prefix cache holds).
 
         Each prompt continues the longest prefix whose keys/values are known, from an earlier call or from an earlier
         row of this batch, and all rows' remaining tokens go through the model in one packed forward
@@ -231,7 +247,7 @@ class LocalBackend(ChatBackend):
                 layer.keys[row, :, width - k.shape[2] : width] = k[0]
                 layer.values[row, :, width - v.shape[2] : width] = v[0]
             layer.cumulative_length.fill_(width)  # what `update` would have counted
-        return cache
+        return cache, [p.kv for p in prompts]
 
 
 class _TokenPicker:
@@ -293,6 +309,33 @@ def _full_attention_only(config) -> bool:
     return not any(layer.is_sliding for layer in StaticCache(config=config, max_cache_len=1).layers)
 
 
+class _KeepReplies:
+    """Puts each row's keys and values, its prompt and its reply, into the prefix cache as the row leaves the decode
+    batch, in place of the prompt's own entry: an agent's next prompt repeats the reply, and now only the tokens after
+    it are prefilled. Cache row r holds the row's prompt (but its last token) left-padded to `width` slots, then one
+    slot per token fed while decoding (the prompt's last token, then each generated token but the newest)."""
+
+    def __init__(self, prefix_cache: _PrefixCache, rows: list[list[int]], prompt_kv: list, width: int):
+        self.prefix_cache, self.rows, self.prompt_kv, self.width = prefix_cache, rows, prompt_kv, width
+        self.in_cache = list(range(len(rows)))  # the original row of each cache row
+        self.shift = 0  # slots cut from the left so far
+        self.kept: set[int] = set()
+
+    def leaving(self, cache, out: list[list[int]], staying: set[int]) -> None:
+        for c, row in enumerate(self.in_cache):
+            if row in staying or row in self.kept or not out[row]:
+                continue
+            self.kept.add(row)
+            ids = self.rows[row] + out[row][:-1]  # the newest token was never fed
+            start = self.width - (len(self.rows[row]) - 1) - self.shift
+            layers = [(layer.keys[c : c + 1, :, start : start + len(ids)].clone(),
+                       layer.values[c : c + 1, :, start : start + len(ids)].clone()) for layer in cache.layers]
+            self.prefix_cache.replace(self.prompt_kv[row], ids, layers)
+
+    def compacted(self, live: list[int], cut: int) -> None:
+        self.in_cache, self.shift = list(live), self.shift + cut
+
+
 def _is_prefix(short: list[int], ids: list[int]) -> bool:
     n = len(short)
     # the last token first: it rules out nearly every other prompt without copying a slice
@@ -327,3 +370,11 @@ class _PrefixCache:
     def add(self, ids: list[int], layers: list) -> None:
         self.entries.append((ids, layers))
         del self.entries[: max(0, len(self.entries) - self.capacity)]
+
+    def replace(self, old_layers: list, ids: list[int], layers: list) -> None:
+        """Put (ids, layers) where the entry holding `old_layers` is (that prompt continued), or add it."""
+        at = next((i for i in range(len(self.entries) - 1, -1, -1) if self.entries[i][1] is old_layers), None)
+        if at is None:
+            self.add(ids, layers)
+        else:
+            self.entries[at] = (ids, layers)

@@ -40,3 +40,36 @@ def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]
             "steps_to_plan": round(sum(back) / len(back), 2) if back else None,
         }
     return out
+
+
+def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
+    """The agent's own reflections at test time: steps whose thought opens as the built-in teachers' reflections do
+    (steptune.teacher.base.REFLECTION_OPENINGS; an LLM teacher's free-form reflections are not recognised).
+
+    Counts the episodes with at least one, how many of those succeeded, and keeps up to `examples` of the successful
+    ones (the step before the reflection, the reflection and what the agent did next), its own mistakes first: an
+    injected step (the recovery benchmark) is not the agent's."""
+    found, shown = [], []
+    for t in trajs:
+        injected_at = (t.meta.get("injection") or {}).get("step")  # 1-based
+        hits = [i for i, st in enumerate(t.steps) if i > 0 and _reflects(st.thought)]
+        if not hits:
+            continue
+        found.append(t)
+        if t.success:
+            i = hits[0]
+            prev, st = t.steps[i - 1], t.steps[i]
+            shown.append({"id": t.id, "split": t.split, "step": i, "own_mistake": injected_at != i,  # step i: 1-based
+                          "before": {"action": prev.action, "observation": prev.observation},
+                          "reflection": st.thought, "action": st.action, "observation": st.observation,
+                          "steps": len(t.steps)})
+    shown.sort(key=lambda e: not e["own_mistake"])  # stable: the agent's own mistakes first, in episode order
+    return {"episodes": len(trajs), "with_reflection": len(found), "succeeded": sum(t.success for t in found),
+            "reflection_steps": sum(_reflects(st.thought) for t in found for st in t.steps[1:]),
+            "examples": shown[:examples]}
+
+
+def _reflects(thought: str | None) -> bool:
+    from steptune.teacher.base import REFLECTION_OPENINGS
+
+    return (thought or "").lstrip().startswith(REFLECTION_OPENINGS)

@@ -141,7 +141,7 @@ def html_page(title: str, body: str) -> str:
 
 
 def markdown_to_html(lines: list[str]) -> str:
-    """The reports' markdown (headings, paragraphs, pipe tables; blocks apart by blank lines) as HTML."""
+    """The reports' markdown (headings, paragraphs, pipe tables, "- " lists; blocks apart by blank lines) as HTML."""
     return "\n".join(_block_to_html(b) for b in _blocks(lines))
 
 
@@ -162,6 +162,8 @@ def _block_to_html(block: str) -> str:
     if block.startswith("#"):
         level = min(3, len(block) - len(block.lstrip("#")))
         return f"<h{level}>{html.escape(block.lstrip('# '))}</h{level}>"
+    if all(line.startswith("- ") for line in block.splitlines()):
+        return "<ul>" + "".join(f"<li>{html.escape(line[2:])}</li>" for line in block.splitlines()) + "</ul>"
     return f"<p>{html.escape(block)}</p>"
 
 

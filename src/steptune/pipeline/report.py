@@ -18,7 +18,7 @@ from steptune.evaluation.report import (
     task_type_table,
 )
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
-from steptune.pipeline.methods import title
+from steptune.pipeline.methods import STEP, title
 
 
 def _plt():
@@ -97,6 +97,44 @@ def base_agent_u2(run_dir: Path) -> dict | None:
     """The base agent's own success on the synthesis tasks U2 (eval:base_agent_u2), if it ran."""
     path = RunLayout(run_dir).eval_summary(BASE_AGENT_U2)
     return json.loads(path.read_text())["overall"] if path.exists() else None
+
+
+def reflections_section(paths: RunLayout, methods: list[str]) -> list[str]:
+    """How often each method's agent reflected on its previous step at test time, and up to three STeP episodes where
+    it did and then won (markdown lines; none before any evaluation)."""
+    from steptune.data.trajectory import load_trajectories
+    from steptune.evaluation.recovery import reflections_at_test_time
+
+    rows, shown = [], []
+    for method in methods:
+        found = {inj: reflections_at_test_time(load_trajectories(path))
+                 for inj in (False, True) if (path := paths.episodes(method, inj)).exists()}
+        if not found:
+            continue
+        rows.append(f"| {title(method)} | " + " | ".join(
+            f"{r['with_reflection']} / {r['episodes']} ({r['succeeded']} won)" if (r := found.get(inj)) else "–"
+            for inj in (False, True)) + " |")
+        if method == STEP:
+            shown = (found.get(False, {}).get("examples", []) + found.get(True, {}).get("examples", []))[:3]
+    if not rows:
+        return []
+    md = ["## Reflections at test time", "",
+          "Episodes in which the agent wrote a reflection on its previous step (a thought that opens as stage 2's "
+          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won.", "",
+          "| method | plain episodes | with one injected error |", "|---|---:|---:|", *rows, ""]
+    if shown:
+        md += ["STeP episodes that it won after a reflection:", ""]
+    for e in shown:
+        md.append(f"- `{e['id']}` ({e['split']}, step {e['step'] + 1} of {e['steps']}, "
+                  f"{'after its own mistake' if e['own_mistake'] else 'after the injected error'}): it did "
+                  f"`{e['before']['action']}` → \"{_clip(e['before']['observation'])}\", then thought "
+                  f"\"{e['reflection']}\" and did `{e['action']}`.")
+    return md + ([""] if shown else [])
+
+
+def _clip(text: str | None, n: int = 120) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # STeP's premise: the base agent succeeds on some of the synthesis tasks U2, not most and not few (the paper's agents:
@@ -184,6 +222,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
                "Each task again, with the expert's steps up to the injection step and then one wrong action "
                "(steptune.agent.injection); recovery rate = success with the error ÷ success without it.", "",
                injection_table(summaries), ""]
+    md += reflections_section(paths, manifest["config"]["methods"])
     md += ["## Training", "", training_table(run_dir, manifest["config"]["methods"]), ""]
     images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]
     for split in sorted({sp for s in summaries for sp in s["task_types"]}):

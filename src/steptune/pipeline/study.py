@@ -134,9 +134,23 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
                         for r in runs]
     result["training"] = {m: [json.loads(p.read_text()) if (p := RunLayout(r).train_summary(m)).exists()
                               else None for r in runs] for m in methods}
+    result["reflections_at_test_time"] = {m: reflection_counts(runs, m) for m in methods}
     result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
                                       for s in success[m]] for m in methods}
     return result
+
+
+def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
+    """The method's reflections at test time (steptune.evaluation.recovery), seeds pooled: plain and injected."""
+    from steptune.evaluation.recovery import reflections_at_test_time
+
+    out: dict[str, Any] = {}
+    for kind, injected in (("plain", False), ("injected", True)):
+        found = [reflections_at_test_time(load_trajectories(p))
+                 for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
+        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded")}
+        out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
+    return out
 
 
 def flagged_success_rate(stage2: dict) -> float | None:
@@ -194,6 +208,15 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",
                "| comparison | with one injected error |", "|---|---:|", *rows]
     base = s["base_agent_success_u2"]
+    refl = s.get("reflections_at_test_time")
+    if refl:
+        md += ["", "## Reflections at test time", "",
+               "Episodes in which the agent reflected on its previous step (a thought that opens as stage 2's "
+               "reflections do), of all its episodes, seeds pooled, and how many of those it won.", "",
+               "| method | plain episodes | with one injected error |", "|---|---:|---:|"]
+        md += [f"| {label} | " + " | ".join(f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won)"
+                                          for c in (refl[m]["plain"], refl[m]["injected"])) + " |"
+               for m, label in s["methods"].items() if m in refl]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
            *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),

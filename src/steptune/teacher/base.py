@@ -15,6 +15,16 @@ from steptune.data.trajectory import Critique, Step, load_trajectories
 from steptune.envs.base import TaskRef
 
 
+def what_i_did(action: str) -> str:
+    """How a built-in teacher's reflection opens, in the agent's voice (the expert's and the MC judge's)."""
+    return f"I tried to {action}" if action else "I did not give a valid action"
+
+
+# a thought that opens like that is a reflection: stage 2 trains STeP to write them, so at test time they show the
+# agent noticing its own step (steptune.evaluation.recovery.reflections_at_test_time)
+REFLECTION_OPENINGS = ("I tried to ", "I did not give a valid action")
+
+
 @dataclass
 class StepToJudge:
     task: TaskRef

@@ -17,7 +17,7 @@ from typing import Literal
 
 from steptune.data.trajectory import Critique
 from steptune.envs.expert import explain
-from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict
+from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict, what_i_did
 
 _GOAL_VERBS = ("put ", "move ", "focus on ", "cook ", "prepare ", "eat ", "slice ", "use ", "pour ", "mix ",
                "connect ", "activate ", "click[buy")
@@ -57,7 +57,7 @@ class ExpertTeacher:
             return Verdict(Critique(is_error=True, error="no progress", reason="the expert has no further plan",
                                     teacher=self.name))
         goal = _subgoal(fix_plan)
-        did = f"I tried to {step.action}" if step.action else "I did not give a valid action"
+        did = what_i_did(step.action)
         if invalid:
             error = f"'{step.action or '(no action)'}' is not a valid action here"
             reason = f"the environment answered: \"{_first_sentence(obs)}\""

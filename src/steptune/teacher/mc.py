@@ -31,7 +31,7 @@ from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_STOP, parse_re
 from steptune.data.trajectory import Critique, Step, Trajectory
 from steptune.envs.base import Reset, StepResult, TaskRef
 from steptune.errors import UserError
-from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict
+from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict, what_i_did
 
 
 class MCSettings(TeacherSettings):
@@ -188,7 +188,7 @@ class MCTeacher:
 
     def _correct(self, s: StepToJudge, a: _State, v: Verdict) -> None:
         crit = v.critique
-        did = f"I tried to {s.step.action}" if s.step.action else "I did not give a valid action"
+        did = what_i_did(s.step.action)
         if s.done:
             crit.error = f"'{s.step.action}' ended the episode without finishing the task"
             crit.reflection = f"{did}, and that ended my attempt before the goal was reached."

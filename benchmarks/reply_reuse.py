@@ -1,0 +1,85 @@
+"""Real ReAct episodes through the local backend with and without reusing each reply's keys and values, side by side.
+
+An agent's next prompt repeats its reply, so the prefix cache also keeps the keys and values computed while decoding
+it (`LocalBackend(reuse_replies=True)`, the default) and the next turn prefills only the observation after it. This
+plays the same coin games greedily both ways (alternating, twice each), and reports prompt tokens prefilled, agent
+steps/s and whether the episodes are the same.
+
+    python benchmarks/reply_reuse.py [--quick] [--model DIR] [--episodes 16] [--threads 2]
+
+The figures to quote need an agent that writes ReAct replies, e.g. the SmolLM2 preset's base agent
+(`--model runs/smollm2/models/golden_d1` after `steptune quickstart --preset smollm2`); without --model it trains the
+tests' tiny ReAct model for a few seconds (it soon stops writing well-formed replies, so little is reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,numDistractorItems=0,includeDoors=0", "max_steps": 20}
+
+
+def play(model_dir: Path, reuse: bool, n: int) -> dict:
+    from steptune.agent.rollout import run_episodes
+    from steptune.backends.base import GenerationConfig
+    from steptune.backends.local import LocalBackend
+    from steptune.envs.pool import EnvPool
+
+    backend = LocalBackend(model_dir, reuse_replies=reuse)
+    with EnvPool("twx", n, ENV_KWARGS) as pool:
+        tasks = pool.tasks("unseen")[:n]
+        t0 = time.perf_counter()
+        eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=48, temperature=0.0), progress=False)
+        wall = time.perf_counter() - t0
+    steps = sum(len(e.trajectory.steps) for e in eps)
+    return {"wall_s": wall, "steps": steps, "prefill_tokens": backend.prefill_tokens,
+            "generated": backend.tokens_generated, "success": sum(e.trajectory.success for e in eps) / len(eps),
+            "records": [(e.trajectory.reward, [s.action for s in e.trajectory.steps]) for e in eps]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 episodes, one pass each way")
+    ap.add_argument("--model", type=Path, help="a trained agent (default: the tests' tiny ReAct model)")
+    ap.add_argument("--episodes", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    n = args.episodes or (4 if args.quick else 16)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from _react_model import train_react_model
+
+            model_dir = train_react_model(Path(tmp) / "model", steps=60)
+        order = [False, True] if args.quick else [False, True, True, False]
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for reuse in order:
+            runs[reuse].append(play(model_dir, reuse, n))
+
+    print(f"\n{n} coin episodes batched, greedy, model {model_dir}, {args.threads} torch thread(s)")
+    print(f"{'replies reused':>15}{'wall s':>9}{'steps':>7}{'steps/s':>9}{'prefilled':>11}{'generated':>11}{'success':>9}")
+    for reuse in (False, True):
+        for r in runs[reuse]:
+            print(f"{str(reuse):>15}{r['wall_s']:>9.1f}{r['steps']:>7}{r['steps'] / r['wall_s']:>9.2f}"
+                  f"{r['prefill_tokens']:>11}{r['generated']:>11}{r['success']:>9.0%}")
+    wall = {k: sum(r["wall_s"] for r in v) for k, v in runs.items()}
+    pre = {k: runs[k][0]["prefill_tokens"] for k in runs}
+    same = all(r["records"] == runs[False][0]["records"] for v in runs.values() for r in v)
+    print(json.dumps({"reply_reuse_speedup": round(wall[False] / wall[True], 3),
+                      "prefill_tokens_saved": round(1 - pre[True] / pre[False], 3),
+                      "same_records": same, "episodes": n, "agent_steps": runs[True][0]["steps"]}))
+
+
+if __name__ == "__main__":
+    main()
