@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _agent import agent_model
+
 ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,numDistractorItems=0,includeDoors=0", "max_steps": 20}
 
 
@@ -56,12 +56,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from _react_model import train_react_model
-
-            model_dir = train_react_model(Path(tmp) / "model", steps=60)
+        model_dir = agent_model(args.model, Path(tmp))
         order = [False, True] if args.quick else [False, True, True, False]
         runs: dict[bool, list[dict]] = {False: [], True: []}
         for reuse in order:

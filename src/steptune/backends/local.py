@@ -319,13 +319,12 @@ class _KeepReplies:
         self.prefix_cache, self.rows, self.prompt_kv, self.width = prefix_cache, rows, prompt_kv, width
         self.in_cache = list(range(len(rows)))  # the original row of each cache row
         self.shift = 0  # slots cut from the left so far
-        self.kept: set[int] = set()
 
     def leaving(self, cache, out: list[list[int]], staying: set[int]) -> None:
+        """Store the rows of the cache that are not `staying` (each row once: it then leaves the cache)."""
         for c, row in enumerate(self.in_cache):
-            if row in staying or row in self.kept or not out[row]:
+            if row in staying or not out[row]:
                 continue
-            self.kept.add(row)
             ids = self.rows[row] + out[row][:-1]  # the newest token was never fed
             start = self.width - (len(self.rows[row]) - 1) - self.shift
             layers = [(layer.keys[c : c + 1, :, start : start + len(ids)].clone(),

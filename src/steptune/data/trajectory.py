@@ -286,3 +286,9 @@ class TrajectoryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def one_line(text: str | None, n: int) -> str:
+    """`text` on one line, cut to at most `n` characters (for messages and reports)."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from steptune.teacher.base import REFLECTION_OPENINGS
+
 
 def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]:
     """Per split: the metrics above, from trajectories run without and with injection."""
@@ -70,6 +72,4 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
 
 
 def _reflects(thought: str | None) -> bool:
-    from steptune.teacher.base import REFLECTION_OPENINGS
-
     return (thought or "").lstrip().startswith(REFLECTION_OPENINGS)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
+from steptune.data.trajectory import one_line
 from steptune.evaluation.report import (
     grouped_bars,
     html_page,
@@ -99,42 +101,50 @@ def base_agent_u2(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())["overall"] if path.exists() else None
 
 
-def reflections_section(paths: RunLayout, methods: list[str]) -> list[str]:
-    """How often each method's agent reflected on its previous step at test time, and up to three STeP episodes where
-    it did and then won (markdown lines; none before any evaluation)."""
+def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
+    """The method's reflections at test time (steptune.evaluation.recovery), runs (seeds) pooled, plain and injected:
+    episodes, those with a reflection, those of them won, and up to three won examples."""
     from steptune.data.trajectory import load_trajectories
     from steptune.evaluation.recovery import reflections_at_test_time
 
-    rows, shown = [], []
-    for method in methods:
-        found = {inj: reflections_at_test_time(load_trajectories(path))
-                 for inj in (False, True) if (path := paths.episodes(method, inj)).exists()}
-        if not found:
-            continue
-        rows.append(f"| {title(method)} | " + " | ".join(
-            f"{r['with_reflection']} / {r['episodes']} ({r['succeeded']} won)" if (r := found.get(inj)) else "–"
-            for inj in (False, True)) + " |")
-        if method == STEP:
-            shown = (found.get(False, {}).get("examples", []) + found.get(True, {}).get("examples", []))[:3]
-    if not rows:
+    out: dict[str, Any] = {}
+    for kind, injected in (("plain", False), ("injected", True)):
+        found = [reflections_at_test_time(load_trajectories(p))
+                 for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
+        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded")}
+        out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
+    return out
+
+
+def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """A markdown table of `reflection_counts` per method (rows of the methods that were evaluated)."""
+    def cell(c: dict[str, Any]) -> str:
+        return f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won)" if c["episodes"] else "–"
+
+    rows = [f"| {labels[m]} | {cell(c['plain'])} | {cell(c['injected'])} |" for m, c in counts.items()
+            if c["plain"]["episodes"] or c["injected"]["episodes"]]
+    return ["| method | plain episodes | with one injected error |", "|---|---:|---:|", *rows] if rows else []
+
+
+def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
+    """How often each method's agent reflected on its previous step at test time, and up to three STeP episodes where
+    it did and then won (markdown lines; none before any evaluation)."""
+    counts = {m: reflection_counts([run_dir], m) for m in methods}
+    table = reflection_rows(counts, {m: title(m) for m in methods})
+    if not table:
         return []
     md = ["## Reflections at test time", "",
           "Episodes in which the agent wrote a reflection on its previous step (a thought that opens as stage 2's "
-          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won.", "",
-          "| method | plain episodes | with one injected error |", "|---|---:|---:|", *rows, ""]
+          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won.", "", *table, ""]
+    shown = (counts[STEP]["plain"]["examples"] + counts[STEP]["injected"]["examples"])[:3] if STEP in counts else []
     if shown:
         md += ["STeP episodes that it won after a reflection:", ""]
     for e in shown:
         md.append(f"- `{e['id']}` ({e['split']}, step {e['step'] + 1} of {e['steps']}, "
                   f"{'after its own mistake' if e['own_mistake'] else 'after the injected error'}): it did "
-                  f"`{e['before']['action']}` → \"{_clip(e['before']['observation'])}\", then thought "
+                  f"`{e['before']['action']}` → \"{one_line(e['before']['observation'], 120)}\", then thought "
                   f"\"{e['reflection']}\" and did `{e['action']}`.")
     return md + ([""] if shown else [])
-
-
-def _clip(text: str | None, n: int = 120) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # STeP's premise: the base agent succeeds on some of the synthesis tasks U2, not most and not few (the paper's agents:
@@ -222,7 +232,7 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
                "Each task again, with the expert's steps up to the injection step and then one wrong action "
                "(steptune.agent.injection); recovery rate = success with the error ÷ success without it.", "",
                injection_table(summaries), ""]
-    md += reflections_section(paths, manifest["config"]["methods"])
+    md += reflections_section(run_dir, manifest["config"]["methods"])
     md += ["## Training", "", training_table(run_dir, manifest["config"]["methods"]), ""]
     images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]
     for split in sorted({sp for s in summaries for sp in s["task_types"]}):

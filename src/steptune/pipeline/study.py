@@ -19,7 +19,7 @@ from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
-from steptune.pipeline.report import premise_note
+from steptune.pipeline.report import premise_note, reflection_counts, reflection_rows
 
 BOOTSTRAP = 2000
 # paired comparisons: STeP minus each method the registry marks with `vs_step`
@@ -140,19 +140,6 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     return result
 
 
-def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
-    """The method's reflections at test time (steptune.evaluation.recovery), seeds pooled: plain and injected."""
-    from steptune.evaluation.recovery import reflections_at_test_time
-
-    out: dict[str, Any] = {}
-    for kind, injected in (("plain", False), ("injected", True)):
-        found = [reflections_at_test_time(load_trajectories(p))
-                 for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
-        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded")}
-        out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
-    return out
-
-
 def flagged_success_rate(stage2: dict) -> float | None:
     """Stage 2's success rate among the episodes the teacher flagged (named `recovery_rate` in older run directories)."""
     return stage2.get("flagged_success_rate", stage2.get("recovery_rate"))
@@ -208,15 +195,11 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",
                "| comparison | with one injected error |", "|---|---:|", *rows]
     base = s["base_agent_success_u2"]
-    refl = s.get("reflections_at_test_time")
-    if refl:
+    table = reflection_rows(s.get("reflections_at_test_time", {}), s["methods"])
+    if table:
         md += ["", "## Reflections at test time", "",
                "Episodes in which the agent reflected on its previous step (a thought that opens as stage 2's "
-               "reflections do), of all its episodes, seeds pooled, and how many of those it won.", "",
-               "| method | plain episodes | with one injected error |", "|---|---:|---:|"]
-        md += [f"| {label} | " + " | ".join(f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won)"
-                                          for c in (refl[m]["plain"], refl[m]["injected"])) + " |"
-               for m, label in s["methods"].items() if m in refl]
+               "reflections do), of all its episodes, seeds pooled, and how many of those it won.", "", *table]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
            *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),

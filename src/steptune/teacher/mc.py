@@ -28,7 +28,7 @@ from pydantic import Field
 from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
 from steptune.data.prompt import approx_token_count, build_conversation
 from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_STOP, parse_react
-from steptune.data.trajectory import Critique, Step, Trajectory
+from steptune.data.trajectory import Critique, Step, Trajectory, one_line
 from steptune.envs.base import Reset, StepResult, TaskRef
 from steptune.errors import UserError
 from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict, what_i_did
@@ -338,7 +338,8 @@ class MCTeacher:
             if not isinstance(reset, Reset):
                 r.failure = f"env reset: {getattr(reset, 'reason', reset)}"
             elif r.task_text and reset.task != r.task_text:
-                r.failure = f"diverged: the reset shows {_clip(reset.task)!r}, the record {_clip(r.task_text)!r}"
+                r.failure = (f"diverged: the reset shows {one_line(reset.task, 80)!r}, "
+                             f"the record {one_line(r.task_text, 80)!r}")
             else:
                 r.trajectory.task = reset.task
         for k in range(max(len(r.prefix) for r in rollouts)):
@@ -357,7 +358,7 @@ class MCTeacher:
                 self._apply(r, st, res)
                 if r.failure is None and recorded is not None and st.observation != recorded:
                     r.failure = (f"diverged: at step {k + 1} ({st.action!r}) the replay saw "
-                                 f"{_clip(st.observation)!r}, the record {_clip(recorded)!r}")
+                                 f"{one_line(st.observation, 80)!r}, the record {one_line(recorded, 80)!r}")
         for r in rollouts:
             e = self.cache[r.state]
             if r.index == 0 and r.failure is None and not r.done:
@@ -372,8 +373,3 @@ class MCTeacher:
         st.observation = res.observation
         r.reward = min(1.0, max(0.0, float(res.reward)))
         r.done = bool(res.done) or bool(res.info.get("won"))
-
-
-def _clip(text: str, n: int = 80) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= n else text[: n - 1] + "…"
