@@ -10,6 +10,7 @@ put evaluation games into the training data. Reward = the game's normalised scor
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
 from steptune.envs.prompts import TWX_INSTRUCTION
@@ -227,11 +228,15 @@ class _CoinMap:
     def plan(self, room: str, opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
         """An explorer's route from `room`: while the coin is not in sight, walk the shortest path to the nearest
         room not yet visited (ties broken by the path's directions, in alphabetical order), opening doors on the
-        way; in the coin's room, `take coin`. Only the stop needs the coin's room: every move is one an agent could
-        choose from what it has seen (the exits the rooms name, the rooms it has been in)."""
+        way; once the coin's room has been seen, the shortest way back to it through rooms already seen; there,
+        `take coin`. Only the stop needs the coin's room: every move is one an agent could choose from what it has
+        seen (the exits the rooms name, the rooms it has been in, where it saw the coin)."""
         plan, here, seen, opened = [], room, set(visited) | {room}, set(opened)
         while here != self.coin_room:
-            path = self._nearest_unvisited(here, seen)
+            if self.coin_room in seen:  # it walked away from the coin: back the way it knows
+                path = self._shortest_path(here, lambda r: r == self.coin_room, within=seen)
+            else:
+                path = self._shortest_path(here, lambda r: r not in seen)
             if path is None:
                 return []
             for at, direction in path:
@@ -243,17 +248,20 @@ class _CoinMap:
             seen.add(here)
         return plan + ["take coin"]
 
-    def _nearest_unvisited(self, start: str, seen: set[str]) -> list[tuple[str, str]] | None:
+    def _shortest_path(self, start: str, is_target: Callable[[str], bool],
+                       within: set[str] | None = None) -> list[tuple[str, str]] | None:
+        """The shortest (room, direction) path to the nearest target room, through `within` if given; of equally
+        short ones, the first by its directions in alphabetical order."""
         paths = {start: []}
         frontier = [start]
         while frontier:
             nxt = []
             for here in frontier:
                 for direction, there in sorted(self.exits.get(here, {}).items()):
-                    if there not in paths:
+                    if there not in paths and (within is None or there in within):
                         paths[there] = paths[here] + [(here, direction)]
                         nxt.append(there)
-            targets = sorted((tuple(d for _, d in paths[r]), r) for r in nxt if r not in seen)
+            targets = sorted((tuple(d for _, d in paths[r]), r) for r in nxt if is_target(r))
             if targets:
                 return paths[targets[0][1]]
             frontier = nxt

@@ -2,8 +2,10 @@
 
 A step is an error when any of these holds:
   * the action was invalid (the environment said so in its info["invalid"], or the output had no action);
-  * it is not in the expert's remaining plan (from the state before the step) AND the reward did not rise.
-An action the plan contains later (a harmless reordering) or one that raised the reward is not an error.
+  * it is not in the expert's remaining plan (from the state before the step) AND the reward did not rise AND the
+    plan from the state it left is no shorter than the plan before it.
+An action the plan contains later (a harmless reordering), one that raised the reward, or one that shortened the
+expert's remaining plan (another route, as short as the plan's, e.g. the other of two ways round) is not an error.
 The correction is the expert's next action from the state the wrong step left (re-planned), so it can be
 executed right away; the reflection says what the step did, why it was wrong, and which subgoal of the plan
 it missed. Steps taken when the expert cannot tell (plan None) are left unjudged.
@@ -19,8 +21,9 @@ from steptune.data.trajectory import Critique
 from steptune.envs.expert import explain
 from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, Verdict, what_i_did
 
-_GOAL_VERBS = ("put ", "move ", "focus on ", "cook ", "prepare ", "eat ", "slice ", "use ", "pour ", "mix ",
-               "connect ", "activate ", "click[buy")
+# a plan step that achieves something, not one that goes somewhere: `move X to Y` (ScienceWorld, ALFWorld) is one,
+# `move north` (TextWorldExpress) is not
+_GOAL_ACTION = re.compile(r"(put|focus on|cook|prepare|eat|slice|use|pour|mix|connect|activate) |move .+ to |click\[buy")
 
 
 def _first_sentence(text: str) -> str:
@@ -30,7 +33,7 @@ def _first_sentence(text: str) -> str:
 
 
 def _subgoal(plan: list[str]) -> str:
-    return next((a for a in plan if a.startswith(_GOAL_VERBS)), plan[-1] if plan else "finish the task")
+    return next((a for a in plan if _GOAL_ACTION.match(a)), plan[-1] if plan else "finish the task")
 
 
 @dataclass
@@ -50,7 +53,8 @@ class ExpertTeacher:
         obs = step.observation or ""
         invalid = s.invalid or not step.action
         on_plan = step.action in plan
-        if not invalid and (on_plan or s.reward_after > s.reward_before or not plan):
+        progressed = s.plan_after is not None and len(s.plan_after) < len(plan)
+        if not invalid and (on_plan or progressed or s.reward_after > s.reward_before or not plan):
             return Verdict(Critique(is_error=False, teacher=self.name))
         fix_plan = s.plan_after if s.plan_after else plan
         if not fix_plan:
@@ -67,8 +71,10 @@ class ExpertTeacher:
             error = f"'{step.action}' does not advance the task"
             reason = (f"it is not part of the plan and the score did not rise; the plan's next step was "
                       f"'{plan[0]}' and the subgoal is to {goal}")
+            # the plan from where the step led may go on the same way (an explorer's next room lies beyond it)
+            then = "again" if fix_plan[0] == step.action else "instead"
             reflection = (f"{did}: {_first_sentence(obs)} That does not bring me closer to the goal — what is "
-                          f"missing is to {goal}. I should {fix_plan[0]} instead.")
+                          f"missing is to {goal}. I should {fix_plan[0]} {then}.")
         return Verdict(Critique(is_error=True, error=error, reason=reason, reflection=reflection,
                                 corrected_thought=explain(fix_plan[0], fix_plan[1:], obs),
                                 corrected_action=fix_plan[0], teacher=self.name))
