@@ -3,7 +3,9 @@ student's model, environment steps of the rollouts, resets and replays), and whe
 
 The same student plays the same episodes once; then the MC teacher (steptune.teacher.mc) judges every step of them
 with `--slots A` environments, and again, from an empty cache, with `--slots B`. Its rollouts sample from per-row
-seeds, so the pool size should change how fast, not what it decides (`same_verdicts`).
+seeds, so the pool size changes how fast, and what it decides only through rounding: batched with other rows, a
+row's fp32 logits can differ in the last bits, and a T = 1 sample may then differ (`same_verdicts`: true at 4
+episodes, 1 flag of 217 steps apart at 16, measured 2026-12-05).
 
     python benchmarks/mc_judge.py [--quick] [--slots 16 48] [--model DIR] [--episodes 8] [--rollouts 5]
 
