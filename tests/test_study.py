@@ -89,3 +89,69 @@ def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():
         d = s["step_minus_golden_all_unseen"]
         assert f"{d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" in row
     assert json.loads(out[-1])["eight"]["step_minus_golden_d1_injected"] == studies[1]["step_minus_golden_d1_injected"]["mean"]
+
+
+def test_stage2_quality_counts_flags_by_kind_on_real_games(tmp_path):
+    """Stage 2 with the real expert teacher on real coin games: a scripted student first walks out of the coin's room
+    (a valid step, judged wrong) and then writes an action the game refuses. The steps carry the environment's
+    verdict, and the study's data-quality measure counts one flag of each kind, Dr's lengths and coverage."""
+    from _twx_pool import twx_pool
+
+    from steptune.agent.rollout import run_episodes
+    from steptune.backends.base import ChatBackend, GenerationConfig
+    from steptune.data.trajectory import save_trajectories
+    from steptune.envs.twx import TextWorldExpressEnv
+    from steptune.pipeline.study import stage2_quality, stage2_quality_markdown
+    from steptune.teacher.expert import ExpertTeacher
+
+    rooms = "numLocations=4,numDistractorItems=0,includeDoors=0"
+    env = TextWorldExpressEnv(game="coin", game_params=rooms)
+    try:  # games whose coin lies in the first room, and a way out of it
+        starts = []
+        for task in env.tasks("train")[:30]:
+            env.reset(task)
+            if env.expert_actions() == ["take coin"]:
+                starts.append((task, next(a for a in env.valid_actions() if a.startswith("move "))))
+    finally:
+        env.close()
+    assert len(starts) >= 2
+
+    class WalksOutThenBabbles(ChatBackend):
+        def __init__(self, way_out: str):
+            self.way_out = way_out
+
+        def complete(self, conversations, gen):
+            return [f"Thought: t\nAction: {self.way_out}" if not any(m["role"] == "assistant" for m in c)
+                    else "Thought: t\nAction: dance" for c in conversations]
+
+    episodes = []
+    for task, way_out in starts[:2]:
+        pool = twx_pool(1, max_steps=8, game_params=rooms)
+        try:
+            [ep] = run_episodes(pool, [task], WalksOutThenBabbles(way_out), GenerationConfig(max_new_tokens=8),
+                                teacher=ExpertTeacher(), progress=False)
+        finally:
+            pool.close()
+        episodes.append(ep.trajectory)
+    for t in episodes:
+        assert t.success and [s.kind for s in t.steps] == ["error", "reflection", "error", "reflection"]
+        assert [s.invalid for s in t.steps] == [None, None, True, None]
+    run = tmp_path / "seed-0"
+    save_trajectories(episodes, run / "data" / "synthesized.jsonl")
+    save_trajectories(episodes[:1], run / "data" / "dr.jsonl")
+    golden = [Trajectory(id=f"g{i}", env="twx", task_id=t.task_id, split="train", task="t", success=True,
+                         reward=1.0, steps=[Step(action="take coin")]) for i, t in enumerate(episodes)]
+    save_trajectories(golden, run / "data" / "d2.jsonl")
+    q = stage2_quality(run)
+    assert q["flagged"] == 4 and q["flagged_invalid"] == 2 and q["flagged_valid"] == 2
+    assert q["dr_length"]["mean"] == 4.0 and q["u2_golden_length"]["mean"] == 1.0
+    assert (q["u2_tasks"], q["u2_tasks_in_dr"], q["dr_with_reflection"]) == (2, 1, 1)
+    md = "\n".join(stage2_quality_markdown({"seeds": [0], "stage2_quality": [q],
+                                            "stage2": [{"dropped": {"more than 2 errors": 1}}]}))
+    assert "| 0 | 4.00 (4/4/4) | 1.00 (1/1/1) | 1 of 2 | 1 of 1 | 2 / 2 | more than 2 errors: 1 |" in md
+    # a run recorded before steps carried the flag: the expert's words say which flags were invalid actions
+    for t in episodes:
+        for st in t.steps:
+            st.invalid = None
+    save_trajectories(episodes, run / "data" / "synthesized.jsonl")
+    assert (stage2_quality(run)["flagged_invalid"], stage2_quality(run)["flagged_valid"]) == (2, 2)

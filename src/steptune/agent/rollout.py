@@ -304,7 +304,7 @@ def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: li
         ep.last_invalid = not st.action
         if not st.action:  # nothing ran: the state, and so a fresh plan, stays as it was
             ep.invalid_actions += 1
-            st.observation = INVALID_FORMAT_OBSERVATION
+            st.observation, st.invalid = INVALID_FORMAT_OBSERVATION, True
             continue
         outcome, plan = next(outcomes)
         ep.plan, ep.plan_fresh = plan, want[i]
@@ -319,7 +319,7 @@ def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
     st.observation = outcome.observation
     if outcome.info.get("invalid"):
         ep.invalid_actions += 1
-        ep.last_invalid = True
+        ep.last_invalid = st.invalid = True
     ep.trajectory.reward = min(1.0, max(0.0, float(outcome.reward)))
     ep.trajectory.success = ep.trajectory.reward >= 1.0 or bool(outcome.info.get("won"))
     ep.done = bool(outcome.done)

@@ -134,10 +134,46 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
                         for r in runs]
     result["training"] = {m: [json.loads(p.read_text()) if (p := RunLayout(r).train_summary(m)).exists()
                               else None for r in runs] for m in methods}
+    result["stage2_quality"] = [stage2_quality(r) for r in runs]
     result["reflections_at_test_time"] = {m: reflection_counts(runs, m) for m in methods}
     result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
                                       for s in success[m]] for m in methods}
     return result
+
+
+def _spread(xs: list[int]) -> dict[str, float]:
+    q = np.percentile(xs, [25, 50, 75]) if xs else [0, 0, 0]
+    return {"n": len(xs), "mean": round(float(np.mean(xs)), 2) if xs else 0.0,
+            "p25": float(q[0]), "median": float(q[1]), "p75": float(q[2])}
+
+
+def stage2_quality(run: Path) -> dict[str, Any] | None:
+    """What stage 2 gave STeP, against the golden trajectories of the same U2 tasks (D2): Dr's lengths (steps per
+    trajectory, wrong ones included) and D2's, the share of U2 tasks Dr covers, and the flagged steps by kind:
+    invalid (the environment refused the action, or there was none) or valid but judged wrong (off the plan, for the
+    expert)."""
+    layout = RunLayout(run)
+    paths = [layout.dataset(name) for name in ("synthesized", "dr", "d2")]
+    if not all(p.exists() for p in paths):
+        return None
+    synthesized, dr, u2 = (load_trajectories(p) for p in paths)
+    flagged = [st for t in synthesized for st in t.steps if st.kind == "error"]
+    recorded = any(st.invalid is not None for t in synthesized for st in t.steps)
+    invalid = sum(bool(st.invalid) for st in flagged) if recorded else _expert_said_invalid(flagged)
+    u2_tasks = {t.task_id for t in u2}
+    return {"dr_length": _spread([len(t.steps) for t in dr]), "u2_golden_length": _spread([len(t.steps) for t in u2]),
+            "u2_tasks": len(u2_tasks), "u2_tasks_in_dr": len(u2_tasks & {t.task_id for t in dr}),
+            "dr_with_reflection": sum(any(st.kind == "reflection" for st in t.steps) for t in dr),
+            "flagged": len(flagged), "flagged_invalid": invalid,
+            "flagged_valid": None if invalid is None else len(flagged) - invalid}
+
+
+def _expert_said_invalid(flagged: list) -> int | None:
+    """Runs recorded before steps carried `invalid`: the expert teacher's verdict says it in words; other teachers'
+    do not (None)."""
+    if not all(st.critique and st.critique.teacher == "expert" for st in flagged):
+        return None
+    return sum(st.critique.error.endswith("is not a valid action here") for st in flagged)
 
 
 def flagged_success_rate(stage2: dict) -> float | None:
@@ -210,6 +246,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         if st:
             md.append(f"| {seed} | {st.get('episodes')} | {st.get('success_rate')} | {st.get('flagged_steps')} / "
                       f"{st.get('steps')} | {flagged_success_rate(st)} | {st.get('kept')} |")
+    md += stage2_quality_markdown(s)
     md += ["", "## Training (per seed)", "", "| method | epochs | optimizer steps | trained tokens |",
            "|---|---|---|---|"]
     for m, runs in s["training"].items():
@@ -220,6 +257,29 @@ def study_markdown(s: dict, command: str | None = None) -> str:
 
     md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
+
+
+def stage2_quality_markdown(s: dict) -> list[str]:
+    rows = [(seed, q, st) for seed, q, st in zip(s["seeds"], s.get("stage2_quality") or [], s["stage2"]) if q]
+    if not rows:
+        return []
+    md = ["", "### Stage-2 data quality", "",
+          "Dr against the golden trajectories of the same U2 tasks: steps per trajectory (Dr's wrong steps included; "
+          "mean, quartiles), the U2 tasks Dr covers, the teacher's flags by kind (invalid: the environment refused the "
+          "action or there was none; valid: a real action judged wrong, off the plan for the expert), and what the "
+          "filter dropped.", "",
+          "| seed | Dr steps | U2 golden steps | U2 tasks in Dr | Dr with a reflection | flagged: invalid / valid | "
+          "dropped |", "|---:|---|---|---:|---:|---:|---|"]
+
+    def spread(x: dict) -> str:
+        return f"{x['mean']:.2f} ({x['p25']:g}/{x['median']:g}/{x['p75']:g})"
+
+    for seed, q, st in rows:
+        kinds = "–" if q["flagged_invalid"] is None else f"{q['flagged_invalid']} / {q['flagged_valid']}"
+        dropped = "; ".join(f"{why}: {n}" for why, n in ((st or {}).get("dropped") or {}).items()) or "none"
+        md.append(f"| {seed} | {spread(q['dr_length'])} | {spread(q['u2_golden_length'])} | {q['u2_tasks_in_dr']} of "
+                  f"{q['u2_tasks']} | {q['dr_with_reflection']} of {q['dr_length']['n']} | {kinds} | {dropped} |")
+    return md
 
 
 def plot_study(s: dict, path: Path) -> Path:
