@@ -20,6 +20,7 @@ from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
 from steptune.pipeline.report import premise_note, reflection_counts, reflection_rows
+from steptune.teacher.expert import NOT_VALID
 
 BOOTSTRAP = 2000
 # paired comparisons: STeP minus each method the registry marks with `vs_step`
@@ -173,7 +174,7 @@ def _expert_said_invalid(flagged: list) -> int | None:
     do not (None)."""
     if not all(st.critique and st.critique.teacher == "expert" for st in flagged):
         return None
-    return sum(st.critique.error.endswith("is not a valid action here") for st in flagged)
+    return sum(st.critique.error.endswith(NOT_VALID) for st in flagged)
 
 
 def flagged_success_rate(stage2: dict) -> float | None:

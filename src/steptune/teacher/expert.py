@@ -26,6 +26,9 @@ from steptune.teacher.base import StepToJudge, TeacherContext, TeacherSettings, 
 _GOAL_ACTION = re.compile(r"(put|focus on|cook|prepare|eat|slice|use|pour|mix|connect|activate) |move .+ to |click\[buy")
 
 
+NOT_VALID = "is not a valid action here"  # how an invalid step's error ends (a study counts flags by kind with it)
+
+
 def _first_sentence(text: str) -> str:
     text = " ".join((text or "").split())
     m = re.match(r"(.+?[.!?])(\s|$)", text)
@@ -63,7 +66,7 @@ class ExpertTeacher:
         goal = _subgoal(fix_plan)
         did = what_i_did(step.action)
         if invalid:
-            error = f"'{step.action or '(no action)'}' is not a valid action here"
+            error = f"'{step.action or '(no action)'}' {NOT_VALID}"
             reason = f"the environment answered: \"{_first_sentence(obs)}\""
             reflection = (f"{did}, but that is not something I can do here. The goal still needs me to {goal}, "
                           f"so the next useful step is to {fix_plan[0]}.")
