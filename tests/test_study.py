@@ -154,4 +154,5 @@ def test_stage2_quality_counts_flags_by_kind_on_real_games(tmp_path):
         for st in t.steps:
             st.invalid = None
     save_trajectories(episodes, run / "data" / "synthesized.jsonl")
-    assert (stage2_quality(run)["flagged_invalid"], stage2_quality(run)["flagged_valid"]) == (2, 2)
+    old = stage2_quality(run)
+    assert (old["flagged_invalid"], old["flagged_valid"]) == (2, 2)

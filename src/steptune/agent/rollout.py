@@ -56,7 +56,6 @@ class Episode:
     plan_fresh: bool = False  # `plan` is for the current state
     teacher: TeacherCounts | None = None  # with a teacher: its accounting for this episode
     reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
-    last_invalid: bool = False  # the step just executed was not accepted (env info["invalid"], or no action)
     # recovery benchmark: {"step", "action", "error", "steps_to_plan"} once an error was injected (or {"skipped"})
     injection: dict[str, Any] | None = None
     awaiting_plan: bool = False  # injected, and the agent has not yet taken the expert's next action since
@@ -301,7 +300,6 @@ def _execute(pool: EnvPool, slots: list[int], episodes: list[Episode], steps: li
         ep.steps_taken += 1
         totals.agent_steps += 1
         ep.reward_before = ep.trajectory.reward
-        ep.last_invalid = not st.action
         if not st.action:  # nothing ran: the state, and so a fresh plan, stays as it was
             ep.invalid_actions += 1
             st.observation, st.invalid = INVALID_FORMAT_OBSERVATION, True
@@ -319,7 +317,7 @@ def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
     st.observation = outcome.observation
     if outcome.info.get("invalid"):
         ep.invalid_actions += 1
-        ep.last_invalid = st.invalid = True
+        st.invalid = True
     ep.trajectory.reward = min(1.0, max(0.0, float(outcome.reward)))
     ep.trajectory.success = ep.trajectory.reward >= 1.0 or bool(outcome.info.get("won"))
     ep.done = bool(outcome.done)
@@ -336,7 +334,7 @@ def _judge_and_correct(pool: EnvPool, slots: list[int], episodes: list[Episode],
         batch.append(i)
         items.append(StepToJudge(task=ep.task, task_text=ep.trajectory.task, history=ep.trajectory.steps[:-1],
                                  step=st, reward_before=ep.reward_before, reward_after=ep.trajectory.reward,
-                                 done=ep.done, invalid=ep.last_invalid, plan_before=plan,
+                                 done=ep.done, invalid=bool(st.invalid), plan_before=plan,
                                  plan_after=ep.plan if ep.plan_fresh else None))
     if not batch:
         return
