@@ -66,3 +66,36 @@ def test_study_report_notes_the_premise_from_the_mean_over_seeds(tmp_path):
         json.dumps({"overall": {"success_rate": 40.0, "episodes": 10}}))
     s = write_study(tmp_path, [0, 1])
     assert s["premise_note"] is None and "Note:" not in study_markdown(s)
+
+
+def test_premise_only_runs_the_base_agent_on_u2_and_the_study_continues_from_it(tmp_path):
+    """`steptune study --premise-only` on real coin games: only golden, split, the base agent and its U2 run; it prints
+    the U2 success per seed; the study of that setting then skips those stages (the same stage keys)."""
+    import contextlib
+    import io
+
+    import yaml
+    from _tiny_study import TINY
+    from typer.testing import CliRunner
+
+    from steptune.cli.app import app
+    from steptune.pipeline.config import PipelineConfig
+    from steptune.pipeline.study import PREMISE_STAGES, run_study
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["study", str(tmp_path / "tiny.yaml"), "--seeds", "0", "--premise-only",
+                                      "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rate = json.loads(result.output.strip().splitlines()[-1])["base_agent_success_u2"]["0"]
+    summary = json.loads((out / "seed-0" / "eval" / "base_agent_u2" / "summary.json").read_text())["overall"]
+    assert rate == summary["success_rate"] and summary["episodes"] > 0
+    assert f"seed 0: the base agent succeeds on {rate:.1f}% of U2" in " ".join(result.output.split())
+    done = set(json.loads((out / "seed-0" / "manifest.json").read_text())["stages"])
+    assert done == set(PREMISE_STAGES) and not (out / "study.json").exists()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run_study(PipelineConfig.model_validate(TINY), [0], out)
+    for stage in PREMISE_STAGES:
+        assert f"{stage}: up to date, skipped" in log.getvalue()
+    assert "synthesize: up to date" not in log.getvalue() and (out / "study.json").exists()

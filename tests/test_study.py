@@ -135,7 +135,7 @@ def test_stage2_quality_counts_flags_by_kind_on_real_games(tmp_path):
         episodes.append(ep.trajectory)
     for t in episodes:
         assert t.success and [s.kind for s in t.steps] == ["error", "reflection", "error", "reflection"]
-        assert [s.invalid for s in t.steps] == [None, None, True, None]
+        assert [s.invalid for s in t.steps] == [False, False, True, False]
     run = tmp_path / "seed-0"
     save_trajectories(episodes, run / "data" / "synthesized.jsonl")
     save_trajectories(episodes[:1], run / "data" / "dr.jsonl")
@@ -156,3 +156,11 @@ def test_stage2_quality_counts_flags_by_kind_on_real_games(tmp_path):
     save_trajectories(episodes, run / "data" / "synthesized.jsonl")
     old = stage2_quality(run)
     assert (old["flagged_invalid"], old["flagged_valid"]) == (2, 2)
+    # a run in which the environment refused no action reads 0 refused, not "not recorded" (as it did when only a
+    # refusal was written): the valid steps alone, saved and read back, with a teacher whose words say nothing of it
+    valid_only = [t.model_copy(update={"steps": [
+        st.model_copy(update={"invalid": False, "critique": st.critique.model_copy(update={"teacher": "self"})
+                              if st.critique else None}) for st in t.steps[:2]]}) for t in episodes]
+    save_trajectories(valid_only, run / "data" / "synthesized.jsonl")
+    reloaded = stage2_quality(run)
+    assert (reloaded["flagged"], reloaded["flagged_invalid"], reloaded["flagged_valid"]) == (2, 0, 2)

@@ -315,9 +315,9 @@ def _apply(ep: Episode, st: Step, outcome: StepResult | Any) -> None:
         ep.failure = f"env step: {getattr(outcome, 'reason', outcome)}"
         return
     st.observation = outcome.observation
-    if outcome.info.get("invalid"):
-        ep.invalid_actions += 1
-        st.invalid = True
+    if "invalid" in outcome.info:  # recorded either way, so a run without a refused action reads as such
+        st.invalid = bool(outcome.info["invalid"])
+        ep.invalid_actions += st.invalid
     ep.trajectory.reward = min(1.0, max(0.0, float(outcome.reward)))
     ep.trajectory.success = ep.trajectory.reward >= 1.0 or bool(outcome.info.get("won"))
     ep.done = bool(outcome.done)

@@ -102,6 +102,9 @@ def study(
     teachers: Optional[str] = typer.Option(
         None, "--teachers", help="Also compare stage-2 teachers, e.g. expert,mc,self: each judges stage 2 from every "
         "seed's base agent, STeP retrains on its Dr; writes teachers.{json,md,html} (see docs/teachers.md)."),
+    premise_only: bool = typer.Option(False, "--premise-only", help="Only what decides whether STeP's premise holds "
+                                      "for this setting: golden, split, the base agent and its success on U2 (30-70% "
+                                      "wanted); the study later continues from these stages."),
 ) -> None:
     """Run the pipeline once per seed (resumable), then compare the methods with 95% confidence intervals:
     success per method and split, paired differences, the recovery benchmark and stage-2 yield."""
@@ -114,6 +117,17 @@ def study(
 
     cfg = _load(config, set_, QUICK if quick else None)
     command = shlex.join(["steptune", *sys.argv[1:]])
+    if premise_only:
+        from steptune.pipeline.report import PREMISE_BAND, premise_note
+        from steptune.pipeline.study import run_premise
+
+        success = run_premise(cfg, seeds, output)
+        for seed, rate in success.items():
+            note = premise_note(rate)
+            typer.secho(f"seed {seed}: the base agent succeeds on {rate:.1f}% of U2" + (f"; {note}" if note else
+                        f" (within {PREMISE_BAND[0]:g}-{PREMISE_BAND[1]:g}%)"), fg="yellow" if note else None)
+        typer.echo(json.dumps({"base_agent_success_u2": {str(k): v for k, v in success.items()}}))
+        return
     if epoch_curve:
         counts = _epoch_counts(epoch_curve)
         curve = run_epoch_curve(cfg, curve_seeds or seeds, output, counts)

@@ -62,8 +62,8 @@ class Step(BaseModel):
     weight: int = 1  # STeP gives error steps 0; the "no masking" ablation trains them (weight 1, kind kept)
     kind: StepKind = "expert"
     critique: Critique | None = None
-    # the environment did not accept the action, or the reply had none (set by the rollout; None: accepted, or not
-    # recorded, as in golden data): the study's stage-2 data quality counts flagged steps by it
+    # the environment did not accept the action, or the reply had none (set by the rollout on every step; None: not
+    # recorded, as in golden data and runs before it): the study's stage-2 data quality counts flagged steps by it
     invalid: bool | None = None
 
     @field_validator("weight", mode="before")

@@ -233,7 +233,7 @@ class WebShopEnv(Env):
         observation, reward, done = self.backend.step(action.strip())
         self.reward = max(0.0, min(1.0, reward)) if done else self.reward
         self.done = done
-        return StepResult(observation, self.reward, done, {"won": done and self.reward >= 1.0})
+        return StepResult(observation, self.reward, done, {"won": done and self.reward >= 1.0, "invalid": False})
 
     @staticmethod
     def _why_invalid(action: str, page: dict[str, Any]) -> str | None:

@@ -48,6 +48,29 @@ def run_study(cfg: PipelineConfig, seeds: list[int], out: Path, command: str | N
     return write_study(out, seeds, command)
 
 
+# what decides STeP's premise for a setting: the base agent and its success on U2 (the same stage keys as the study's,
+# so a study of the chosen setting continues from them)
+PREMISE_STAGES = ("golden", "split", "init_model", f"train:{BASE_AGENT}", f"eval:{BASE_AGENT_U2}")
+
+
+def run_premise(cfg: PipelineConfig, seeds: list[int], out: Path) -> dict[int, float]:
+    """Only the premise stages of each seed's run (resumable); {seed: the base agent's U2 success in %}."""
+    from steptune.pipeline.report import base_agent_u2
+    from steptune.pipeline.run import console, run_pipeline
+
+    if not cfg.eval.base_agent_u2:
+        from steptune.errors import UserError
+
+        raise UserError("--premise-only needs eval.base_agent_u2: true (the base agent's U2 run is what it measures)")
+    out.mkdir(parents=True, exist_ok=True)
+    success = {}
+    for seed in seeds:
+        console.rule(f"[bold]premise: seed {seed}")
+        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed), only=set(PREMISE_STAGES))
+        success[seed] = base_agent_u2(seed_dir(out, seed))["success_rate"]
+    return success
+
+
 def _success(run: Path, method: str, injected: bool = False) -> dict[str, dict[str, float]]:
     """{split: {task id: 1.0 | 0.0}} for one method of one seed's run."""
     out: dict[str, dict[str, float]] = {}
