@@ -295,7 +295,8 @@ def episodes_worker(agent: str, slots: int, tasks: int, threads: int) -> dict:
     return {"slots": slots, "episodes": len(eps), "agent_steps": steps, "wall_s": wall, "steps_per_s": steps / wall,
             "model_s": totals.model_seconds, "calls": len(rows), "rows_per_call": steps / max(1, len(rows)),
             "full_calls": sum(r == slots for r in rows), "prefill_tokens": backend.prefill_tokens,
-            "tokens": backend.tokens_generated, "success": sum(e.trajectory.success for e in eps) / len(eps)}
+            "tokens": backend.tokens_generated, "success": sum(e.trajectory.success for e in eps) / len(eps),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # --- driver ----------------------------------------------------------------------------------------------------
@@ -400,11 +401,11 @@ def main() -> None:
         batched = in_subprocess(["--worker", "episodes", "--slots", "32", "--tasks", str(n_batched), *agent])
         print(f"\nreal coin episodes of {a.agent}, greedy (the first unseen games; replies reused next turn)")
         print(f"{'at once':8}{'episodes':>9}{'steps':>7}{'steps/s':>9}{'model s':>9}{'calls':>7}{'rows/call':>10}"
-              f"{'full calls':>11}{'prefilled':>10}{'success':>8}")
+              f"{'full calls':>11}{'prefilled':>10}{'success':>8}{'peak GB':>8}")
         for r in (single, batched):
             print(f"{r['slots']:<8}{r['episodes']:>9}{r['agent_steps']:>7}{r['steps_per_s']:>9.2f}{r['model_s']:>9.1f}"
                   f"{r['calls']:>7}{r['rows_per_call']:>10.1f}{r['full_calls']:>11}{r['prefill_tokens']:>10}"
-                  f"{r['success']:>8.0%}")
+                  f"{r['success']:>8.0%}{r['peak_rss_gb']:>8.2f}")
         head["episodes_batched_vs_single"] = round(batched["steps_per_s"] / single["steps_per_s"], 2)
         head["episodes_rows_per_call"] = round(batched["rows_per_call"], 1)
     print(json.dumps(head))

@@ -95,6 +95,29 @@ def test_replies_are_not_prefilled_again_and_change_no_output(backend):
     assert replies > 0 and 0.8 * replies <= saved <= replies + 6, (saved, replies)  # 6: two tokens per row of slack
 
 
+def test_prefix_cache_keeps_to_its_byte_budget_and_changes_no_output(backend):
+    """The prefix cache drops its oldest entries beyond `prefix_cache_gb`: replies stay the same, only more is
+    prefilled again."""
+    from _react_model import golden_conversations
+
+    unbounded = LocalBackend(backend.model.name_or_path)
+    convs = [[{"role": "user", "content": f"{g[0]['content']}\nEpisode {i}."}]
+             for i, g in enumerate(golden_conversations(3))]
+    gen = GenerationConfig(max_new_tokens=24, stop=REACT_STOP)
+    unbounded.complete(convs, gen)
+    one_entry = max(sum(t.nbytes for kv in layers for t in kv) for _, layers in unbounded.prefix_cache.entries)
+    bounded = LocalBackend(backend.model.name_or_path, prefix_cache_gb=1.5 * one_entry / 2**30)
+    unbounded = LocalBackend(backend.model.name_or_path)
+    for turn in range(3):
+        out = bounded.complete(convs, gen)
+        assert out == unbounded.complete(convs, gen)
+        assert bounded.prefix_cache.nbytes() <= 1.5 * one_entry and len(bounded.prefix_cache.entries) >= 1
+        assert len(unbounded.prefix_cache.entries) >= 3
+        convs = [c + [{"role": "assistant", "content": r}, {"role": "user", "content": f"Observation: {turn}."}]
+                 for c, r in zip(convs, out)]
+    assert bounded.prefill_tokens > unbounded.prefill_tokens
+
+
 def test_prefix_cache_finds_the_longest_common_prefix():
     from steptune.backends.local import _PrefixCache
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from steptune.backends.base import (
     BackendError,
@@ -31,6 +31,7 @@ class BackendConfig(BaseModel):
     max_batch_size: int = 32
     device: str | None = None
     adapter: str | None = None  # a LoRA adapter directory (local only)
+    prefix_cache_gb: float = Field(2.0, ge=0)  # local: keys and values kept for prompts' reuse, at most this much
 
 
 def parse_backend_spec(spec: str) -> BackendConfig:
@@ -50,7 +51,8 @@ def make_backend(spec: str | BackendConfig) -> ChatBackend:
     if cfg.kind == "local":
         from steptune.backends.local import LocalBackend
 
-        return LocalBackend(cfg.model, device=cfg.device, max_batch_size=cfg.max_batch_size, adapter=cfg.adapter)
+        return LocalBackend(cfg.model, device=cfg.device, max_batch_size=cfg.max_batch_size, adapter=cfg.adapter,
+                            prefix_cache_gb=cfg.prefix_cache_gb)
     if cfg.kind == "vllm":
         from steptune.backends.vllm import VLLMBackend
 

@@ -48,7 +48,8 @@ class LocalBackend(ChatBackend):
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str = "auto",
                  max_batch_size: int = 32, adapter: str | Path | None = None,
-                 packed_prefill: bool | None = None, prefix_cache: bool | None = None, reuse_replies: bool = True):
+                 packed_prefill: bool | None = None, prefix_cache: bool | None = None, reuse_replies: bool = True,
+                 prefix_cache_gb: float = 2.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,8 +84,10 @@ class LocalBackend(ChatBackend):
         # An agent's prompt is its previous prompt plus the reply and the new observation, so the packed prefill
         # keeps each prompt's KV cache and later prefills only the tokens past the longest cached prefix. Causal
         # attention makes a prefix's keys/values independent of what follows, so the result is the same.
-        self.prefix_cache = _PrefixCache(2 * max_batch_size) if self.packed_prefill and prefix_cache is not False \
-            else None
+        # Bounded in bytes as well: SmolLM2's keys and values take 46 KB a token, so 64 conversations of ~1,000
+        # tokens held 3 GB, and a 1.7B model's would not fit in memory at all (oldest entries go first).
+        self.prefix_cache = _PrefixCache(2 * max_batch_size, int(prefix_cache_gb * 2**30)) \
+            if self.packed_prefill and prefix_cache is not False else None
         self.prefill_tokens = 0  # prompt tokens actually run through the model (what the prefix cache saves)
         # the cache also keeps each reply's keys and values, computed while decoding it (an agent's next prompt
         # repeats its reply: a third of a ReAct turn's new tokens)
@@ -133,6 +136,8 @@ class LocalBackend(ChatBackend):
                 cache = DynamicCache(config=self.model.config)
                 self.prefill_tokens += int(mask.sum())
             new = self._decode(ids, mask, cache, gen, keep)
+            if self.prefix_cache is not None:
+                self.prefix_cache.trim()  # now that this call's prompts and replies are filled in
         self.tokens_generated += sum(map(len, new))
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(t, gen.stop) for t in texts]
@@ -342,11 +347,26 @@ def _is_prefix(short: list[int], ids: list[int]) -> bool:
 
 
 class _PrefixCache:
-    """The KV caches of the last `capacity` prompts, found again by their longest common token prefix."""
+    """The KV caches of the last `capacity` prompts (and at most `max_bytes` of them), found again by their longest
+    common token prefix."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int | None = None):
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.entries: list[tuple[list[int], list]] = []  # (token ids, [(keys, values) per layer]), oldest first
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, layers in self.entries for kv in layers for t in kv)
+
+    def trim(self) -> None:
+        """Drop the oldest entries while the cache holds more than `max_bytes` (a prompt's entry is filled by the
+        forward after `add`, so its size is known only then)."""
+        if self.max_bytes is None:
+            return
+        sizes = [sum(t.nbytes for kv in layers for t in kv) for _, layers in self.entries]
+        total, drop = sum(sizes), 0
+        while total > self.max_bytes and drop < len(sizes):
+            total, drop = total - sizes[drop], drop + 1
+        del self.entries[:drop]
 
     def longest_prefix(self, ids: list[int]) -> tuple[int, list | None]:
         # the usual case, an episode's previous prompt, is a whole prefix: found by a C-speed list comparison
