@@ -99,3 +99,6 @@ def test_premise_only_runs_the_base_agent_on_u2_and_the_study_continues_from_it(
     for stage in PREMISE_STAGES:
         assert f"{stage}: up to date, skipped" in log.getvalue()
     assert "synthesize: up to date" not in log.getvalue() and (out / "study.json").exists()
+    both = CliRunner().invoke(app, ["study", str(tmp_path / "tiny.yaml"), "--premise-only", "--equal-steps",
+                                    "--output", str(out)])
+    assert both.exit_code != 0 and "--premise-only runs no study" in " ".join(both.output.split())

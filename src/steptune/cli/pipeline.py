@@ -118,6 +118,9 @@ def study(
     cfg = _load(config, set_, QUICK if quick else None)
     command = shlex.join(["steptune", *sys.argv[1:]])
     if premise_only:
+        if epoch_curve or equal_steps or teachers:
+            raise typer.BadParameter("--premise-only runs no study: drop --epoch-curve, --equal-steps and --teachers "
+                                     "(they run with the study itself)")
         from steptune.pipeline.report import PREMISE_BAND, premise_note
         from steptune.pipeline.study import run_premise
 
