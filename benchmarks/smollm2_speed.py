@@ -320,6 +320,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.only == "episodes" and not a.agent:  # before the peak and bandwidth measurements
+        ap.error("--only episodes needs --agent DIR (a trained ReAct agent)")
     steps, warm, length = (4, 1, 512) if a.quick else (12, 2, 1024)
     rounds_single, rounds_batched = (6, 1) if a.quick else (32, 4)
     if a.worker:
@@ -391,8 +393,6 @@ def main() -> None:
         head["batched_decode_tokens_per_s"] = round(batched["tokens"] / batched["decode_s"], 1)
         # finished rows leave the batch once a quarter of it has finished: the share of row-steps that made a token
         head["batched_useful_row_steps"] = round(batched["tokens"] / batched["row_steps"], 3)
-    if a.only == "episodes" and not a.agent:
-        ap.error("--only episodes needs --agent DIR (a trained ReAct agent)")
     if a.agent and a.only in (None, "gen", "episodes"):
         # one at a time: a few episodes give the per-step rate; 32 at once: twice the slots, so slots refill
         n_single, n_batched = (4, 32) if a.quick else (12, 64)

@@ -105,7 +105,7 @@ def test_prefix_cache_keeps_to_its_byte_budget_and_changes_no_output(backend):
              for i, g in enumerate(golden_conversations(3))]
     gen = GenerationConfig(max_new_tokens=24, stop=REACT_STOP)
     unbounded.complete(convs, gen)
-    one_entry = max(sum(t.nbytes for kv in layers for t in kv) for _, layers in unbounded.prefix_cache.entries)
+    one_entry = max(unbounded.prefix_cache.entry_nbytes(layers) for _, layers in unbounded.prefix_cache.entries)
     bounded = LocalBackend(backend.model.name_or_path, prefix_cache_gb=1.5 * one_entry / 2**30)
     unbounded = LocalBackend(backend.model.name_or_path)
     for turn in range(3):

@@ -354,15 +354,19 @@ class _PrefixCache:
         self.capacity, self.max_bytes = capacity, max_bytes
         self.entries: list[tuple[list[int], list]] = []  # (token ids, [(keys, values) per layer]), oldest first
 
+    @staticmethod
+    def entry_nbytes(layers: list) -> int:
+        return sum(t.nbytes for kv in layers for t in kv)
+
     def nbytes(self) -> int:
-        return sum(t.nbytes for _, layers in self.entries for kv in layers for t in kv)
+        return sum(self.entry_nbytes(layers) for _, layers in self.entries)
 
     def trim(self) -> None:
         """Drop the oldest entries while the cache holds more than `max_bytes` (a prompt's entry is filled by the
         forward after `add`, so its size is known only then)."""
         if self.max_bytes is None:
             return
-        sizes = [sum(t.nbytes for kv in layers for t in kv) for _, layers in self.entries]
+        sizes = [self.entry_nbytes(layers) for _, layers in self.entries]
         total, drop = sum(sizes), 0
         while total > self.max_bytes and drop < len(sizes):
             total, drop = total - sizes[drop], drop + 1
