@@ -134,11 +134,32 @@ def test_invalid_outputs_get_format_observation_and_are_counted(tiny_model_dir, 
         assert e.trajectory.meta["invalid_actions"] == e.steps_taken and not e.success
 
 
-def test_env_failure_is_recorded_and_other_episodes_continue(react_model_dir, pool):
+def test_env_failure_is_recorded_and_other_episodes_continue(react_model_dir, pool, capsys):
     tasks = [TaskRef("twx", "coin", "broken", "seen"), *pool.tasks("seen")[:2]]
-    eps = run_episodes(pool, tasks, LocalBackend(react_model_dir), GenerationConfig(max_new_tokens=40), progress=False)
+    eps = run_episodes(pool, tasks, LocalBackend(react_model_dir), GenerationConfig(max_new_tokens=40), progress="eval")
     assert eps[0].failure.startswith("env reset: ") and "broken" in eps[0].failure and eps[0].trajectory.meta["failure"] == eps[0].failure
     assert all(e.failure is None and e.steps_taken > 0 for e in eps[1:])
+    # said on the console, not only in the records
+    assert "eval  warning: 1 of 3 episodes failed and count as failures (first: env reset: " in capsys.readouterr().err
+
+
+def test_a_simulator_that_died_between_episodes_costs_no_episode(react_model_dir):
+    """Its reset fails (the worker replaces it); one more reset starts the episode: a passing fault is not a lost
+    test episode."""
+    import os
+    import signal
+    import subprocess
+
+    with twx_pool(1) as pool:
+        task = pool.tasks("seen")[0]
+        pool.reset(0, task)  # the simulator's JVM starts
+        group = subprocess.run(["pgrep", "-g", str(pool.worker_pids()[0])], capture_output=True, text=True).stdout
+        (jvm,) = [int(p) for p in group.split() if "java" in open(f"/proc/{p}/cmdline").read()]
+        os.kill(jvm, signal.SIGKILL)
+        (ep,) = run_episodes(pool, [task], LocalBackend(react_model_dir), GenerationConfig(max_new_tokens=40),
+                             progress=False)
+        assert ep.failure is None and ep.steps_taken > 0
+        assert pool.restarts == 1  # the dead simulator was found and replaced, once
 
 
 def test_judge_turns_wrong_steps_into_error_plus_executed_reflection(react_model_dir):

@@ -206,6 +206,13 @@ def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], ins
     """(slot, task index, task) -> (slot, task index, episode), every slot reset in one parallel call."""
     t0 = time.perf_counter()
     resets = pool.reset_many([(slot, task) for slot, _, task in starting], expert=expert)
+    # a simulator that failed to start or had died is replaced in its worker, and nothing of the episode exists yet:
+    # one more try, so that a passing fault does not turn into a lost (and counted-as-failed) test episode
+    retry = [i for i, reset in enumerate(resets) if not isinstance(reset, Reset)]
+    if retry:
+        again = pool.reset_many([(starting[i][0], starting[i][2]) for i in retry], expert=expert)
+        for i, reset in zip(retry, again):
+            resets[i] = reset
     dt = time.perf_counter() - t0
     totals.env_seconds += dt
     totals.reset_seconds += dt
@@ -375,6 +382,7 @@ class _Progress:
         self.total = total
         self.n = 0
         self.reward_sum = 0.0
+        self.failed: list[str] = []  # the failed episodes' reasons, said once at the end
         self.start = time.perf_counter()
         self.every = every or max(1, total // 10)
         self.progress = None
@@ -397,6 +405,8 @@ class _Progress:
     def advance(self, ep: Episode) -> None:
         self.n += 1
         self.reward_sum += ep.reward
+        if ep.failure is not None:
+            self.failed.append(ep.failure)
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
@@ -410,3 +420,6 @@ class _Progress:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.enabled and self.failed:
+            print(f"{self.prefix}warning: {len(self.failed)} of {self.n} episodes failed and count as failures "
+                  f"(first: {self.failed[0].strip().splitlines()[0][:200]})", file=sys.stderr, flush=True)

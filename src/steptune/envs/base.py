@@ -7,9 +7,24 @@ expert's next action. Reward is always in 0..1 (ScienceWorld: best score so far 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+# py4j reads the gateway's port from the first line the JVM writes on stdout, and the JVM writes its own warnings
+# there too (a /tmp/hsperfdata file another process holds, -XX:+UseLargePages without large pages): such a warning
+# failed the simulator's start ("invalid literal for int()"). The simulators' JVMs log to stderr instead.
+JVM_LOG_TO_STDERR = "-Xlog:disable -Xlog:all=warning:stderr"
+
+
+def set_jvm_options(extra: str = "") -> None:
+    """Before a simulator library launches its JVM (it reads JAVA_TOOL_OPTIONS): the log off stdout, ahead of the
+    options already set (a user's own come later and win); `extra` last."""
+    opts = os.environ.get("JAVA_TOOL_OPTIONS", "")
+    if JVM_LOG_TO_STDERR not in opts:
+        opts = f"{JVM_LOG_TO_STDERR} {opts}"
+    os.environ["JAVA_TOOL_OPTIONS"] = f"{opts} {extra}".strip()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections import Counter
 from functools import cache
 from importlib import resources
 
-from steptune.envs.base import Env, Reset, StepResult, TaskRef
+from steptune.envs.base import Env, Reset, StepResult, TaskRef, set_jvm_options
 from steptune.envs.prompts import SCIWORLD_INSTRUCTION
 
 SPLIT_FILES = {"train": "train_indices.json", "seen": "dev_indices.json", "dev": "dev_indices.json",
@@ -87,9 +87,8 @@ class ScienceWorldEnv(Env):
     def _server(self):
         if self._sw is None:
             # the library launches java itself; the heap flag travels through JAVA_TOOL_OPTIONS
-            opts = os.environ.get("JAVA_TOOL_OPTIONS", "")
-            if "-Xmx" not in opts and self.heap:
-                os.environ["JAVA_TOOL_OPTIONS"] = f"{opts} -Xmx{self.heap}".strip()
+            heap_set = "-Xmx" in os.environ.get("JAVA_TOOL_OPTIONS", "")
+            set_jvm_options("" if heap_set or not self.heap else f"-Xmx{self.heap}")
             from scienceworld import ScienceWorldEnv as _Lib
 
             self._sw = _Lib("", serverPath=self.jar, envStepLimit=self.step_limit)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from steptune.envs.base import Env, Reset, StepResult, TaskRef
+from steptune.envs.base import Env, Reset, StepResult, TaskRef, set_jvm_options
 from steptune.envs.prompts import TWX_INSTRUCTION
 
 FOLDS = {"train": "train", "seen": "dev", "dev": "dev", "unseen": "test", "test": "test"}
@@ -65,6 +65,7 @@ class TextWorldExpressEnv(Env):
         if self._env is None:
             from textworld_express import TextWorldExpressEnv as _TWX
 
+            set_jvm_options()
             self._env = _TWX(envStepLimit=10_000)
         # The library's reset reloads the game generator whenever it is given a game name (3-5 ms of a 5-6 ms
         # reset); a new game from a seed needs no reload, so it is loaded once per (game, params).
