@@ -11,7 +11,11 @@ replayed turn by turn, so every round's prompts continue the previous round's, a
 generate call vs one; greedy, stop at the end of the Action line. Decode speed is set against the memory-bandwidth
 bound: one decode step reads every weight once, so at most (copy bandwidth ÷ weight bytes) decode steps per second.
 
-    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen] [--agent DIR]
+    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen|bf16] [--agent DIR]
+
+`--only bf16`: the same trainer and the same 32-episode generation in fp32 and in bf16 (training: mixed precision,
+fp32 weights with bf16 matmuls; generation: bf16 weights), side by side; whether the CPU has native bf16 matmuls
+(steptune.models.precision), and how many replies bf16 changes.
 
 With --agent (a trained ReAct agent) it also plays real episodes, 32 at once vs one at a time: the agent's own
 replies (reused by the next turn's prefill) and the batches real rollouts have (rows leave as episodes end).
@@ -114,6 +118,7 @@ def train_worker(mode: str, steps: int, warm: int, max_length: int, threads: int
     torch.set_num_threads(threads)
     data = tmp / "data.jsonl"
     training_data(data, 400)
+    precision = "bf16" if mode.endswith("_bf16") else "fp32"  # bf16 on a CPU: mixed precision (fp32 weights)
     cfg = TrainConfig(model=str(model_dir()), data=[str(data)], output_dir=str(tmp / mode), max_length=max_length,
                       max_steps=steps, per_device_train_batch_size=1, learning_rate=5e-5, logging_steps=10_000, save_steps=10_000,
                       progress=False, num_threads=threads, lora=LoraSection() if mode == "lora" else None)
@@ -144,7 +149,7 @@ def train_worker(mode: str, steps: int, warm: int, max_length: int, threads: int
 
         peft = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    model = load_model(cfg, "fp32")
+    model = load_model(cfg, precision)
     n_params = sum(p.numel() for p in model.parameters())
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
     if mode == "bare":  # the trainer only collates the rows; the loop below trains on them
@@ -166,7 +171,7 @@ def train_worker(mode: str, steps: int, warm: int, max_length: int, threads: int
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     else:
-        trainer = Recording(model=model, args=sft_args(cfg, "fp32"), train_dataset=dataset, processing_class=tok,
+        trainer = Recording(model=model, args=sft_args(cfg, precision), train_dataset=dataset, processing_class=tok,
                             peft_config=peft, callbacks=[Clock()])
         trainer.fused_lm_head = False
         trainer.labelled_logits_only = mode != "full_all_logits"
@@ -216,7 +221,7 @@ def replay_prompts(trajs: list, slots: int, rounds: int) -> list[list]:
     return out
 
 
-def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | None) -> dict:
+def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | None, dtype: str = "float32") -> dict:
     import torch
 
     from steptune.backends.base import GenerationConfig
@@ -225,7 +230,7 @@ def gen_worker(slots: int, rounds: int, threads: int, tmp: Path, save: str | Non
 
     torch.set_num_threads(threads)
     trajs = golden_coin(tmp, 64)
-    backend = LocalBackend(model_dir(), max_batch_size=32)
+    backend = LocalBackend(model_dir(), max_batch_size=32, dtype=dtype)
     gen = GenerationConfig(max_new_tokens=48, stop=list(REACT_STOP))
     clock = {"prompt": 0.0, "prefill": 0.0, "stop_checks": 0.0, "generate": 0.0, "decode_steps": 0, "row_steps": 0}
 
@@ -299,6 +304,49 @@ def episodes_worker(agent: str, slots: int, tasks: int, threads: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def compare_bf16(common: list[str]) -> dict:
+    """The trainer and 32-episode generation in fp32 and bf16, alternately (fp32, bf16, fp32, bf16) so that a
+    machine whose load changes treats both alike; ratios per CPU second as well as wall."""
+    from steptune.models.precision import cpu_has_native_bf16
+
+    train = {"full": [], "full_bf16": []}
+    gen = {"float32": [], "bfloat16": []}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(2):
+            for mode in train:
+                train[mode].append(in_subprocess(["--worker", mode, *common]))
+            for dtype in gen:
+                replies = str(Path(d) / f"{dtype}.json")
+                gen[dtype].append(in_subprocess(["--worker", "gen", "--slots", "32", "--dtype", dtype,
+                                                 "--save-replies", replies, *common]))
+        same = [x == y for x, y in zip(*(json.loads((Path(d) / f"{t}.json").read_text()) for t in gen))]
+
+    def total(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs)
+
+    t32, t16 = train["full"], train["full_bf16"]
+    g32, g16 = gen["float32"], gen["bfloat16"]
+    train_wall = (total(t16, "tokens") / sum(r["tokens"] / r["tokens_per_s"] for r in t16)) / (
+        total(t32, "tokens") / sum(r["tokens"] / r["tokens_per_s"] for r in t32))
+    train_cpu = (total(t16, "tokens") / sum(r["tokens"] / r["tokens_per_cpu_s"] for r in t16)) / (
+        total(t32, "tokens") / sum(r["tokens"] / r["tokens_per_cpu_s"] for r in t32))
+    gen_wall = (total(g16, "agent_steps") / total(g16, "wall_s")) / (total(g32, "agent_steps") / total(g32, "wall_s"))
+    gen_cpu = (total(g16, "agent_steps") / sum(r["agent_steps"] / r["steps_per_cpu_s"] for r in g16)) / (
+        total(g32, "agent_steps") / sum(r["agent_steps"] / r["steps_per_cpu_s"] for r in g32))
+    print(f"\nbf16 vs fp32 (native bf16 matmuls on this CPU: {cpu_has_native_bf16()}), two alternating runs each")
+    print(f"{'':34}{'fp32':>12}{'bf16':>12}{'wall':>8}{'per CPU s':>10}")
+    print(f"{'masked SFT, tokens/s':34}{total(t32, 'tokens_per_s') / 2:>12.1f}{total(t16, 'tokens_per_s') / 2:>12.1f}"
+          f"{train_wall:>7.2f}x{train_cpu:>9.2f}x")
+    print(f"{'32 episodes per call, steps/s':34}{total(g32, 'steps_per_s') / 2:>12.2f}"
+          f"{total(g16, 'steps_per_s') / 2:>12.2f}{gen_wall:>7.2f}x{gen_cpu:>9.2f}x")
+    print(f"{'peak RSS GB (train / generation)':34}{t32[0]['peak_rss_gb']:>6.2f}/{g32[0]['peak_rss_gb']:<5.2f}"
+          f"{t16[0]['peak_rss_gb']:>6.2f}/{g16[0]['peak_rss_gb']:<5.2f}")
+    print(f"replies identical in fp32 and bf16: {sum(same)} of {len(same)} (the last round of each)")
+    return {"native_bf16": cpu_has_native_bf16(), "bf16_train_speedup": round(train_wall, 2),
+            "bf16_train_speedup_per_cpu_s": round(train_cpu, 2), "bf16_gen_speedup": round(gen_wall, 2),
+            "bf16_gen_speedup_per_cpu_s": round(gen_cpu, 2), "bf16_same_replies": round(sum(same) / len(same), 3)}
+
+
 # --- driver ----------------------------------------------------------------------------------------------------
 
 def in_subprocess(args: list[str]) -> dict:
@@ -311,7 +359,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few steps and rounds (under a minute on a quiet machine)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["train", "gen", "episodes"])
+    ap.add_argument("--only", choices=["train", "gen", "episodes", "bf16"])
     ap.add_argument("--train-modes", default="full,full_all_logits,bare,lora")
     ap.add_argument("--save-replies", help="gen worker: write the replies (JSON) here, to compare code versions")
     ap.add_argument("--agent", help="a trained ReAct agent (e.g. runs/smollm2-preset/models/golden_d1): also play "
@@ -319,6 +367,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.only == "episodes" and not a.agent:  # before the peak and bandwidth measurements
         ap.error("--only episodes needs --agent DIR (a trained ReAct agent)")
@@ -330,7 +379,7 @@ def main() -> None:
                 r = episodes_worker(a.agent, a.slots, a.tasks, a.threads)
             elif a.worker == "gen":
                 r = gen_worker(a.slots, rounds_single if a.slots == 1 else rounds_batched, a.threads, Path(d),
-                               a.save_replies)
+                               a.save_replies, a.dtype)
             else:
                 r = train_worker(a.worker, steps, warm, length, a.threads, Path(d))
         print(json.dumps(r))
@@ -393,6 +442,8 @@ def main() -> None:
         head["batched_decode_tokens_per_s"] = round(batched["tokens"] / batched["decode_s"], 1)
         # finished rows leave the batch once a quarter of it has finished: the share of row-steps that made a token
         head["batched_useful_row_steps"] = round(batched["tokens"] / batched["row_steps"], 3)
+    if a.only == "bf16":
+        head.update(compare_bf16(common))
     if a.agent and a.only in (None, "gen", "episodes"):
         # one at a time: a few episodes give the per-step rate; 32 at once: twice the slots, so slots refill
         n_single, n_batched = (4, 32) if a.quick else (12, 64)

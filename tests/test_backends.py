@@ -157,6 +157,19 @@ def test_make_backend_builds_local(tiny_model_dir):
                                                            GenerationConfig(max_new_tokens=3))) == 1
 
 
+def test_backend_config_dtype_loads_bf16_weights_that_play_the_same_first_turns(tmp_path_factory, backend, prompts):
+    """`dtype: bfloat16` (the faster choice on a CPU with native bf16 matmuls) reaches the local backend; the
+    trained agent's first turns keep their actions."""
+    import torch
+
+    bf16 = make_backend(BackendConfig(model=str(react_model_fixture(tmp_path_factory)), dtype="bfloat16"))
+    assert bf16.model.dtype == torch.bfloat16 and backend.model.dtype == torch.float32
+    gen = GenerationConfig(max_new_tokens=60, stop=REACT_STOP)
+    assert [parse_react(o).action for o in bf16.complete(prompts, gen)[::2]] == ["take coin", "take coin"]
+    with pytest.raises(ValueError, match="dtype"):
+        BackendConfig(model="m", dtype="bf16")
+
+
 def test_packed_prefill_equals_padded_batch_prefill(backend, prompts):
     assert backend.packed_prefill  # the CPU default for plain causal decoders
     padded = LocalBackend(backend.model.name_or_path, packed_prefill=False)

@@ -106,3 +106,10 @@ def test_stage_keys_survive_moving_the_run_and_ignore_speed_settings(tmp_path):
     assert keys(tmp_path / "a", **{"eval.processes": 1, "env.workers": 3}) == here
     changed = keys(tmp_path / "a", **{"eval.limit": 5})
     assert all((changed[n] != here[n]) == n.startswith("eval:") for n in here)
+    # the local backend's cache bound changes no reply; the student's dtype does, but its default "auto" is what runs
+    # did before it existed, so their keys leave it out and such runs stay up to date
+    assert keys(tmp_path / "a", **{"student.prefix_cache_gb": 0.5}) == here
+    student = config_for_key(Run(load_config(preset), tmp_path / "a").student("step"))
+    assert "dtype" not in student and "prefix_cache_gb" not in student
+    bf16 = keys(tmp_path / "a", **{"student.dtype": "bfloat16"})
+    assert all((bf16[n] != here[n]) == n.startswith("eval:") for n in here)

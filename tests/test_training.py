@@ -74,6 +74,25 @@ def test_weight0_steps_carry_exactly_zero_loss_and_gradient(tiny_model_dir):
     assert loss_c != loss_a and not all(torch.equal(a, c) for a, c in zip(grads_a, grads_c))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's bf16 (a GPU trains bf16 weights)")
+def test_bf16_on_a_cpu_trains_in_mixed_precision(tiny_model_dir, data_file, tmp_path):
+    """`bf16: true` on a CPU stopped in transformers ("doesn't support bf16/gpu"); it now trains fp32 weights (and
+    AdamW states) with bf16 matmuls: the losses move off fp32's, a little, and the saved weights are fp32."""
+    from safetensors import safe_open
+
+    def losses(out, **kw):
+        train(base_cfg(tiny_model_dir, data_file, out, **kw))
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return [e["loss"] for e in log if "loss" in e]
+
+    fp32, mixed = losses(tmp_path / "fp32", bf16=False), losses(tmp_path / "bf16", bf16=True)
+    assert len(fp32) == len(mixed) == 4
+    assert fp32 != mixed  # bf16 matmuls ran
+    assert all(abs(a - b) <= 0.05 * a for a, b in zip(fp32, mixed))  # the same training, to bf16's rounding
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
 @pytest.mark.parametrize("attention", [None, "sdpa"], ids=["per-sample-sdpa", "stock-sdpa"])
 @pytest.mark.parametrize("fused", [True, False], ids=["trl-fused-lm-head", "model-loss"])
 def test_trainer_loss_equals_hand_computed_masked_ce_on_packed_batch(tiny_model_dir, data_file, tmp_path, fused,

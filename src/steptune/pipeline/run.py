@@ -39,7 +39,10 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes"}
+SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes", "prefix_cache_gb"}
+# settings added after runs existed, with the default that does what those runs did: at that default a stage's key
+# leaves them out, so a run directory made before them is still up to date
+ADDED_DEFAULTS = {"dtype": "auto"}
 
 
 @dataclass
@@ -59,7 +62,8 @@ def config_for_key(config: Any, run_dir: Path | None = None) -> Any:
     to it (a run directory that was moved or copied, e.g. from a cluster to a laptop, is still up to date)."""
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     if isinstance(data, dict):
-        return {k: config_for_key(v, run_dir) for k, v in data.items() if k not in SPEED_ONLY}
+        return {k: config_for_key(v, run_dir) for k, v in data.items()
+                if k not in SPEED_ONLY and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
     if isinstance(data, list):
         return [config_for_key(v, run_dir) for v in data]
     if run_dir is not None and isinstance(data, str) and (data == str(run_dir) or data.startswith(f"{run_dir}/")):

@@ -218,6 +218,13 @@ def load_model(cfg: TrainConfig, precision: str):
     from steptune.models.packed_attention import use_packed_attention
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if precision == "bf16" and not torch.cuda.is_available():
+        # a CPU trains in mixed precision: fp32 weights and AdamW states (their small updates are not rounded away;
+        # a CPU has the memory), bf16 matmuls under autocast, which is where the speed is (steptune.models.precision)
+        from steptune.models.precision import warn_if_bf16_is_emulated
+
+        warn_if_bf16_is_emulated("training")
+        dtype = torch.float32
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, **kwargs)
     if cfg.packing and cfg.attn_implementation is None:
@@ -345,7 +352,8 @@ def sft_args(cfg: TrainConfig, precision: str):
     import torch
     from trl import SFTConfig
 
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    cpu_ddp = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return SFTConfig(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         max_length=cfg.max_length,
@@ -372,7 +380,7 @@ def sft_args(cfg: TrainConfig, precision: str):
         save_only_model=False,
         disable_tqdm=not cfg.progress,
         # several CPU processes (under accelerate launch / torchrun) need gloo; GPUs keep NCCL
-        use_cpu=cpu_ddp,
+        use_cpu=cpu_ddp or (cpu and precision == "bf16"),  # transformers takes bf16 on a CPU only when told so
         ddp_backend="gloo" if cpu_ddp else None,
     )
 
