@@ -188,7 +188,9 @@ def test_a_jvm_warning_at_startup_does_not_fail_the_simulator(monkeypatch):
     """py4j reads the gateway's port from the JVM's first line on stdout; a JVM warning used to come first there (a
     locked /tmp/hsperfdata file failed one quickstart test episode so). Here a user's -XX:+UseLargePages on a
     machine without large pages makes the JVM warn at startup."""
-    warning = subprocess.run(["java", "-XX:+UseLargePages", "-version"], capture_output=True, text=True).stdout
+    plain = {k: v for k, v in os.environ.items() if k != "JAVA_TOOL_OPTIONS"}  # in-process simulators set it
+    warning = subprocess.run(["java", "-XX:+UseLargePages", "-version"], capture_output=True, text=True,
+                             env=plain).stdout
     if "warning" not in warning:
         pytest.skip("this machine's JVM does not warn about -XX:+UseLargePages (it has large pages)")
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-XX:+UseLargePages")
