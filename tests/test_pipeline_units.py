@@ -48,6 +48,12 @@ def test_overrides_and_manifest_keys(tmp_path):
     cfg_path.write_text("model: {base: some/model}\n")
     cfg = load_config(cfg_path, {"filter.max_errors": 1, "env.workers": 3})
     assert cfg.filter.max_errors == 1 and cfg.env.workers == 3
+    # a teacher named alone in the file (teacher: mc) takes a setting of its own from --set
+    cfg_path.write_text("model: {base: some/model}\nsynthesis: {teacher: mc}\n")
+    teacher = load_config(cfg_path, {"synthesis.teacher.margin": 0}).synthesis.teacher
+    assert (teacher.name, teacher.margin) == ("mc", 0)
+    with pytest.raises(ConfigError, match="margin"):  # a setting the teacher does not have is still refused
+        load_config(tmp_path / "c.yaml", {"synthesis.teacher.name": "expert", "synthesis.teacher.margin": 0})
     data = tmp_path / "d.jsonl"
     data.write_text("a\n")
     k1 = stage_key({"x": 1}, [data])

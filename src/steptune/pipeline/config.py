@@ -168,6 +168,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
+            if isinstance(node.get(key), str):  # a section given by its name alone (teacher: mc) opens as {name: mc}
+                node[key] = {"name": node[key]}
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: cannot set {dotted}: {key} is not a section")
