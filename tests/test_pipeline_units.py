@@ -119,3 +119,11 @@ def test_stage_keys_survive_moving_the_run_and_ignore_speed_settings(tmp_path):
     assert "dtype" not in student and "prefix_cache_gb" not in student
     bf16 = keys(tmp_path / "a", **{"student.dtype": "bfloat16"})
     assert all((bf16[n] != here[n]) == n.startswith("eval:") for n in here)
+    # that exception is the backend's: another setting that happens to be called dtype, at "auto", stays in a key
+    from pydantic import BaseModel
+
+    class Other(BaseModel):
+        dtype: str = "auto"
+
+    assert config_for_key({"other": Other(), "student": Run(load_config(preset), tmp_path / "a").student("step")}) \
+        == {"other": {"dtype": "auto"}, "student": student}

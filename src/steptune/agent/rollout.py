@@ -382,7 +382,8 @@ class _Progress:
         self.total = total
         self.n = 0
         self.reward_sum = 0.0
-        self.failed: list[str] = []  # the failed episodes' reasons, said once at the end
+        self.failed = 0  # failed episodes, said once at the end with the first one's reason
+        self.first_failure: str | None = None
         self.start = time.perf_counter()
         self.every = every or max(1, total // 10)
         self.progress = None
@@ -406,7 +407,8 @@ class _Progress:
         self.n += 1
         self.reward_sum += ep.reward
         if ep.failure is not None:
-            self.failed.append(ep.failure)
+            self.failed += 1
+            self.first_failure = self.first_failure or ep.failure
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
@@ -421,5 +423,6 @@ class _Progress:
         if self.progress is not None:
             self.progress.stop()
         if self.enabled and self.failed:
-            print(f"{self.prefix}warning: {len(self.failed)} of {self.n} episodes failed and count as failures "
-                  f"(first: {self.failed[0].strip().splitlines()[0][:200]})", file=sys.stderr, flush=True)
+            first = (self.first_failure.strip().splitlines() or [""])[0][:200]
+            print(f"{self.prefix}warning: {self.failed} of {self.n} episodes failed and count as failures "
+                  f"(first: {first})", file=sys.stderr, flush=True)

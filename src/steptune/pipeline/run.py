@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
+from steptune.backends import BackendConfig
 from steptune.data.trajectory import load_trajectories, save_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
@@ -40,10 +41,9 @@ console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
 SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes", "prefix_cache_gb"}
-# settings added after runs existed, with the default that does what those runs did: at that default a stage's key
-# leaves them out, so a run directory made before them is still up to date
-ADDED_DEFAULTS = {"dtype": "auto"}
-
+# settings added after runs existed, per config class, with the default that does what those runs did: at that
+# default a stage's key leaves them out, so a run directory made before them is still up to date
+ADDED_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {BackendConfig: {"dtype": "auto"}}
 
 @dataclass
 class Stage:
@@ -58,18 +58,28 @@ class Stage:
 
 
 def config_for_key(config: Any, run_dir: Path | None = None) -> Any:
-    """What a stage's key hashes of its settings: not the speed-only ones, and paths inside the run directory relative
-    to it (a run directory that was moved or copied, e.g. from a cluster to a laptop, is still up to date)."""
-    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    """What a stage's key hashes of its settings: not the speed-only ones, not an added setting at its default, and
+    paths inside the run directory relative to it (a run directory that was moved or copied, e.g. from a cluster to a
+    laptop, is still up to date)."""
+    return _for_key(None, config, run_dir)
+
+
+def _for_key(obj: Any, data: Any, run_dir: Path | None) -> Any:
+    """`data` as a key hashes it; `obj` is the config object it was dumped from, if any (whose class has added
+    defaults)."""
+    if isinstance(data, BaseModel):
+        obj, data = data, data.model_dump(mode="json")
     if isinstance(data, dict):
-        return {k: config_for_key(v, run_dir) for k, v in data.items()
-                if k not in SPEED_ONLY and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
-    if isinstance(data, list):
-        return [config_for_key(v, run_dir) for v in data]
+        added = next((d for cls, d in ADDED_DEFAULTS.items() if isinstance(obj, cls)), {})
+        part = (lambda k: getattr(obj, k, None)) if isinstance(obj, BaseModel) else (lambda k: None)
+        return {k: _for_key(part(k), v, run_dir) for k, v in data.items()
+                if k not in SPEED_ONLY and not (k in added and v == added[k])}
+    if isinstance(data, (list, tuple)):
+        parts = list(obj) if isinstance(obj, (list, tuple)) and len(obj) == len(data) else [None] * len(data)
+        return [_for_key(o, v, run_dir) for o, v in zip(parts, data)]
     if run_dir is not None and isinstance(data, str) and (data == str(run_dir) or data.startswith(f"{run_dir}/")):
         return "<run>" + data[len(str(run_dir)):]
     return data
-
 
 @dataclass
 class Run:

@@ -210,6 +210,13 @@ def masked_sft_trainer():
     return MaskedSFTTrainer
 
 
+def trains_on_cpu() -> bool:
+    """Whether transformers' Trainer will put the model on the CPU (no CUDA device, no Apple GPU)."""
+    import torch
+
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 def load_model(cfg: TrainConfig, precision: str):
     """The model as steptune trains it (the throughput benchmark's bare loop uses it too)."""
     import torch
@@ -218,7 +225,7 @@ def load_model(cfg: TrainConfig, precision: str):
     from steptune.models.packed_attention import use_packed_attention
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if precision == "bf16" and not torch.cuda.is_available():
+    if precision == "bf16" and trains_on_cpu():
         # a CPU trains in mixed precision: fp32 weights and AdamW states (their small updates are not rounded away;
         # a CPU has the memory), bf16 matmuls under autocast, which is where the speed is (steptune.models.precision)
         from steptune.models.precision import warn_if_bf16_is_emulated
@@ -352,8 +359,8 @@ def sft_args(cfg: TrainConfig, precision: str):
     import torch
     from trl import SFTConfig
 
-    cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    cpu_ddp = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # several processes without CUDA (under accelerate launch / torchrun, a Mac's too) need gloo; GPUs keep NCCL
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return SFTConfig(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         max_length=cfg.max_length,
@@ -379,8 +386,8 @@ def sft_args(cfg: TrainConfig, precision: str):
         dataset_num_proc=None,
         save_only_model=False,
         disable_tqdm=not cfg.progress,
-        # several CPU processes (under accelerate launch / torchrun) need gloo; GPUs keep NCCL
-        use_cpu=cpu_ddp or (cpu and precision == "bf16"),  # transformers takes bf16 on a CPU only when told so
+        # transformers takes bf16 on a CPU only when told so
+        use_cpu=cpu_ddp or (precision == "bf16" and trains_on_cpu()),
         ddp_backend="gloo" if cpu_ddp else None,
     )
 
