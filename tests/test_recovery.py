@@ -123,17 +123,6 @@ def test_injected_errors_are_executed_and_identical_for_two_models(react_model_d
             assert res.observation == step.observation and not res.info["invalid"]
     finally:
         env.close()
-    # plain and injected episodes share one queue: each file holds its own kind, and the plain episodes are those
-    # of an evaluation without the injection
-    def plain(run: str) -> list[tuple[str, list[str]]]:
-        trajs = sorted(load_trajectories(tmp_path / run / "episodes.jsonl"), key=lambda t: t.id)
-        assert not any("injection" in t.meta or any(s.kind == "injected" for s in t.steps) for t in trajs)
-        return [(t.id, [s.action for s in t.steps]) for t in trajs]
-
-    evaluate(EvalConfig(model=str(react_model_dir), out=str(tmp_path / "alone"), **{**cfg, "inject": None}),
-             progress=False)
-    assert len(plain("react")) == 6 and plain("react") == plain("alone")
-    assert not (tmp_path / "alone" / "injected.jsonl").exists()
     # the summary sits beside the plain figures and agrees with the episodes
     for summary, trajs in zip(summaries, runs):
         s = summary["injection"]["seen"]

@@ -6,7 +6,7 @@ episodes leave, queued tasks take their slots. With a `teacher` (steptune.teache
 step is judged as soon as it has been executed: a wrong step is kept (kind "error", weight 0, critique attached)
 and followed by the teacher's reflection-and-correction step (kind "reflection", weight 1), executed in the env;
 then the student carries on; what the teacher did and cost is counted per episode (meta "teacher_counts"). With
-an `injection` (the recovery benchmark, steptune.agent.injection), each injected episode begins with the expert's
+an `injection` (the recovery benchmark, steptune.agent.injection), each episode begins with the expert's
 steps up to the injection point, then one injected wrong action, then the agent alone.
 
 Sampling (temperature > 0 with a seed) draws every turn from its own generator, seeded from (seed, episode id,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +56,7 @@ class Episode:
     plan_fresh: bool = False  # `plan` is for the current state
     teacher: TeacherCounts | None = None  # with a teacher: its accounting for this episode
     reward_before: float = 0.0  # the reward before the step just executed (did that step make progress?)
-    # recovery benchmark: the episode opens with an injected error; once injected, `injection` says
-    # {"step", "action", "error", "steps_to_plan"} (or {"skipped"} where the expert has no plan)
-    injected: bool = False
+    # recovery benchmark: {"step", "action", "error", "steps_to_plan"} once an error was injected (or {"skipped"})
     injection: dict[str, Any] | None = None
     awaiting_plan: bool = False  # injected, and the agent has not yet taken the expert's next action since
 
@@ -99,15 +97,12 @@ class RolloutTotals:
 def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
                  teacher: Teacher | None = None, on_episode_end: Callable[[Episode], None] | None = None,
                  max_context_tokens: int | None = None, progress: bool | str = True, example: str | None = None,
-                 totals: RolloutTotals | None = None,
-                 injection: InjectionConfig | Sequence[InjectionConfig | None] | None = None) -> list[Episode]:
+                 totals: RolloutTotals | None = None, injection: InjectionConfig | None = None) -> list[Episode]:
     """Run every task to the end; returns the episodes in the order of `tasks`.
 
     `gen.stop` defaults to the ReAct stops (end of the Action line). `max_context_tokens` defaults to the
     backend's window (`backend.context_window`) minus `gen.max_new_tokens`, when the backend knows it. `progress`:
     a bar (or lines in a log), none, or a label: lines that start with it (several runs printing at once).
-    `injection`: the recovery benchmark's injected error for every task, or one per task (None: played plainly), so
-    that plain and injected episodes share one queue and one tail of slow last episodes.
     """
     totals = totals if totals is not None else RolloutTotals()
     if not gen.stop:
@@ -118,10 +113,7 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
     count_tokens = getattr(backend, "count_tokens", approx_token_count)
     teacher_plans = teacher is not None and teacher.uses_expert_plan
     # who will ask for the expert's plan; where nobody will, ScienceWorld skips building its gold path at reset
-    injections = list(injection) if isinstance(injection, Sequence) else [injection] * len(tasks)
-    if len(injections) != len(tasks):
-        raise ValueError(f"run_episodes: {len(injections)} injections for {len(tasks)} tasks")
-    expert = teacher_plans or any(i is not None for i in injections)
+    expert = teacher_plans or injection is not None
 
     def wants_plan(ep: Episode) -> bool:
         return teacher_plans or ep.awaiting_plan
@@ -149,10 +141,8 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             for slot, idx, ep in started:
                 active[slot] = (idx, ep)
                 ep.teacher = TeacherCounts() if teacher is not None else None
-            for slot, idx, ep in started:
-                ep.injected = injections[idx] is not None
-            if to_inject := [(slot, ep, injections[idx]) for slot, idx, ep in started if ep.injected]:
-                _inject_errors(pool, to_inject, totals)
+            if injection is not None:
+                _inject_errors(pool, [(slot, ep) for slot, _, ep in started], injection, totals)
             for slot, _, ep in started:
                 if ep.failure is not None or ep.done or ep.steps_taken >= pool.max_steps(ep.task):
                     finish(slot)
@@ -196,7 +186,8 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
             plans = [ep.plan if wants_plan(ep) else None for ep in episodes]
             steps = [_student_step(reply) for reply in replies]
             _execute(pool, slots, episodes, steps, totals, wants_plan)
-            _note_back_on_plan(episodes, steps, plans)
+            if injection is not None:
+                _note_back_on_plan(episodes, steps, plans)
 
             if teacher is not None:
                 _judge_and_correct(pool, slots, episodes, steps, plans, teacher, totals, wants_plan)
@@ -250,13 +241,14 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
-def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode, InjectionConfig]], totals: RolloutTotals) -> None:
+def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode]], injection: InjectionConfig,
+                   totals: RolloutTotals) -> None:
     """The recovery benchmark's opening (steptune.agent.injection): the expert's steps until the injection
     step, then the injected error, all executed; one round of env calls per step for all new episodes."""
-    pending = [(slot, ep, inj, injection_step(inj, ep.task)) for slot, ep, inj in started if ep.failure is None]
+    pending = [(slot, ep, injection_step(injection, ep.task)) for slot, ep in started if ep.failure is None]
     while pending:
         slots, eps, steps, later = [], [], [], []
-        for slot, ep, injection, k in pending:
+        for slot, ep, k in pending:
             plan = pool.expert_actions(slot)
             if not plan:
                 ep.injection = {"skipped": "the expert has no plan here"}
@@ -265,7 +257,7 @@ def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode, InjectionCon
             if len(done) + 1 < k and len(plan) > 1:  # at least one expert action is left for the error to precede
                 last = done[-1].observation if done else ep.trajectory.task
                 step = Step(thought=explain(plan[0], plan[1:], last or ""), action=plan[0], kind="expert")
-                later.append((slot, ep, injection, k))
+                later.append((slot, ep, k))
             else:
                 action, error = injected_error(injection, ep.task, pool.valid_actions(slot), plan)
                 step = Step(thought=NEUTRAL_THOUGHT, action=action, kind="injected", weight=0)
@@ -276,7 +268,7 @@ def _inject_errors(pool: EnvPool, started: list[tuple[int, Episode, InjectionCon
             steps.append(step)
         if steps:
             _execute(pool, slots, eps, steps, totals)
-        pending = [(s, ep, inj, k) for s, ep, inj, k in later if not ep.done and ep.failure is None]
+        pending = [(s, ep, k) for s, ep, k in later if not ep.done and ep.failure is None]
 
 
 def _note_back_on_plan(episodes: list[Episode], steps: list[Step], plans: list[list[str] | None]) -> None:

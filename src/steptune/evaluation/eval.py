@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,18 +84,15 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
     try:
         wanted = set(cfg.tasks) if cfg.tasks is not None else None
         tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
-        # plain and injected episodes in one queue: one tail of slow last episodes instead of two
-        with ExitStack() as files:
-            plain = files.enter_context(TrajectoryWriter(out / EPISODES_FILE))
-            injected = files.enter_context(TrajectoryWriter(out / INJECTED_FILE)) if cfg.inject else None
-            runs = [(plain, None)] + ([(injected, cfg.inject)] if cfg.inject else [])
-            todo = [(t, injection) for writer, injection in runs for t in tasks
-                    if f"{t.split}:{t.id}" not in writer.done_ids]
-            if todo:
-                backend = make_backend(backend_cfg)
-                run_episodes(pool, [t for t, _ in todo], backend, gen, max_context_tokens=cfg.max_context_tokens,
-                             example=cfg.example, progress=progress, injection=[i for _, i in todo],
-                             on_episode_end=lambda ep: (injected if ep.injected else plain).write(ep.trajectory))
+        runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
+        for filename, injection in runs:
+            with TrajectoryWriter(out / filename) as writer:
+                todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
+                if todo:
+                    backend = backend or make_backend(backend_cfg)
+                    run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
+                                 example=cfg.example, progress=progress, injection=injection,
+                                 on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
     finally:
         pool.close()
         if backend is not None:
