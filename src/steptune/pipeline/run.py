@@ -45,6 +45,7 @@ SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address"
 # default a stage's key leaves them out, so a run directory made before them is still up to date
 ADDED_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {BackendConfig: {"dtype": "auto"}}
 
+
 @dataclass
 class Stage:
     name: str
@@ -80,6 +81,7 @@ def _for_key(obj: Any, data: Any, run_dir: Path | None) -> Any:
     if run_dir is not None and isinstance(data, str) and (data == str(run_dir) or data.startswith(f"{run_dir}/")):
         return "<run>" + data[len(str(run_dir)):]
     return data
+
 
 @dataclass
 class Run:
