@@ -186,3 +186,22 @@ def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_pat
     third = run(**{"split.d1_fraction": 0.75, "golden.limit": 4})
     assert third["golden"] != second["golden"] and third["split"] != second["split"]
     assert sizes() == [4, 3, 1]
+
+
+def _pid(config, progress=None) -> dict:
+    import os
+
+    return {"pid": os.getpid()}
+
+
+def test_stages_run_at_once_each_get_a_fresh_process(tmp_path):
+    """Evaluations that run side by side (`eval.processes`) each start in a new process, never in one that held an
+    earlier evaluation's model."""
+    from steptune.pipeline.run import Stage, _run_at_once
+
+    run = Run(load_config(PRESET), tmp_path / "run")
+    run.open()
+    stages = [Stage(f"eval:{i}", [], [], lambda: None, _pid, parallel=True) for i in range(4)]
+    _run_at_once(run, stages, [(s, None, f"key{i}") for i, s in enumerate(stages)], processes=2, only=None)
+    pids = [run.manifest.data["stages"][s.name]["info"]["pid"] for s in stages]
+    assert len(set(pids)) == 4

@@ -419,7 +419,22 @@ def _run_stage(run: Run, stages: list[Stage], stage: Stage, config: Any, key: st
     except BaseException as e:
         run.manifest.fail(stage.name, t0, e)
         raise
+    finally:
+        _give_back_memory()
     _finish(run, stage, t0, info)
+
+
+def _give_back_memory() -> None:
+    """Hand what a finished stage freed back to the system: glibc keeps a freed heap for reuse, and after the
+    trainings (in this process) the evaluations run in processes of their own beside it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+        pass
 
 
 def _one_torch_thread() -> None:
@@ -432,7 +447,8 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
                  only: set[str] | None) -> None:
     """Independent stages, `processes` at a time, each in a fresh process (spawned: this one may hold torch's
     threads) with one torch thread; each stage is recorded as it ends, and the first failure is raised once the
-    others have ended."""
+    others have ended. Fresh for every stage: a process that has held one evaluation's model keeps much of that
+    memory, and the next evaluation's environment workers would be forked from it."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -440,7 +456,8 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
     console.rule(f"[bold]{len(ready)} stages, {width} at a time")
     console.print(", ".join(s.name for s, _, _ in ready), soft_wrap=True)
     queue, running, failures = list(ready), {}, []
-    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=_one_torch_thread) as pool:
+    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=_one_torch_thread,
+                             max_tasks_per_child=1) as pool:
         while queue or running:
             while queue and len(running) < width:
                 stage, config, key = queue.pop(0)
