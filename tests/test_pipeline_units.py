@@ -54,6 +54,8 @@ def test_overrides_and_manifest_keys(tmp_path):
     assert (teacher.name, teacher.margin) == ("mc", 0)
     with pytest.raises(ConfigError, match="margin"):  # a setting the teacher does not have is still refused
         load_config(tmp_path / "c.yaml", {"synthesis.teacher.name": "expert", "synthesis.teacher.margin": 0})
+    with pytest.raises(ConfigError, match="cannot set model.base.x: base is not a section"):  # other strings stay
+        load_config(cfg_path, {"model.base.x": 1})
     data = tmp_path / "d.jsonl"
     data.write_text("a\n")
     k1 = stage_key({"x": 1}, [data])

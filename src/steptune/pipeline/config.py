@@ -153,6 +153,20 @@ class ConfigError(UserError, ValueError):
     pass
 
 
+def _takes_name_alone(path: list[str]) -> bool:
+    """Whether the section at `path` may be given by its name alone in a config (`teacher: mc`)."""
+    from steptune.teacher.registry import name_alone
+
+    model: Any = PipelineConfig
+    field = None
+    for key in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return False
+        field = model.model_fields[key]
+        model = field.annotation
+    return field is not None and any(getattr(m, "func", None) is name_alone for m in field.metadata)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load and validate a YAML config; an error is one line naming the file and each offending key path."""
     path = Path(path)
@@ -167,9 +181,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            if isinstance(node.get(key), str):  # a section given by its name alone (teacher: mc) opens as {name: mc}
-                node[key] = {"name": node[key]}
+        for i, key in enumerate(parents):
+            if isinstance(node.get(key), str) and _takes_name_alone(parents[: i + 1]):
+                node[key] = {"name": node[key]}  # `teacher: mc` opens as {name: mc} to take a setting of its own
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: cannot set {dotted}: {key} is not a section")

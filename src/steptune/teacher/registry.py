@@ -22,10 +22,11 @@ TEACHERS: dict[str, type[TeacherSettings]] = {
 }
 
 
-def _name_alone(value: Any) -> Any:
+def name_alone(value: Any) -> Any:
+    """`teacher: mc` in a config means `teacher: {name: mc}`."""
     return {"name": value} if isinstance(value, str) else value
 
 
 # the settings of any registered teacher, told apart by `name`
-AnyTeacher = Annotated[Union[tuple(TEACHERS.values())], BeforeValidator(_name_alone),  # noqa: UP007
+AnyTeacher = Annotated[Union[tuple(TEACHERS.values())], BeforeValidator(name_alone),  # noqa: UP007
                        Field(discriminator="name")]
