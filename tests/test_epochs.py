@@ -84,6 +84,15 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
     assert not (one / "eval" / "golden_d1" / "summary.json").read_text().count('"unseen"')  # seen only
     steps = {e: p["training"]["golden_d1"][0]["steps"] for e, p in zip((1, 2), curve["points"])}
     assert steps[2] == 2 * steps[1]
+    # the study trained 1 epoch: that point's two trainings are the study's, copied, not trained again
+    study = seed_dir(tmp_path, 0)
+    for m in ("golden_d1", "golden_all"):
+        assert manifest["stages"][f"train:{m}"]["reused_from"] == str(study)
+        assert manifest["stages"][f"train:{m}"]["key"] == json.loads(
+            (study / "manifest.json").read_text())["stages"][f"train:{m}"]["key"]
+        copied, trained = (one / "models" / m / "model.safetensors"), (study / "models" / m / "model.safetensors")
+        assert copied.read_bytes() == trained.read_bytes() and not copied.samefile(trained)
+        assert "reused_from" not in json.loads((two / "manifest.json").read_text())["stages"][f"train:{m}"]
     assert curve["chosen"] in (1, 2) and json.loads((tmp_path / "epoch_curve.json").read_text()) == curve
 
     # the pipeline warns when the base agent's U2 success is outside 30-70% (STeP's premise)
@@ -91,7 +100,7 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
     out = " ".join(log.split())
     assert ("warning: STeP's premise does not hold" in out) == (premise_note(base["success_rate"]) is not None)
     run_equal_steps(cfg, [0], tmp_path)
-    study, equal = seed_dir(tmp_path, 0), seed_dir(equal_steps_dir(tmp_path), 0)
+    equal = seed_dir(equal_steps_dir(tmp_path), 0)
     trained = {m: json.loads((study / "models" / m / "train_summary.json").read_text())["steps"]
                for m in cfg.methods}
     target = max(trained.values())

@@ -13,7 +13,10 @@ agent is retrained too, but stage 2 is not rerun, so only the optimizer steps ch
 splits without the injected error.
 
 Both are resumable like the study: one run directory per setting and seed,
-`<out>/epoch-curve/epochs-<E>/seed-<S>` and `<out>/equal-steps/seed-<S>`.
+`<out>/epoch-curve/epochs-<E>/seed-<S>` and `<out>/equal-steps/seed-<S>`. The study and its curve copy each other's
+finished stages where settings and inputs are the same (`runs_of_seed`): the curve's golden D1 and golden D1 ∪ D2
+at the chosen count are the study's, and a base agent trained by `--premise-only` is the curve's point at that
+count.
 """
 
 from __future__ import annotations
@@ -64,13 +67,14 @@ def curve_stages(cfg: PipelineConfig) -> set[str]:
 def run_epoch_curve(cfg: PipelineConfig, seeds: list[int], out: Path, counts: list[float]) -> dict[str, Any]:
     """Train and evaluate every point of the curve (resumable), write `<out>/epoch_curve.json`, return it."""
     from steptune.pipeline.run import console, run_pipeline
-    from steptune.pipeline.study import seed_dir
+    from steptune.pipeline.study import runs_of_seed, seed_dir
 
     for epochs in counts:
         for seed in seeds:
             console.rule(f"[bold]epoch curve: {epochs:g} epochs, seed {seed}")
             point = curve_config(cfg, epochs, seed)
-            run_pipeline(point, seed_dir(curve_dir(out, epochs), seed), only=curve_stages(point))
+            run_pipeline(point, seed_dir(curve_dir(out, epochs), seed), only=curve_stages(point),
+                         reuse_from=runs_of_seed(out, seed))
     curve = epoch_curve(out, seeds, counts)
     choose_epochs(curve["points"])  # an error if no point has results
     (out / "epoch_curve.json").write_text(json.dumps(curve, indent=2))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.manifest import (
     Manifest,
     check_stage,
+    file_digest,
     library_versions,
     stage_key,
 )
@@ -358,9 +359,12 @@ def clear(run: Run, stages: list[Stage], name: str, only: set[str] | None = None
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,
-                 until_stage: str | None = None, only: set[str] | None = None) -> Path:
+                 until_stage: str | None = None, only: set[str] | None = None,
+                 reuse_from: Sequence[Path] = ()) -> Path:
     """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones; `only`: just
-    these stages (the study's epoch curve and equal-steps runs, whose other inputs exist or are not needed)."""
+    these stages (the study's epoch curve and equal-steps runs, whose other inputs exist or are not needed);
+    `reuse_from`: other run directories whose finished stages with this run's key are copied instead of rerun (a
+    study and its epoch curve train the same base agent)."""
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
@@ -389,6 +393,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
             key = stage_key(config_for_key(config, run.dir), [p for p in stage.inputs if p.exists()])
             if run.manifest.is_done(stage.name, key, stage.outputs):
                 console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+            elif source := _reuse(run, stages, stage, key, reuse_from, only):
+                console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied from "
+                              f"{source}")
             else:
                 ready.append((stage, config, key))
         if len(ready) > 1:
@@ -398,6 +405,36 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
     run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
     run.manifest.save()
     return run.dir
+
+
+def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Sequence[Path],
+           only: set[str] | None) -> Path | None:
+    """Copy `stage`'s outputs from the first of `sources` that finished it with the same key; that run, or None.
+    Copies, not links: a later rerun of either run must not change the other's files."""
+    for source in sources:
+        if source.resolve() == run.dir.resolve() or not (source / "manifest.json").exists():
+            continue
+        record = Manifest(source).data["stages"].get(stage.name)
+        try:
+            theirs = [source / p.relative_to(run.dir) for p in stage.outputs]
+        except ValueError:  # an output outside the run directory: nothing to copy it from
+            return None
+        if not (record and record.get("status") == "done" and record.get("key") == key
+                and all(p.exists() for p in theirs)):
+            continue
+        clear(run, stages, stage.name, only)
+        for src, dst in zip(theirs, stage.outputs):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst, follow_symlinks=False)
+        run.manifest.data["stages"][stage.name] = {
+            **record, "outputs": {str(p): file_digest(p) for p in stage.outputs if p.exists()},
+            "reused_from": str(source)}
+        run.manifest.save()
+        return source
+    return None
 
 
 def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:

@@ -38,13 +38,20 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed-{seed}"
 
 
+def runs_of_seed(out: Path, seed: int) -> list[Path]:
+    """Every run of `seed` in a study directory (the study's own, its epoch curve's points): a stage one of them
+    finished with the same settings and inputs is copied into another instead of run again (the curve's golden D1
+    at the chosen count is the study's base agent)."""
+    return [seed_dir(out, seed), *sorted(out.glob(f"epoch-curve/epochs-*/seed-{seed}"))]
+
+
 def run_study(cfg: PipelineConfig, seeds: list[int], out: Path, command: str | None = None) -> dict:
     from steptune.pipeline.run import console, run_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         console.rule(f"[bold]study: seed {seed}")
-        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed))
+        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed), reuse_from=runs_of_seed(out, seed))
     return write_study(out, seeds, command)
 
 
@@ -66,7 +73,8 @@ def run_premise(cfg: PipelineConfig, seeds: list[int], out: Path) -> dict[int, f
     success = {}
     for seed in seeds:
         console.rule(f"[bold]premise: seed {seed}")
-        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed), only=set(PREMISE_STAGES))
+        run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed), only=set(PREMISE_STAGES),
+                     reuse_from=runs_of_seed(out, seed))
         success[seed] = base_agent_u2(seed_dir(out, seed))["success_rate"]
     return success
 
