@@ -411,17 +411,15 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
            only: set[str] | None) -> Path | None:
     """Copy `stage`'s outputs from the first of `sources` that finished it with the same key; that run, or None.
     Copies, not links: a later rerun of either run must not change the other's files."""
+    try:
+        inside = [p.relative_to(run.dir) for p in stage.outputs]
+    except ValueError:  # an output outside the run directory: nothing to copy it from
+        return None
     for source in sources:
-        if source.resolve() == run.dir.resolve() or not (source / "manifest.json").exists():
+        theirs, manifest = [source / p for p in inside], Manifest(source)
+        if source.resolve() == run.dir.resolve() or not manifest.is_done(stage.name, key, theirs):
             continue
-        record = Manifest(source).data["stages"].get(stage.name)
-        try:
-            theirs = [source / p.relative_to(run.dir) for p in stage.outputs]
-        except ValueError:  # an output outside the run directory: nothing to copy it from
-            return None
-        if not (record and record.get("status") == "done" and record.get("key") == key
-                and all(p.exists() for p in theirs)):
-            continue
+        record = manifest.data["stages"][stage.name]
         clear(run, stages, stage.name, only)
         for src, dst in zip(theirs, stage.outputs):
             dst.parent.mkdir(parents=True, exist_ok=True)
