@@ -100,3 +100,60 @@ def test_packed_prompts_continue_known_prefixes(config_cls, kw):
             assert kept == k.shape[2] or kw
             torch.testing.assert_close(k[:, :, -kept:], layer.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v[:, :, -kept:], layer.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_bf16_decode_attention_is_attention(mask_kind, groups):
+    """One query token per row over a left-padded cache: the bf16 decode path equals fp64 attention to bf16
+    precision, with grouped key/value heads and each mask form transformers passes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from steptune.models.packed_attention import decode_attention
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups = groups
+
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randn(4, 3 * groups, 1, 16, generator=g)
+    k, v = torch.randn(4, 3, 40, 16, generator=g), torch.randn(4, 3, 40, 16, generator=g)
+    keep = torch.ones(4, 1, 1, 40, dtype=torch.bool)
+    keep[1, ..., :25] = False  # left padding
+    keep[3, ..., :39] = False  # a row with one key
+    mask = {"bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, -1e9), "none": None}[mask_kind]
+    ref = sdpa_attention_forward(Layer(), q.double(), k.double(), v.double(),
+                                 None if mask is None else mask if mask.dtype == torch.bool else mask.double())[0]
+    out = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                           None if mask is None else mask if mask.dtype == torch.bool else mask.bfloat16())[0]
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape == (4, 1, 3 * groups, 16)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    if mask_kind != "none":  # the padded keys were not attended to: a changed padded value moves nothing
+        v2 = v.clone()
+        v2[1, :, :25] = 100.0
+        again = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v2.bfloat16(),
+                                 mask if mask.dtype == torch.bool else mask.bfloat16())[0]
+        assert torch.equal(again, out)
+
+
+def test_bf16_generation_takes_the_decode_path_and_matches_eager_attention():
+    """A bf16 model on packed attention decodes through `decode_attention` and gets transformers' eager-attention
+    logits at every decoding step (the same formula), on a left-padded batch."""
+    from unittest import mock
+
+    from steptune.models import packed_attention
+
+    model = tiny(LlamaConfig).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model.generate(ids, **kw)
+        use_packed_attention(model.set_attn_implementation("sdpa") or model)
+        with mock.patch.object(packed_attention, "decode_attention", wraps=packed_attention.decode_attention) as spy:
+            ours = model.generate(ids, **kw)
+    assert spy.call_count == 5 * model.config.num_hidden_layers  # every decoding step after the prefill, every layer
+    assert torch.equal(ours.sequences, eager.sequences)
+    for a, b in zip(ours.logits, eager.logits):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)

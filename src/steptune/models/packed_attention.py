@@ -103,11 +103,33 @@ def prefix_causal_mask(prefix_len: int, new: int, window: int | None, dtype, dev
     return mask
 
 
+def decode_attention(module, query, key, value, attention_mask, scaling=None):
+    """One new token per row against its cache, in bf16 on a CPU: transformers' eager attention (scores in
+    the model's dtype, softmax in fp32), with each key/value head's query heads as rows of one matmul instead of
+    repeated keys and values. PyTorch's CPU SDPA kernel is tiled for long queries: in bf16 with a 16-row batch
+    over 2,048 cached tokens it took 2.5x this (6.6 vs 2.6 ms a layer), and decode attention was 59% of a SmolLM2
+    evaluation's time (`benchmarks/smollm2_speed.py --only decode_attention`, docs/smollm2.md)."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    query = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (dim**-0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # (batch, kv_heads, query heads per kv head, dim)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (prompts := kwargs.get("packed_prompts")) is not None:
         return prefill_prompts(module, query, key, value, prompts, dropout, scaling, kwargs.get("sliding_window"))
+    if query.shape[2] == 1 and query.device.type == "cpu" and query.dtype == torch.bfloat16 and not dropout:
+        return decode_attention(module, query, key, value, attention_mask, scaling)
     unmasked_prefill = attention_mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
     if not unmasked_prefill or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
