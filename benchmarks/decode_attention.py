@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _agent import episode_args, play as play_episodes
 
 ENV_KWARGS = {"game": "twc", "max_steps": 30,
               "game_params": "numLocations=2,numItemsToPutAway=1,includeDoors=0,limitInventorySize=0"}
@@ -69,19 +70,11 @@ def op_rows(lengths: list[int], repeats: int) -> list[dict]:
 
 
 def play(model_dir: Path, kernel, n: int) -> dict:
-    from steptune.agent.rollout import run_episodes
-    from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend
-    from steptune.envs.pool import EnvPool
     from steptune.models import packed_attention
 
     packed_attention.decode_attention = kernel  # what packed_sdpa_forward calls for a bf16 decoding step
-    backend = LocalBackend(model_dir, dtype="bfloat16")
-    with EnvPool("twx", n, ENV_KWARGS) as pool:
-        tasks = pool.tasks("unseen")[:n]
-        t0 = time.perf_counter()
-        eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=48, temperature=0.0), progress=False)
-        wall = time.perf_counter() - t0
+    eps, wall = play_episodes(LocalBackend(model_dir, dtype="bfloat16"), ENV_KWARGS, n)
     return {"wall_s": wall, "steps": sum(len(e.trajectory.steps) for e in eps),
             "success": sum(e.trajectory.success for e in eps) / len(eps),
             "records": [[s.action for s in e.trajectory.steps] for e in eps]}
@@ -89,10 +82,8 @@ def play(model_dir: Path, kernel, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats; 4 episodes, one pass each way")
-    ap.add_argument("--model", type=Path, help="a trained ReAct agent: also play real episodes with each kernel")
-    ap.add_argument("--episodes", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    episode_args(ap, quick="fewer repeats; 4 episodes, one pass each way",
+                 model="a trained ReAct agent: also play real episodes with each kernel")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

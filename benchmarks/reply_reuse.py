@@ -17,26 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
-from _agent import agent_model
+from _agent import agent_model, episode_args, play as play_episodes
 
 ENV_KWARGS = {"game": "coin", "game_params": "numLocations=4,numDistractorItems=0,includeDoors=0", "max_steps": 20}
 
 
 def play(model_dir: Path, reuse: bool, n: int) -> dict:
-    from steptune.agent.rollout import run_episodes
-    from steptune.backends.base import GenerationConfig
     from steptune.backends.local import LocalBackend
-    from steptune.envs.pool import EnvPool
 
     backend = LocalBackend(model_dir, reuse_replies=reuse)
-    with EnvPool("twx", n, ENV_KWARGS) as pool:
-        tasks = pool.tasks("unseen")[:n]
-        t0 = time.perf_counter()
-        eps = run_episodes(pool, tasks, backend, GenerationConfig(max_new_tokens=48, temperature=0.0), progress=False)
-        wall = time.perf_counter() - t0
+    eps, wall = play_episodes(backend, ENV_KWARGS, n)
     steps = sum(len(e.trajectory.steps) for e in eps)
     return {"wall_s": wall, "steps": steps, "prefill_tokens": backend.prefill_tokens,
             "generated": backend.tokens_generated, "success": sum(e.trajectory.success for e in eps) / len(eps),
@@ -45,10 +37,7 @@ def play(model_dir: Path, reuse: bool, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 episodes, one pass each way")
-    ap.add_argument("--model", type=Path, help="a trained agent (default: the tests' tiny ReAct model)")
-    ap.add_argument("--episodes", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    episode_args(ap, quick="4 episodes, one pass each way", model="a trained agent (default: the tests' tiny ReAct model)")
     args = ap.parse_args()
     n = args.episodes or (4 if args.quick else 16)
 
