@@ -70,11 +70,14 @@ def op_rows(lengths: list[int], repeats: int) -> list[dict]:
 
 
 def play(model_dir: Path, kernel, n: int) -> dict:
+    from unittest import mock
+
     from steptune.backends.local import LocalBackend
     from steptune.models import packed_attention
 
-    packed_attention.decode_attention = kernel  # what packed_sdpa_forward calls for a bf16 decoding step
-    eps, wall = play_episodes(LocalBackend(model_dir, dtype="bfloat16"), ENV_KWARGS, n)
+    # what packed_sdpa_forward calls for a bf16 decoding step
+    with mock.patch.object(packed_attention, "decode_attention", kernel):
+        eps, wall = play_episodes(LocalBackend(model_dir, dtype="bfloat16"), ENV_KWARGS, n)
     return {"wall_s": wall, "steps": sum(len(e.trajectory.steps) for e in eps),
             "success": sum(e.trajectory.success for e in eps) / len(eps),
             "records": [[s.action for s in e.trajectory.steps] for e in eps]}

@@ -121,17 +121,18 @@ def test_bf16_decode_attention_is_attention(mask_kind, groups):
     keep[1, ..., :25] = False  # left padding
     keep[3, ..., :39] = False  # a row with one key
     mask = {"bool": keep, "additive": torch.zeros(keep.shape).masked_fill(~keep, -1e9), "none": None}[mask_kind]
-    ref = sdpa_attention_forward(Layer(), q.double(), k.double(), v.double(),
-                                 None if mask is None else mask if mask.dtype == torch.bool else mask.double())[0]
-    out = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v.bfloat16(),
-                           None if mask is None else mask if mask.dtype == torch.bool else mask.bfloat16())[0]
+
+    def mask_as(dtype):  # an additive mask in the attention's dtype; a boolean one as it is
+        return mask.to(dtype) if mask is not None and mask.dtype != torch.bool else mask
+
+    ref = sdpa_attention_forward(Layer(), q.double(), k.double(), v.double(), mask_as(torch.float64))[0]
+    out = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask_as(torch.bfloat16))[0]
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape == (4, 1, 3 * groups, 16)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     if mask_kind != "none":  # the padded keys were not attended to: a changed padded value moves nothing
         v2 = v.clone()
         v2[1, :, :25] = 100.0
-        again = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v2.bfloat16(),
-                                 mask if mask.dtype == torch.bool else mask.bfloat16())[0]
+        again = decode_attention(Layer(), q.bfloat16(), k.bfloat16(), v2.bfloat16(), mask_as(torch.bfloat16))[0]
         assert torch.equal(again, out)
 
 

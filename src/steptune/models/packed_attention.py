@@ -108,7 +108,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None):
     the model's dtype, softmax in fp32), with each key/value head's query heads as rows of one matmul instead of
     repeated keys and values. PyTorch's CPU SDPA kernel is tiled for long queries: in bf16 with a 16-row batch
     over 2,048 cached tokens it took 2.5x this (6.6 vs 2.6 ms a layer), and decode attention was 59% of a SmolLM2
-    evaluation's time (`benchmarks/smollm2_speed.py --only decode_attention`, docs/smollm2.md)."""
+    evaluation's time (`benchmarks/decode_attention.py`, docs/smollm2.md)."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     query = query.reshape(batch, kv_heads, heads // kv_heads, dim)

@@ -416,8 +416,10 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
     except ValueError:  # an output outside the run directory: nothing to copy it from
         return None
     for source in sources:
+        if source.resolve() == run.dir.resolve():
+            continue
         theirs, manifest = [source / p for p in inside], Manifest(source)
-        if source.resolve() == run.dir.resolve() or not manifest.is_done(stage.name, key, theirs):
+        if not manifest.is_done(stage.name, key, theirs):
             continue
         record = manifest.data["stages"][stage.name]
         clear(run, stages, stage.name, only)
