@@ -183,9 +183,15 @@ def test_lora_adapter_and_merged_model_reload(tiny_model_dir, data_file, tmp_pat
         assert peft_model(ids).logits.shape == merged(ids).logits.shape
 
 
+def test_a_finished_run_deletes_its_checkpoints_unless_kept(tiny_model_dir, data_file, tmp_path):
+    out = train(base_cfg(tiny_model_dir, data_file, tmp_path / "d", max_steps=4, save_steps=2))
+    assert (out / "train_summary.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / "checkpoints").exists()
+
+
 def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "r"
-    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2, keep_checkpoints=True))
     assert (out / "checkpoints" / "checkpoint-4").exists()
     train(base_cfg(tiny_model_dir, data_file, out, max_steps=6, save_steps=2))
     summary = json.loads((out / "train_summary.json").read_text())
@@ -197,7 +203,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, data_file, tm
 def finished_run(tiny_model_dir, data_file, tmp_path_factory):
     """4 steps of 3 per epoch (the last checkpoint ends inside an epoch), checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2, keep_checkpoints=True))
     return out
 
 
@@ -207,7 +213,7 @@ def rerun(tiny_model_dir, data_file, finished_run, tmp_path, damage=None) -> Pat
     shutil.copytree(finished_run, out)
     if damage:
         damage(out / "checkpoints" / "checkpoint-4")
-    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2))
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2, keep_checkpoints=True))
     return out
 
 
