@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
-from steptune.training.sft import TrainConfig, build_dataset, train
+from steptune.training.sft import TrainConfig, build_dataset, checkpoint_bytes, train
 
 ITEMS = [("red shirt", "wardrobe"), ("blue mug", "cupboard"), ("old book", "shelf"), ("green sock", "drawer"),
          ("toy car", "toy box"), ("white plate", "dish rack")]
@@ -249,6 +249,16 @@ def test_rerun_after_a_kill_while_saving_resumes_from_the_last_complete_checkpoi
     assert log == (finished_run / "train_log.jsonl").read_text()
     # the resumed run ends where the uninterrupted one did, to the bit
     assert (out / "model.safetensors").read_bytes() == (finished_run / "model.safetensors").read_bytes()
+
+
+def test_the_disk_estimate_is_the_size_of_a_real_checkpoint(tiny_model_dir, finished_run):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    on_disk = sum(f.stat().st_size for f in (finished_run / "checkpoints" / "checkpoint-4").iterdir())
+    assert checkpoint_bytes(model, lora=False) == pytest.approx(on_disk, rel=0.1)
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert checkpoint_bytes(adapter, lora=True) < on_disk / 10  # the adapter and its optimizer alone
 
 
 def test_rerun_after_the_final_checkpoint_trains_no_further_step(tiny_model_dir, data_file, finished_run, tmp_path):

@@ -243,6 +243,26 @@ def load_model(cfg: TrainConfig, precision: str):
     return model
 
 
+def checkpoint_bytes(model, lora: bool) -> int:
+    """One checkpoint's size on disk: the trained weights (all of them, or LoRA's adapter alone) and AdamW's two
+    fp32 moments of every trained parameter."""
+    params = list(model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    return sum(p.numel() * p.element_size() for p in (trained if lora else params)) + 8 * sum(p.numel() for p in trained)
+
+
+def warn_if_disk_is_short(out: Path, model, cfg: TrainConfig) -> None:
+    """A full disk fails a run at its first checkpoint, maybe hours in: say so before training starts."""
+    ckpt = checkpoint_bytes(model, cfg.lora is not None)
+    # transformers writes a new checkpoint before it rotates the oldest out; the final model comes on top
+    need = ckpt * (cfg.save_total_limit + 1) + sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        warnings.warn(f"{out}: {free / 1e9:.1f} GB free on its disk, but training may need {need / 1e9:.1f} GB "
+                      f"({cfg.save_total_limit} + 1 checkpoints of {ckpt / 1e9:.2f} GB and the final model); "
+                      "free space, or lower save_total_limit", stacklevel=2)
+
+
 def build_dataset(cfg: TrainConfig, tokenizer):
     """Encode every trajectory with its partial mask; returns (datasets.Dataset, stats)."""
     from datasets import Dataset
@@ -424,6 +444,7 @@ def train(cfg: TrainConfig) -> Path:
     resume = _last_checkpoint(out / "checkpoints") if cfg.resume_from_checkpoint else None
     if trainer.is_world_process_zero():
         _restart_log(out / TRAIN_LOG, resume)
+        warn_if_disk_is_short(out, trainer.model, cfg)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
