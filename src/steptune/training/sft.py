@@ -28,6 +28,7 @@ from steptune.errors import DeprecatedKeyWarning, UserError, show_deprecated_key
 TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint
+CHECKPOINTS = "checkpoints"  # under output_dir: transformers' checkpoint-<step> folders
 
 
 # old key -> the name transformers / TRL / peft use; the old names are read, with a warning, until release 0.3
@@ -248,14 +249,18 @@ def checkpoint_bytes(model, lora: bool) -> int:
     fp32 moments of every trained parameter."""
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
-    return sum(p.numel() * p.element_size() for p in (trained if lora else params)) + 8 * sum(p.numel() for p in trained)
+    return _bytes(trained if lora else params) + 8 * sum(p.numel() for p in trained)
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def warn_if_disk_is_short(out: Path, model, cfg: TrainConfig) -> None:
     """A full disk fails a run at its first checkpoint, maybe hours in: say so before training starts."""
     ckpt = checkpoint_bytes(model, cfg.lora is not None)
     # transformers writes a new checkpoint before it rotates the oldest out; the final model comes on top
-    need = ckpt * (cfg.save_total_limit + 1) + sum(p.numel() * p.element_size() for p in model.parameters())
+    need = ckpt * (cfg.save_total_limit + 1) + _bytes(model.parameters())
     free = shutil.disk_usage(out).free
     if free < need:
         warnings.warn(f"{out}: {free / 1e9:.1f} GB free on its disk, but training may need {need / 1e9:.1f} GB "
@@ -385,7 +390,7 @@ def sft_args(cfg: TrainConfig, precision: str):
     # several processes without CUDA (under accelerate launch / torchrun, a Mac's too) need gloo; GPUs keep NCCL
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return SFTConfig(
-        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        output_dir=str(Path(cfg.output_dir) / CHECKPOINTS),
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",  # whole samples only: a trajectory is never split across rows
@@ -441,7 +446,7 @@ def train(cfg: TrainConfig) -> Path:
     trainer = masked_sft_trainer()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=[_log_callback(out / TRAIN_LOG)])
     trainer.fused_lm_head = torch.cuda.is_available() if cfg.fused_lm_head is None else cfg.fused_lm_head
-    resume = _last_checkpoint(out / "checkpoints") if cfg.resume_from_checkpoint else None
+    resume = _last_checkpoint(out / CHECKPOINTS) if cfg.resume_from_checkpoint else None
     if trainer.is_world_process_zero():
         _restart_log(out / TRAIN_LOG, resume)
         warn_if_disk_is_short(out, trainer.model, cfg)
@@ -465,7 +470,7 @@ def train(cfg: TrainConfig) -> Path:
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, out / SUMMARY)
         if not cfg.keep_checkpoints:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return out
 
