@@ -243,6 +243,16 @@ def test_decoding_equals_transformers_generate(backend, prompts):
         assert b.complete(prompts, GenerationConfig(max_new_tokens=40)) == expected
 
 
+def test_sampling_seeds_follow_their_conversations_across_calls(tmp_path_factory, prompts):
+    """More conversations than one call takes: each still samples with its own seed."""
+    small = LocalBackend(react_model_fixture(tmp_path_factory), max_batch_size=2)
+    gen = GenerationConfig(max_new_tokens=20, temperature=2.0, row_seeds=[11, 12, 13, 14, 15])
+    batch = (prompts * 2)[:5]
+    alone = [small.complete([c], GenerationConfig(**{**gen.__dict__, "row_seeds": [s]}))[0]
+             for c, s in zip(batch, gen.row_seeds)]
+    assert small.complete(batch, gen) == alone
+
+
 def test_finished_rows_leave_the_batch(backend, prompts):
     """A row that has hit its stop no longer runs through the model; what every row generates is unchanged."""
     batch = prompts * 2

@@ -3,6 +3,7 @@ finished leaves the batch."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from steptune.backends.base import ChatBackend, Conversation, GenerationConfig
@@ -111,7 +112,9 @@ class LocalBackend(ChatBackend):
     def complete(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
         out: list[str] = []
         for i in range(0, len(conversations), self.max_batch_size):
-            out.extend(self._generate(conversations[i : i + self.max_batch_size], gen))
+            part = slice(i, i + self.max_batch_size)
+            seeds = None if gen.row_seeds is None else gen.row_seeds[part]  # each conversation keeps its own
+            out.extend(self._generate(conversations[part], dataclasses.replace(gen, row_seeds=seeds)))
         return out
 
     def _generate(self, conversations: list[Conversation], gen: GenerationConfig) -> list[str]:
