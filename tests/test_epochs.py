@@ -14,6 +14,7 @@ from steptune.pipeline.epochs import (
     equal_steps_dir,
     run_epoch_curve,
     run_equal_steps,
+    study_sections,
 )
 from steptune.pipeline.report import premise_note
 from steptune.pipeline.study import seed_dir, write_study
@@ -60,6 +61,7 @@ def test_study_report_shows_the_curve_and_the_equal_steps_row(tmp_path):
             {"golden_d1": 2, "golden_all": 2, "step": 2, "step_unmasked": 2}
         for m in methods:
             save_trajectories([_ep(i, i < wins[m]) for i in range(4)], run / "eval" / m / "episodes.jsonl")
+            (run / "eval" / m / "summary.json").write_text("{}")  # the evaluation finished
             (run / "models" / m).mkdir(parents=True)
             (run / "models" / m / "train_summary.json").write_text(json.dumps({"steps": 30, "epochs": 2.0}))
     _curve_run(seed_dir(curve_dir(tmp_path, 2), 0), {"golden_d1": 1, "golden_all": 3})
@@ -113,6 +115,8 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
     assert "synthesize" not in stages and "golden" not in stages
     s = write_study(tmp_path, [0])
     assert s["equal_steps"]["steps_per_seed"] == [target] and "step_minus_golden_d1_seen" in s["equal_steps"]
+    # a study of more seeds than the row (`--equal-steps-seeds`): the row aggregates the seeds it has
+    assert study_sections(tmp_path, [0, 1])["equal_steps"]["seeds"] == [0]
 
     # resumable: a second call finds every stage up to date and retrains nothing
     before = {m: (equal / "models" / m / "train_summary.json").stat().st_mtime_ns for m in cfg.methods}
@@ -139,3 +143,19 @@ def test_the_curve_can_run_on_fewer_seeds_than_the_study(tmp_path):
     points = tmp_path / "out" / "epoch-curve" / "epochs-1"
     assert (points / "seed-0" / "eval" / "golden_all" / "summary.json").exists() and not (points / "seed-1").exists()
     assert json.loads((tmp_path / "out" / "epoch_curve.json").read_text())["seeds"] == [0]
+
+
+@pytest.mark.parametrize("args,message", [(["--equal-steps", "--equal-steps-seeds", "3"], "not among the study's"),
+                                          (["--equal-steps-seeds", "0"], "add --equal-steps")])
+def test_equal_steps_seeds_must_be_study_seeds_of_an_equal_steps_row(tmp_path, args, message):
+    import yaml
+    from _tiny_study import TINY
+    from typer.testing import CliRunner
+
+    from steptune.cli.app import app
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(app, ["study", str(tmp_path / "tiny.yaml"), "--seeds", "0", "--seeds", "1", *args,
+                                      "--output", str(tmp_path / "out")])
+    assert result.exit_code != 0 and message in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "out").exists()  # refused before any work

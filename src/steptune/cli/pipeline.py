@@ -99,6 +99,9 @@ def study(
                                           "the study's): one seed makes the curve of a slow model affordable."),
     equal_steps: bool = typer.Option(False, "--equal-steps", help="Add the sensitivity row: every method retrained "
                                      "for the same number of optimizer steps on the study's data."),
+    equal_steps_seeds: list[int] = typer.Option([], "--equal-steps-seeds", help="Seeds of the equal-steps row "
+                                                "(repeatable; default: the study's): one seed makes the row of a "
+                                                "slow model affordable."),
     teachers: Optional[str] = typer.Option(
         None, "--teachers", help="Also compare stage-2 teachers, e.g. expert,mc,self: each judges stage 2 from every "
         "seed's base agent, STeP retrains on its Dr; writes teachers.{json,md,html} (see docs/teachers.md)."),
@@ -117,6 +120,10 @@ def study(
 
     cfg = _load(config, set_, QUICK if quick else None)
     command = shlex.join(["steptune", *sys.argv[1:]])
+    if unknown := sorted(set(equal_steps_seeds) - set(seeds)):
+        raise typer.BadParameter(f"--equal-steps-seeds {unknown} are not among the study's --seeds {seeds}")
+    if equal_steps_seeds and not equal_steps:
+        raise typer.BadParameter("--equal-steps-seeds picks the seeds of --equal-steps: add --equal-steps")
     if premise_only:
         if epoch_curve or equal_steps or teachers:
             raise typer.BadParameter("--premise-only runs no study: drop --epoch-curve, --equal-steps and --teachers "
@@ -141,7 +148,7 @@ def study(
         cfg = with_epochs(cfg, curve["chosen"])
     result = run_study(cfg, seeds, output, command)
     if equal_steps:
-        run_equal_steps(cfg, seeds, output)
+        run_equal_steps(cfg, equal_steps_seeds or seeds, output)
         result = write_study(output, seeds, command)
     if teachers:
         from steptune.pipeline.teachers import run_teachers, teachers_markdown

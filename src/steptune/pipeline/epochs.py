@@ -167,15 +167,25 @@ def study_sections(out: Path, seeds: list[int]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if (path := out / "epoch_curve.json").exists():
         extra["epoch_curve"] = json.loads(path.read_text())
-    runs = [seed_dir(equal_steps_dir(out), s) for s in seeds]
-    if all((r / "manifest.json").exists() for r in runs) and runs:
-        s = aggregate(equal_steps_dir(out), seeds)
+    # the seeds whose equal-steps runs are evaluated (`--equal-steps-seeds` may pick fewer than the study's)
+    done = [seed for seed in seeds if _evaluated(seed_dir(equal_steps_dir(out), seed))]
+    if done:
+        s = aggregate(equal_steps_dir(out), done)
         extra["equal_steps"] = {
-            "rule": EQUAL_STEPS_RULE,
+            "rule": EQUAL_STEPS_RULE, "seeds": done,
             "steps_per_seed": [max((t or {}).get("steps") or 0 for t in per_method)
                                for per_method in zip(*s["training"].values())],
             "success": s["success"], **{k: v for k, v in s.items() if any(k.startswith(f"{p}_") for p in PAIRS)}}
     return extra
+
+
+def _evaluated(run: Path) -> bool:
+    """Whether every method of the run at `run` has finished its evaluation (episodes are written as they end)."""
+    layout = RunLayout(run)
+    if not layout.manifest.exists():
+        return False
+    methods = json.loads(layout.manifest.read_text())["config"]["methods"]
+    return all(layout.eval_summary(m).exists() for m in methods)
 
 
 def study_markdown_sections(s: dict[str, Any]) -> list[str]:
@@ -198,7 +208,7 @@ def study_markdown_sections(s: dict[str, Any]) -> list[str]:
     if eq := s.get("equal_steps"):
         splits = list(next(iter(eq["success"].values())))
         md += ["", "## Sensitivity: equal optimizer steps", "",
-               f"Rule: {eq['rule']}. Steps per seed: {eq['steps_per_seed']}.", "",
+               f"Rule: {eq['rule']}. Seeds {eq.get('seeds')}, steps per seed: {eq['steps_per_seed']}.", "",
                "| | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
         for m, per_split in eq["success"].items():
             md.append(f"| {s['methods'].get(m, m)} success % | " + " | ".join(_pct(per_split[sp]) for sp in splits)
