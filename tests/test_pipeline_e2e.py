@@ -118,9 +118,18 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and everything it started
     proc.wait()
     assert json.loads((run / "manifest.json").read_text())["stages"]["eval:golden_d1"]["status"] == "running"
+    # `steptune status` tells what the kill left: the evaluation unfinished with the episodes a rerun keeps
+    killed = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in killed.splitlines() if line.startswith("eval:golden_d1 "))
+    written = int(row.split("│")[-1].split()[0])
+    assert "unfinished" in row and written >= 2 and "episodes written" in row
+    assert written == len(load_trajectories(run / "eval" / "golden_d1" / "episodes.jsonl"))
+    assert all(" done " in line for line in killed.splitlines() if line.startswith("train:"))
     proc = quickstart(run)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
+    finished = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True).stdout
+    assert "unfinished" not in finished and "not started" not in finished and "report" in finished
     assert "eval:golden_d1" in log and "train:golden_d1: up to date, skipped" in log
     for m in RERUN:
         assert episodes(run, m) == episodes(clean, m)

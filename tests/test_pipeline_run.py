@@ -76,6 +76,14 @@ def test_a_failed_stage_is_recorded_as_failed_and_reported_in_one_line(tmp_path)
     assert "golden.jsonl" in proc.stderr
     stage = manifest(run)["stages"]["golden"]
     assert stage["status"] == "failed" and stage["error"]
+    status = steptune("status", run)  # the failure and what never ran, from the run's files
+    assert status.returncode == 0, status.stderr
+    lines = " ".join(status.stdout.split())
+    assert "golden │ failed" in lines and "golden.jsonl" in lines
+    assert "not started: split, init_model, train:golden_d1, synthesize" in lines
+    (tmp_path / "empty").mkdir()
+    empty = steptune("status", tmp_path / "empty")
+    assert empty.returncode == 2 and "no run under" in " ".join(empty.stderr.replace("│", " ").split())
 
 
 @pytest.mark.parametrize("setting, key", [

@@ -161,3 +161,20 @@ def study(
         typer.secho(f"warning: {result['premise_note']}", fg="yellow")
     typer.echo(f"wrote {output / 'study.json'}, {output / 'study.md'}, {output / 'study.html'}")
     typer.echo(json.dumps({k: result.get(k) for k in HEADLINE_KEYS}))
+
+
+@app.command()
+def status(
+    path: Path = typer.Argument(Path("runs"), exists=True, file_okay=False,
+                                help="A run directory, or a study's (every run below it)."),
+) -> None:
+    """Where a run or a study stands, from its files alone: each stage done (how long it took) or copied from
+    another run, unfinished (still running, or interrupted: rerunning the same command resumes it) with what it has
+    written so far, failed, or not started."""
+    from rich.console import Console
+
+    from steptune.pipeline.status import find_runs, print_status
+
+    if not find_runs(path):
+        raise typer.BadParameter(f"no run under {path} (a run directory holds manifest.json)")
+    print_status(path, Console())

@@ -1,0 +1,88 @@
+"""Where a run or a study stands (`steptune status`): each stage of each run under a directory, done (how long it
+took) or copied from another run, unfinished (still running, or interrupted: a rerun resumes it) with what it has
+written so far, failed, or not started. A SmolLM2 study runs for a day over many restarts; this answers "how far is it" from the
+files alone, without starting anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE
+from steptune.pipeline.layout import RunLayout
+
+MANIFEST = "manifest.json"
+
+
+def find_runs(path: Path) -> list[Path]:
+    """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
+    equal-steps/seed-<S> ...), in path order."""
+    if (path / MANIFEST).exists():
+        return [path]
+    return sorted(p.parent for p in path.rglob(MANIFEST))
+
+
+def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The stages the run has started, in the order it started them ({stage, state, seconds, progress}), and the
+    names of the pipeline's stages it has not started (a partial run, such as an epoch-curve point, never will)."""
+    from steptune.pipeline.config import PipelineConfig
+    from steptune.pipeline.run import Run
+
+    manifest = json.loads((run / MANIFEST).read_text())
+    rows = []
+    for name, rec in manifest.get("stages", {}).items():
+        status = rec.get("status", "?")
+        state = "copied" if status == "done" and rec.get("reused_from") else \
+            {"running": "unfinished"}.get(status, status)
+        progress = {"done": "", "failed": rec.get("error", "")}.get(status, _progress(RunLayout(run), name))
+        rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
+    try:
+        planned = [s.name for s in Run(PipelineConfig.model_validate(manifest["config"]), run).stages()]
+    except Exception:  # noqa: BLE001 - a manifest from another version: show what it records
+        planned = []
+    started = {r["stage"] for r in rows}
+    return rows, [name for name in planned if name not in started]
+
+
+def _progress(layout: RunLayout, stage: str) -> str:
+    """What an unfinished stage has written: the files a rerun resumes from."""
+    kind, _, name = stage.partition(":")
+    if kind == "train":
+        checkpoints = sorted((layout.model_dir(name) / "checkpoints").glob("checkpoint-*"),
+                             key=lambda p: int(p.name.rpartition("-")[2]))
+        if checkpoints and (state := checkpoints[-1] / "trainer_state.json").exists():
+            s = json.loads(state.read_text())
+            return f"step {s.get('global_step')} of {s.get('max_steps')} saved"
+        return "no checkpoint yet"
+    if kind == "eval":
+        written = [_lines(layout.eval_dir(name) / f) for f in (EPISODES_FILE, INJECTED_FILE)]
+        return f"{written[0]} episodes written" + (f", {written[1]} with the injected error" if written[1] else "")
+    if kind == "synthesize":
+        return f"{_lines(layout.dataset('synthesized'))} stage-2 episodes written"
+    return ""
+
+
+def _lines(path: Path) -> int:
+    return sum(1 for line in path.open() if line.strip()) if path.exists() else 0
+
+
+def print_status(path: Path, console) -> None:
+    """Every run under `path`: a table of the stages it started, then those it has not."""
+    from rich.table import Table
+
+    for run in find_runs(path):
+        rows, not_started = run_status(run)
+        console.print(f"[bold]{run}[/bold]")
+        table = Table(show_edge=False, pad_edge=False)
+        for col in ("stage", "state", "time", "so far"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            seconds = row["seconds"]
+            time = "" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+            style = None if row["state"] in ("done", "copied") else "yellow"
+            table.add_row(row["stage"], row["state"], time, row["progress"], style=style)
+        console.print(table)
+        if not_started:
+            console.print(f"[dim]not started: {', '.join(not_started)}[/dim]")
+        console.print()
