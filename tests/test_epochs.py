@@ -10,6 +10,7 @@ from steptune.data.trajectory import Step, Trajectory, save_trajectories
 from steptune.pipeline.epochs import (
     choose_epochs,
     curve_dir,
+    edge_note,
     epoch_curve,
     equal_steps_dir,
     run_epoch_curve,
@@ -45,6 +46,11 @@ def test_the_curve_picks_the_best_mean_seen_success_and_fewer_epochs_on_a_tie(tm
     assert curve["points"][0]["seen_success"] == {"golden_d1": 0.0, "golden_all": 50.0}
     assert curve["points"][2]["training"]["golden_d1"] == [{"steps": 40, "train_loss": 1.0}] * 2
     assert curve["chosen"] == 8  # 52.5 beats 50.0 by more than the 1-point tie margin
+    # ...and is the largest count tried, still climbing: the curve says so
+    assert curve["note"].startswith("the chosen 8 epochs is the largest count tried and beat 4 by 2.5 points")
+    points = curve["points"]
+    assert edge_note(points, 4) is None  # not the edge
+    assert edge_note(points[:1], 2) is None  # one point: nothing to compare
     assert choose_epochs([{**p, "score": s} for p, s in zip(curve["points"], [25.0, 52.0, 52.5])]) == 4  # a tie
     assert choose_epochs([{"epochs": 2, "score": None}, {"epochs": 4, "score": 10.0}]) == 4  # an unfinished point
     with pytest.raises(Exception, match="no seen-split results"):

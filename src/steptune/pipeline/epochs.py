@@ -81,6 +81,8 @@ def run_epoch_curve(cfg: PipelineConfig, seeds: list[int], out: Path, counts: li
     console.print(f"[bold]epoch curve[/bold] (seen success %, mean of the two golden methods): "
                   + ", ".join(f"{p['epochs']:g} → {p['score']}" for p in curve["points"])
                   + f"; chosen: {curve['chosen']:g} epochs")
+    if curve["note"]:
+        console.print(f"[yellow]warning: {curve['note']}[/yellow]")
     return curve
 
 
@@ -105,7 +107,20 @@ def epoch_curve(out: Path, seeds: list[int], counts: list[float]) -> dict[str, A
         points.append({"epochs": epochs, "seen_success": seen, "training": training, "episodes_per_seed": episodes,
                        "score": round(float(np.mean(scores)), 2) if len(scores) == len(CURVE_METHODS) else None})
     chosen = choose_epochs(points) if any(p["score"] is not None for p in points) else None
-    return {"split": CURVE_SPLIT, "seeds": seeds, "rule": RULE, "points": points, "chosen": chosen}
+    return {"split": CURVE_SPLIT, "seeds": seeds, "rule": RULE, "points": points, "chosen": chosen,
+            "note": edge_note(points, chosen)}
+
+
+def edge_note(points: list[dict[str, Any]], chosen: float | None) -> str | None:
+    """A warning when the chosen count is the largest tried (so it beat every smaller one by more than the tie
+    margin): the curve has not shown that longer training stops paying (the SmolLM2 study's 1, 2, 4 chose 4, 19.5
+    points above 2)."""
+    scored = sorted((p for p in points if p["score"] is not None), key=lambda p: p["epochs"])
+    if chosen is None or len(scored) < 2 or chosen != scored[-1]["epochs"]:
+        return None
+    gain = scored[-1]["score"] - scored[-2]["score"]
+    return (f"the chosen {chosen:g} epochs is the largest count tried and beat {scored[-2]['epochs']:g} by "
+            f"{gain:.1f} points: longer training may still pay; add a larger count to --epoch-curve")
 
 
 def choose_epochs(points: list[dict[str, Any]], tie_pp: float = TIE_PP) -> float:
@@ -195,7 +210,8 @@ def study_markdown_sections(s: dict[str, Any]) -> list[str]:
     md: list[str] = []
     if curve := s.get("epoch_curve"):
         md += ["", f"## Epoch count, chosen on the {curve['split']} split", "",
-               f"Rule: {curve['rule']}. Chosen: **{curve['chosen']:g} epochs** (seeds {curve['seeds']}).", "",
+               f"Rule: {curve['rule']}. Chosen: **{curve['chosen']:g} epochs** (seeds {curve['seeds']})."
+               + (f" Note: {curve['note']}." if curve.get("note") else ""), "",
                "| epochs | golden D1 seen % | golden D1 ∪ D2 seen % | score | optimizer steps (D1 / D1 ∪ D2) "
                "| train loss (D1 / D1 ∪ D2) |", "|---:|---:|---:|---:|---|---|"]
         for p in curve["points"]:
