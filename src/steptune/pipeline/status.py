@@ -35,7 +35,8 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
-        progress = {"done": "", "failed": rec.get("error", "")}.get(status, _progress(RunLayout(run), name))
+        progress = "" if status == "done" else rec.get("error", "") if status == "failed" else \
+            _progress(RunLayout(run), name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
     try:
         planned = [s.name for s in Run(PipelineConfig.model_validate(manifest["config"]), run).stages()]
