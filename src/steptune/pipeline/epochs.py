@@ -224,7 +224,8 @@ def study_markdown_sections(s: dict[str, Any]) -> list[str]:
     if eq := s.get("equal_steps"):
         splits = list(next(iter(eq["success"].values())))
         md += ["", "## Sensitivity: equal optimizer steps", "",
-               f"Rule: {eq['rule']}. Seeds {eq.get('seeds')}, steps per seed: {eq['steps_per_seed']}.", "",
+               f"Rule: {eq['rule']}." + (f" Seeds {eq['seeds']}," if "seeds" in eq else "")
+               + f" Steps per seed: {eq['steps_per_seed']}.", "",
                "| | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
         for m, per_split in eq["success"].items():
             md.append(f"| {s['methods'].get(m, m)} success % | " + " | ".join(_pct(per_split[sp]) for sp in splits)
