@@ -12,15 +12,13 @@ from typing import Any
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE
 from steptune.pipeline.layout import RunLayout
 
-MANIFEST = "manifest.json"
-
-
 def find_runs(path: Path) -> list[Path]:
     """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
     equal-steps/seed-<S> ...), in path order."""
-    if (path / MANIFEST).exists():
+    manifest = RunLayout(path).manifest
+    if manifest.exists():
         return [path]
-    return sorted(p.parent for p in path.rglob(MANIFEST))
+    return sorted(p.parent for p in path.rglob(manifest.name))
 
 
 def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -29,14 +27,15 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     from steptune.pipeline.config import PipelineConfig
     from steptune.pipeline.run import Run
 
-    manifest = json.loads((run / MANIFEST).read_text())
+    layout = RunLayout(run)
+    manifest = json.loads(layout.manifest.read_text())
     rows = []
     for name, rec in manifest.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
         progress = "" if status == "done" else rec.get("error", "") if status == "failed" else \
-            _progress(RunLayout(run), name)
+            _progress(layout, name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
     try:
         planned = [s.name for s in Run(PipelineConfig.model_validate(manifest["config"]), run).stages()]
@@ -50,12 +49,12 @@ def _progress(layout: RunLayout, stage: str) -> str:
     """What an unfinished stage has written: the files a rerun resumes from."""
     kind, _, name = stage.partition(":")
     if kind == "train":
-        checkpoints = sorted((layout.model_dir(name) / "checkpoints").glob("checkpoint-*"),
-                             key=lambda p: int(p.name.rpartition("-")[2]))
-        if checkpoints and (state := checkpoints[-1] / "trainer_state.json").exists():
-            s = json.loads(state.read_text())
-            return f"step {s.get('global_step')} of {s.get('max_steps')} saved"
-        return "no checkpoint yet"
+        from steptune.training.sft import CHECKPOINTS, TRAINER_STATE, last_complete_checkpoint
+
+        if (checkpoint := last_complete_checkpoint(layout.model_dir(name) / CHECKPOINTS)) is None:
+            return "no checkpoint yet"
+        s = json.loads((checkpoint / TRAINER_STATE).read_text())
+        return f"step {s.get('global_step')} of {s.get('max_steps')} saved"
     if kind == "eval":
         written = [_lines(layout.eval_dir(name) / f) for f in (EPISODES_FILE, INJECTED_FILE)]
         return f"{written[0]} episodes written" + (f", {written[1]} with the injected error" if written[1] else "")

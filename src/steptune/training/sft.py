@@ -354,15 +354,23 @@ def _checkpoint_complete(ckpt: Path) -> bool:
         return False
 
 
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint under `ckpt_dir`, what a rerun resumes from; reads only."""
+    return max(filter(_checkpoint_complete, _checkpoints(ckpt_dir)), key=_step, default=None)
+
+
 def _last_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint. Incomplete ones are deleted (by the main process): transformers and every
     later rerun would otherwise take the newest of them for the place to resume from."""
-    candidates = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
-    complete = [p for p in candidates if _checkpoint_complete(p)]
     if int(os.environ.get("RANK", "0")) == 0:
-        for p in set(candidates) - set(complete):
-            shutil.rmtree(p, ignore_errors=True)
-    return max(complete, key=_step, default=None)
+        for p in _checkpoints(ckpt_dir):
+            if not _checkpoint_complete(p):
+                shutil.rmtree(p, ignore_errors=True)
+    return last_complete_checkpoint(ckpt_dir)
 
 
 def _restart_log(path: Path, checkpoint: Path | None) -> None:
