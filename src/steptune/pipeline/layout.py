@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, SUMMARY_FILE
+from steptune.pipeline.manifest import MANIFEST_FILE
 from steptune.synthesis.synthesize import teacher_stats_path
 from steptune.training.sft import SUMMARY as TRAIN_SUMMARY
 from steptune.training.sft import TRAIN_LOG
@@ -32,7 +33,7 @@ class RunLayout:
 
     @property
     def manifest(self) -> Path:
-        return self.dir / "manifest.json"
+        return self.dir / MANIFEST_FILE
 
     def dataset(self, name: str) -> Path:
         """golden, d1, d2, synthesized or dr."""

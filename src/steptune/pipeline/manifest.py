@@ -62,9 +62,12 @@ def check_stage(stages: list[str], name: str) -> None:
         raise UnknownStageError(f"unknown stage {name!r}; stages are: {', '.join(stages)}")
 
 
+MANIFEST_FILE = "manifest.json"
+
+
 class Manifest:
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "manifest.json"
+        self.path = run_dir / MANIFEST_FILE
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
 
     def save(self) -> None:
