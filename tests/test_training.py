@@ -1,7 +1,9 @@
 """Masked SFT with real transformers / TRL / peft on a tiny Llama: masks, loss, packing, learning, LoRA, resume."""
 
+import contextlib
 import itertools
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
@@ -189,13 +192,46 @@ def test_a_finished_run_deletes_its_checkpoints_unless_kept(tiny_model_dir, data
     assert not (out / "checkpoints").exists()
 
 
+@contextlib.contextmanager
+def trainer_warnings():
+    """The messages transformers' Trainer logs meanwhile."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        trainer_log.removeHandler(handler)
+
+
 def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "r"
     train(base_cfg(tiny_model_dir, data_file, out, max_steps=4, save_steps=2, keep_checkpoints=True))
     assert (out / "checkpoints" / "checkpoint-4").exists()
-    train(base_cfg(tiny_model_dir, data_file, out, max_steps=6, save_steps=2))
+    with trainer_warnings() as warnings:
+        train(base_cfg(tiny_model_dir, data_file, out, max_steps=6, save_steps=2))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps"] == 6
+    # the tiny model ties its LM head to its embedding, as SmolLM2 does: a checkpoint stores it once, and a resume
+    # neither warns of a "missing" LM head nor unties it
+    assert not [w for w in warnings if "missing keys" in w]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_missing_weight_that_is_not_tied_is_still_reported(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "r"
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=2, save_steps=2, keep_checkpoints=True))
+    ckpt = out / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    weights = load_file(ckpt)
+    dropped = next(k for k in weights if "layers.0" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, ckpt, metadata={"format": "pt"})
+    with trainer_warnings() as warnings:
+        train(base_cfg(tiny_model_dir, data_file, out, max_steps=3, save_steps=2))
+    missing = [w for w in warnings if "missing keys" in w]
+    assert missing and dropped in missing[0] and "lm_head" not in missing[0]
 
 
 

@@ -205,6 +205,14 @@ def masked_sft_trainer():
                 loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
             return (loss, outputs) if return_outputs else loss
 
+        def _issue_warnings_after_load(self, load_result):
+            # a checkpoint stores a tied weight once (SmolLM2's LM head is its embedding): the other name is
+            # "missing" but loaded through the parameter it shares, and a warning on every resume would alarm
+            shared = shared_parameter_names(self.model)
+            load_result.missing_keys[:] = [k for k in load_result.missing_keys
+                                           if not shared.get(k, set()) - set(load_result.missing_keys)]
+            super()._issue_warnings_after_load(load_result)
+
         def _run_epoch(self, *args, **kwargs):
             # transformers tests max_steps only after a step: resumed from the last checkpoint of a run whose
             # max_steps ends inside an epoch, it would train one step too many
@@ -212,6 +220,14 @@ def masked_sft_trainer():
                 super()._run_epoch(*args, **kwargs)
 
     return MaskedSFTTrainer
+
+
+def shared_parameter_names(model) -> dict[str, set[str]]:
+    """Each parameter name that shares its tensor with others (tied weights), mapped to those other names."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {n: set(group) - {n} for group in names.values() if len(group) > 1 for n in group}
 
 
 def trains_on_cpu() -> bool:
