@@ -208,9 +208,12 @@ def masked_sft_trainer():
         def _issue_warnings_after_load(self, load_result):
             # a checkpoint stores a tied weight once (SmolLM2's LM head is its embedding): the other name is
             # "missing" but loaded through the parameter it shares, and a warning on every resume would alarm
-            shared = shared_parameter_names(self.model)
-            load_result.missing_keys[:] = [k for k in load_result.missing_keys
-                                           if not shared.get(k, set()) - set(load_result.missing_keys)]
+            from accelerate.utils import find_tied_parameters
+
+            missing = set(load_result.missing_keys)
+            loaded_through_a_twin = {name for group in find_tied_parameters(self.model) if not set(group) <= missing
+                                     for name in group}
+            load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in loaded_through_a_twin]
             super()._issue_warnings_after_load(load_result)
 
         def _run_epoch(self, *args, **kwargs):
@@ -220,14 +223,6 @@ def masked_sft_trainer():
                 super()._run_epoch(*args, **kwargs)
 
     return MaskedSFTTrainer
-
-
-def shared_parameter_names(model) -> dict[str, set[str]]:
-    """Each parameter name that shares its tensor with others (tied weights), mapped to those other names."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return {n: set(group) - {n} for group in names.values() if len(group) > 1 for n in group}
 
 
 def trains_on_cpu() -> bool:
