@@ -6,7 +6,7 @@ import pytest
 
 from steptune.data.trajectory import Step, Trajectory
 from steptune.pipeline.config import ConfigError, load_config
-from steptune.pipeline.manifest import Manifest, stage_key
+from steptune.pipeline.manifest import Manifest, file_digest, stage_key
 from steptune.pipeline.split import split_by_task
 
 
@@ -58,9 +58,10 @@ def test_overrides_and_manifest_keys(tmp_path):
         load_config(cfg_path, {"model.base.x": 1})
     data = tmp_path / "d.jsonl"
     data.write_text("a\n")
-    k1 = stage_key({"x": 1}, [data])
+    k1 = stage_key({"x": 1}, [file_digest(data)])
     data.write_text("b\n")
-    assert stage_key({"x": 1}, [data]) != k1 and stage_key({"x": 2}, [data]) != stage_key({"x": 1}, [data])
+    k2 = stage_key({"x": 1}, [file_digest(data)])
+    assert k2 != k1 and stage_key({"x": 2}, [file_digest(data)]) != k2
     m = Manifest(tmp_path)
     t0 = m.start("golden", "k")
     assert not m.is_done("golden", "k", [data])

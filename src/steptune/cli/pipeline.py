@@ -178,3 +178,36 @@ def status(
     if not find_runs(path):
         raise typer.BadParameter(f"no run under {path} (a run directory holds manifest.json)")
     print_status(path, Console())
+
+
+@app.command()
+def prune(
+    path: Path = typer.Argument(..., exists=True, file_okay=False,
+                                help="A run directory, or a study's (every run below it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; delete nothing."),
+) -> None:
+    """Delete the weights of every model whose readers (stage 2, its evaluations) have all finished, keeping its
+    summary, log and config: the run stays up to date (the same command skips what is done and writes the same
+    reports), and a finished study shrinks to its data and results. A stage that needs deleted weights again stops
+    and says how to retrain them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from steptune.pipeline.prune import prune_run
+    from steptune.pipeline.status import find_runs
+
+    runs = find_runs(path)
+    if not runs:
+        raise typer.BadParameter(f"no run under {path} (a run directory holds manifest.json)")
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("model", "weights", "MB"):
+        table.add_column(col, overflow="fold")
+    freed = 0
+    for run in runs:
+        for row in prune_run(run, dry_run):
+            why = f" (waiting for {', '.join(row.waiting_for)})" if row.waiting_for else ""
+            table.add_row(str(row.model), row.state + why, f"{row.bytes / 2**20:.0f}" if row.bytes else "",
+                          style="yellow" if row.state == "kept" else None)
+            freed += row.bytes if row.state in ("released", "would release") else 0
+    Console().print(table)
+    typer.echo(f"{'would free' if dry_run else 'freed'} {freed / 2**20:.0f} MB")

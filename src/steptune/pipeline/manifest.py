@@ -36,10 +36,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_key(config: Any, inputs: list[Path]) -> str:
+def stage_key(config: Any, input_digests: list[str]) -> str:
+    """A stage's key: its config and the digests of its inputs (`Manifest.digest`)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for p in inputs:
-        h.update(file_digest(p).encode())
+    for digest in input_digests:
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 
@@ -67,6 +68,7 @@ MANIFEST_FILE = "manifest.json"
 
 class Manifest:
     def __init__(self, run_dir: Path):
+        self.dir = run_dir
         self.path = run_dir / MANIFEST_FILE
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
 
@@ -89,6 +91,29 @@ class Manifest:
         rec.update(status="done", seconds=round(time.perf_counter() - t0, 2),
                    outputs={str(p): file_digest(p) for p in outputs if p.exists()}, info=info or {})
         self.save()
+
+    # models whose weights `steptune prune` deleted once nothing left to run read them: {path in the run: the
+    # digest the model had}, which the stages that read it keep using, so they stay up to date
+    def released(self, path: Path) -> str | None:
+        return self.data.get("released", {}).get(self._inside(path))
+
+    def release(self, path: Path, digest: str) -> None:
+        self.data.setdefault("released", {})[self._inside(path)] = digest
+        self.save()
+
+    def unrelease(self, path: Path) -> None:
+        """`path` is written anew (its stage runs again): its own digest counts from now on."""
+        self.data.get("released", {}).pop(self._inside(path), None)
+
+    def digest(self, path: Path) -> str:
+        """What a stage's key hashes of an input: its contents, or the digest of weights that were released."""
+        return self.released(path) or file_digest(path)
+
+    def _inside(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.dir))
+        except ValueError:
+            return str(path)
 
     def key(self, stage: str) -> str | None:
         return self.data["stages"].get(stage, {}).get("key")

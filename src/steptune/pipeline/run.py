@@ -1,7 +1,7 @@
 """`steptune run`: STeP end to end, one stage after another, in one run directory.
 
-    golden → split → [init_model] → train:golden_d1 (base agent) → synthesize → filter
-           → train:<other methods> → eval:<method> → report
+    golden → split → [init_model] → train:golden_d1 (base agent) → eval:base_agent_u2, eval:golden_d1
+           → synthesize → filter → train:<other methods> → eval:<other methods> → report
 
 Each stage is a plain function of its own typed config (`TrainConfig`, `SynthesisConfig`, `FilterConfig`,
 `EvalConfig`, ...) and owns the paths it writes. Its key in manifest.json is a hash of that config and of its
@@ -95,9 +95,11 @@ class Run:
         self.paths = RunLayout(self.dir)
         self.manifest = Manifest(self.dir)  # read only: `open()` writes, once the request has been checked
 
-    def open(self) -> None:
+    def open(self, only: set[str] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest.data["config"] = self.cfg.model_dump(mode="json")
+        # the stages this run runs, where it runs some only (an epoch-curve point): `steptune prune` waits for no other
+        self.manifest.data["only"] = sorted(only) if only is not None else None
         self.manifest.data["versions"] = library_versions()
         self.manifest.save()
 
@@ -137,19 +139,20 @@ class Run:
             out.append(Stage("init_model", [self.golden], [paths.model_dir("init")],
                              lambda: cfg.model.init.model_copy(update={"seed": self.init_seed}), self._init_model))
         out.append(self._train_stage(METHODS[BASE_AGENT]))
+        # the base agent's evaluations first: its U2 success says at once whether STeP's premise holds, before stage
+        # 2 spends its time, and once stage 2 is done too nothing else reads its weights (`steptune prune`)
+        if cfg.eval.base_agent_u2:
+            out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
+                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base,
+                             parallel=True))
+        out += [self._eval_stage(m) for m in cfg.methods if m == BASE_AGENT]
         out += [
             Stage("synthesize", [paths.model_dir(BASE_AGENT), d2], [self.synthesized, paths.teacher_stats],
                   self.synthesis_config, self._synthesize),
             Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter),
         ]
         out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
-        if cfg.eval.base_agent_u2:
-            out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
-                             [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base,
-                             parallel=True))
-        for method in cfg.methods:
-            out.append(Stage(f"eval:{method}", [paths.model_dir(method)], [paths.eval_dir(method)],
-                             lambda m=method: self.eval_config(m), self._evaluate, parallel=True))
+        out += [self._eval_stage(m) for m in cfg.methods if m != BASE_AGENT]
         out.append(Stage("report", [paths.eval_summary(m) for m in cfg.methods], [paths.report_dir],
                          dict, self._report))
         return out
@@ -313,6 +316,10 @@ class Run:
         paths = write_run_report(self.dir)
         return {k: str(v) for k, v in paths.items()}
 
+    def _eval_stage(self, method: str) -> Stage:
+        return Stage(f"eval:{method}", [self.paths.model_dir(method)], [self.paths.eval_dir(method)],
+                     lambda: self.eval_config(method), self._evaluate, parallel=True)
+
     def _train_stage(self, method: Method) -> Stage:
         inputs = [self.paths.dataset(d) for d in method.data]
         if method.start == "base_agent":
@@ -351,6 +358,7 @@ def clear(run: Run, stages: list[Stage], name: str, only: set[str] | None = None
         stale = [p for p in by_name[dep].outputs if p.exists() or p.is_symlink()]
         for path in stale:
             remove(path)
+            run.manifest.unrelease(path)
         if stale:
             why = "its settings or inputs changed" if dep == name else f"they came from an earlier {name}"
             console.print(f"[yellow]{dep}: removed its outputs ({why})[/yellow]")
@@ -375,7 +383,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         from steptune.models.gguf import find_gguf
 
         find_gguf(cfg.model.gguf_package)  # a package that is not installed: one line, before anything is written
-    run.open()
+    run.open(only)
     if from_stage:
         clear(run, stages, from_stage)
     t_start = time.perf_counter()
@@ -390,13 +398,15 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         ready = []
         for stage in group:
             config = stage.config()
-            key = stage_key(config_for_key(config, run.dir), [p for p in stage.inputs if p.exists()])
+            key = stage_key(config_for_key(config, run.dir),
+                            [run.manifest.digest(p) for p in stage.inputs if p.exists()])
             if run.manifest.is_done(stage.name, key, stage.outputs):
                 console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
             elif source := _reuse(run, stages, stage, key, reuse_from, only):
                 console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied from "
                               f"{source}")
             else:
+                check_weights(run, stages, stage)
                 ready.append((stage, config, key))
         if len(ready) > 1:
             _run_at_once(run, stages, ready, cfg.eval.processes, only)
@@ -419,7 +429,7 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
         if source.resolve() == run.dir.resolve():
             continue
         theirs, manifest = [source / p for p in inside], Manifest(source)
-        if not manifest.is_done(stage.name, key, theirs):
+        if not manifest.is_done(stage.name, key, theirs) or any(manifest.released(p) for p in theirs):
             continue
         record = manifest.data["stages"][stage.name]
         clear(run, stages, stage.name, only)
@@ -435,6 +445,18 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
         run.manifest.save()
         return source
     return None
+
+
+def check_weights(run: Run, stages: list[Stage], stage: Stage) -> None:
+    """A stage about to run that reads a model whose weights `steptune prune` released: say how to get them back."""
+    from steptune.errors import UserError
+
+    for path in stage.inputs:
+        if run.manifest.released(path):
+            maker = next(s.name for s in stages if path in s.outputs)
+            raise UserError(f"{stage.name} must run (it is new, or its settings changed) and reads {path}, whose "
+                            f"weights `steptune prune` deleted: make them again with `steptune run <config> --output "
+                            f"{run.dir} --from {maker}` (which also reruns what depends on it), or restore them")
 
 
 def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:

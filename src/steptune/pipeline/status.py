@@ -34,8 +34,8 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
-        progress = "" if status == "done" else rec.get("error", "") if status == "failed" else \
-            _progress(layout, name)
+        progress = _released(manifest, layout, name) if status == "done" else rec.get("error", "") \
+            if status == "failed" else _progress(layout, name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
     try:
         planned = [s.name for s in Run(PipelineConfig.model_validate(manifest["config"]), run).stages()]
@@ -43,6 +43,13 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         planned = []
     started = {r["stage"] for r in rows}
     return rows, [name for name in planned if name not in started]
+
+
+def _released(manifest: dict, layout: RunLayout, stage: str) -> str:
+    kind, _, name = stage.partition(":")
+    model = layout.model_dir(name).relative_to(layout.dir)
+    return "weights released (steptune prune)" if kind == "train" and str(model) in manifest.get("released", {}) \
+        else ""
 
 
 def _progress(layout: RunLayout, stage: str) -> str:

@@ -1,0 +1,69 @@
+"""Copy a study's (or a run's) directory without model weights: what a long study on a machine that may be replaced
+keeps in git between sessions, and what anyone can re-aggregate or inspect without the models.
+
+    steptune prune /work/runs/study-smollm2          # release the weights nothing left to run reads
+    python scripts/copy_without_weights.py /work/runs/study-smollm2 docs/results/study-smollm2-runs
+    # on a new machine: cp -r docs/results/study-smollm2-runs /work/runs/study-smollm2, then the same study command
+
+Every run's manifest, data sets, evaluations and report are copied as they are (a stage that was writing resumes
+from its partial file). A model's folder is copied, without its weights, only when `steptune prune` released it:
+its stage stays done and so do its readers. Any other model is left out, so where only the copy exists its training
+runs again with the same settings (the same stage key): nothing downstream of it reruns. The destination is
+replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from steptune.pipeline.manifest import Manifest
+from steptune.pipeline.prune import CHECKPOINTS, WEIGHTS
+from steptune.pipeline.status import find_runs
+
+
+def copy_run(run: Path, dest: Path) -> list[str]:
+    """Copy one run directory; the models left out (not released)."""
+    manifest, left_out = Manifest(run), []
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        here = Path(folder)
+        if here == run / "models":
+            skip = {n for n in names if (here / n).is_symlink() or not manifest.released(here / n)}
+            left_out.extend(sorted(skip))
+            return skip
+        skip = {n for n in names if n.endswith((".tmp", ".partial"))}
+        if here.parent == run / "models":
+            skip |= {n for pattern in WEIGHTS for n in names if Path(n).match(pattern)} | {CHECKPOINTS}
+        return skip
+
+    shutil.copytree(run, dest, ignore=ignore)
+    return left_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path)
+    parser.add_argument("dest", type=Path)
+    args = parser.parse_args()
+    runs = find_runs(args.source)
+    if not runs:
+        raise SystemExit(f"no run under {args.source}")
+    if args.dest.exists():
+        if any(args.dest.iterdir()) and not find_runs(args.dest):
+            raise SystemExit(f"{args.dest} holds something other than an earlier copy: not replacing it")
+        shutil.rmtree(args.dest)
+    for run in runs:
+        left_out = copy_run(run, args.dest / run.relative_to(args.source))
+        print(f"{run}: copied" + (f"; models left out (weights not released): {', '.join(left_out)}"
+                                   if left_out else ""))
+    if runs != [args.source]:  # a study: its own files too (study.json, epoch_curve.json ...)
+        for path in sorted(p for p in args.source.glob("*") if p.is_file()):
+            shutil.copy2(path, args.dest / path.name)
+    size = sum(p.stat().st_size for p in args.dest.rglob("*") if p.is_file())
+    print(f"{args.dest}: {size / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

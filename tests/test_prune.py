@@ -1,0 +1,115 @@
+"""`steptune prune` on a copy of the tiny study's real run (tests/_tiny_study.py): the weights of finished models
+go, the run stays up to date and its study is written again from what is left, and a stage that needs the weights
+again says how to get them back."""
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steptune.errors import UserError
+from steptune.pipeline.prune import prune_run, weight_files
+from steptune.pipeline.run import run_pipeline
+from steptune.pipeline.study import run_study, seed_dir
+
+CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
+
+
+def copy_of(tiny_study, tmp_path):
+    cfg, out, _ = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, symlinks=True, ignore=shutil.ignore_patterns("epoch-curve", "equal-steps", "teachers*"))
+    return cfg, copy
+
+
+def manifest(run):
+    return json.loads((run / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_training(tiny_study, tmp_path):
+    cfg, out = copy_of(tiny_study, tmp_path)
+    run = seed_dir(out, 0)
+    before = json.loads((out / "study.json").read_text())
+    stages = manifest(run)["stages"]
+
+    rows = prune_run(run)
+    released = {r.model.name: r for r in rows}
+    assert set(released) == {"init", *cfg.methods} and {r.state for r in rows} == {"released"}
+    for r in rows:
+        assert r.bytes > 0 and not weight_files(r.model) and not list(r.model.rglob("*.safetensors"))
+    assert all((run / "models" / m / "train_summary.json").exists() for m in cfg.methods)
+    assert set(manifest(run)["released"]) == {f"models/{m}" for m in released}
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        again = run_study(cfg, [0], out)
+    assert manifest(run)["stages"] == stages  # nothing ran again: every stage skipped as up to date
+    for key in ("success", "per_seed_success", "stage2", "stage2_quality", "training", "base_agent_success_u2"):
+        assert again[key] == before[key], key
+    assert {r.state for r in prune_run(run)} == {"already released"}
+
+    # a stage that needs the weights again (a new evaluation setting) stops before any work, naming the retraining
+    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 3})})
+    with pytest.raises(UserError, match=r"eval:golden_d1 must run .* --from train:golden_d1"):
+        run_pipeline(changed, run)
+    assert manifest(run)["stages"]["eval:golden_d1"] == stages["eval:golden_d1"]
+
+
+@pytest.mark.slow
+def test_a_model_whose_reader_has_not_finished_keeps_its_weights(tiny_study, tmp_path):
+    cfg, out = copy_of(tiny_study, tmp_path)
+    run = seed_dir(out, 0)
+    data = manifest(run)
+    data["stages"]["eval:step"]["status"] = "running"  # as when a study is killed in the middle of it
+    (run / "manifest.json").write_text(json.dumps(data))
+
+    proc = subprocess.run([*CLI, "prune", str(out), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not manifest(run).get("released") and weight_files(run / "models" / "golden_d1")  # a dry run
+    text = " ".join(proc.stdout.split())
+    assert "would release" in text and "waiting for eval:step" in text and "would free" in text
+
+    rows = {r.model.name: r for r in prune_run(run)}
+    assert rows["step"].state == "kept" and rows["step"].waiting_for == ("eval:step",)
+    assert rows["golden_all"].state == rows["golden_d1"].state == "released" and weight_files(run / "models" / "step")
+    # the tiny model's start model too: train:step made a model that is still needed (it may train again)
+    assert rows["init"].state == "kept" and rows["init"].waiting_for == ("train:step",)
+
+    status = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, timeout=300)
+    assert "weights released" in status.stdout and status.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_copy_without_weights_resumes_where_only_unreleased_models_train_again(tiny_study, tmp_path):
+    """scripts/copy_without_weights.py: what a long study keeps between machines. Released models come along
+    (their readers stay done); a model still read by an unfinished stage is left out and trains again there."""
+    cfg, out = copy_of(tiny_study, tmp_path)
+    run = seed_dir(out, 0)
+    data = manifest(run)
+    data["stages"]["eval:step"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(data))
+    prune_run(run)
+    dest = tmp_path / "copy"
+    proc = subprocess.run([sys.executable, "scripts/copy_without_weights.py", str(out), str(dest)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    # the tiny model's start (init) stays too: the left-out step model trains again from it
+    assert "models left out (weights not released): init, step" in proc.stdout
+    copy = seed_dir(dest, 0)
+    assert not list(dest.rglob("*.safetensors")) and (dest / "study.json").exists()
+    assert not (copy / "models" / "step").exists() and (copy / "models" / "golden_all" / "train_summary.json").exists()
+
+    before = manifest(copy)["stages"]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run_study(cfg, [0], dest)
+    after = manifest(copy)["stages"]
+    rerun = {name for name in after if after[name].get("started") != before[name].get("started")}
+    assert rerun == {"init_model", "train:step", "eval:step", "report"}, rerun
+    assert (copy / "models" / "step" / "model.safetensors").exists()
