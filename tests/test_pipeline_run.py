@@ -80,7 +80,7 @@ def test_a_failed_stage_is_recorded_as_failed_and_reported_in_one_line(tmp_path)
     assert status.returncode == 0, status.stderr
     lines = " ".join(status.stdout.split())
     assert "golden │ failed" in lines and "golden.jsonl" in lines
-    assert "not started: split, init_model, train:golden_d1, synthesize" in lines
+    assert "not started: split, init_model, train:golden_d1, eval:" in lines and "synthesize" in lines
     (tmp_path / "empty").mkdir()
     empty = steptune("status", tmp_path / "empty")
     assert empty.returncode == 2 and "no run under" in " ".join(empty.stderr.replace("│", " ").split())
