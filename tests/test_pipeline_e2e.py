@@ -138,7 +138,9 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
 
 def test_evaluations_side_by_side_write_what_one_after_another_writes(smoke_run, tmp_path):
     clean, log = smoke_run
-    assert "6 stages, 2 at a time" in log and "eval:step  episodes" in log  # the preset runs 2 at once, labelled lines
+    # the preset runs 2 at once, with labelled lines: the base agent's two evaluations with stage 2, then the rest
+    assert "3 stages, 2 at a time" in log and "4 stages, 2 at a time" in log and "eval:step  episodes" in log
+    assert log.index("3 stages, 2 at a time") < log.index("✓ synthesize") < log.index("─ filter")
     run = tmp_path / "one_by_one"
     _without_evaluations(clean, run, RERUN)
     proc = quickstart(run, "--set", "eval.processes=1")

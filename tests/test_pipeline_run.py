@@ -130,12 +130,13 @@ def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
     assert dependents(stages, "synthesize") == [
         "synthesize", "filter", "train:step", "train:step_unmasked", "train:sequential", "eval:step",
         "eval:step_unmasked", "eval:sequential", "report"]
-    # the base agent is evaluated before stage 2: its U2 success (STeP's premise) comes first, and its weights
-    # are free to release once stage 2 has run
+    # the base agent is evaluated with stage 2 (they may run at once): its U2 success (STeP's premise) comes first,
+    # and its weights are free to release once all three have run
     assert dependents(stages, "train:golden_d1") == [
         "train:golden_d1", "eval:base_agent_u2", "eval:golden_d1", "synthesize", "filter", "train:step",
         "train:step_unmasked", "train:sequential", "eval:step", "eval:step_unmasked", "eval:sequential", "report"]
     assert dependents(stages, "eval:golden_all") == ["eval:golden_all", "report"]
+    assert [s.name for s in stages if s.parallel][:3] == ["eval:base_agent_u2", "eval:golden_d1", "synthesize"]
     assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
 
 

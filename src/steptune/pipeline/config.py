@@ -106,8 +106,10 @@ class EvalSection(EvalSettings):
 
     splits: list[str] = Field(default_factory=lambda: ["seen", "unseen"], min_length=1)  # a run tests both
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
-    # evaluations that run at once, each in a process of its own with one torch thread: a small model on CPU keeps one
-    # core busy and leaves the others idle. 1: one after another, in this process. Changes how fast, not what is written
+    # evaluations (and stage 2, beside the base agent's) that run at once, each in a process of its own with one torch
+    # thread: a small model on CPU keeps one core busy and leaves the others idle. 1: one after another, in this
+    # process. Changes how fast, and the float rounding of the model's sums (one thread instead of several can flip a
+    # close greedy choice), not a setting: left out of stage keys
     processes: int = Field(1, ge=1)
 
 

@@ -1,7 +1,7 @@
 """`steptune run`: STeP end to end, one stage after another, in one run directory.
 
-    golden → split → [init_model] → train:golden_d1 (base agent) → eval:base_agent_u2, eval:golden_d1
-           → synthesize → filter → train:<other methods> → eval:<other methods> → report
+    golden → split → [init_model] → train:golden_d1 (base agent) → eval:base_agent_u2, eval:golden_d1, synthesize
+           → filter → train:<other methods> → eval:<other methods> → report
 
 Each stage is a plain function of its own typed config (`TrainConfig`, `SynthesisConfig`, `FilterConfig`,
 `EvalConfig`, ...) and owns the paths it writes. Its key in manifest.json is a hash of that config and of its
@@ -54,8 +54,8 @@ class Stage:
     outputs: list[Path]  # everything the stage writes: removed when its key changes
     config: Callable[[], Any]  # the stage's config, built when the stage is reached (its inputs exist then)
     fn: Callable[..., dict | None]  # runs the stage with that config
-    # may run in a process of its own beside its neighbours that may too (evaluations: `eval.processes`); its fn
-    # then also takes `progress`, the label of its progress lines
+    # may run in a process of its own beside its neighbours that may too (evaluations and stage 2:
+    # `eval.processes`); its fn then also takes `progress`, the label of its progress lines
     parallel: bool = False
 
 
@@ -147,8 +147,9 @@ class Run:
                              parallel=True))
         out += [self._eval_stage(m) for m in cfg.methods if m == BASE_AGENT]
         out += [
+            # beside the base agent's evaluations (`eval.processes`): all three only read the base agent
             Stage("synthesize", [paths.model_dir(BASE_AGENT), d2], [self.synthesized, paths.teacher_stats],
-                  self.synthesis_config, self._synthesize),
+                  self.synthesis_config, self._synthesize, parallel=True),
             Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter),
         ]
         out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
@@ -260,10 +261,10 @@ class Run:
             out=str(self.synthesized),
             golden=str(self.paths.dataset("d2")) if s.use_golden_reference else None)
 
-    def _synthesize(self, cfg) -> dict:
+    def _synthesize(self, cfg, progress: bool | str = True) -> dict:
         from steptune.synthesis.synthesize import synthesize
 
-        return synthesize(cfg)
+        return synthesize(cfg, progress=progress)
 
     def _filter(self, cfg) -> dict:
         from steptune.synthesis.filtering import filter_trajectories

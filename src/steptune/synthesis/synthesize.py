@@ -74,7 +74,7 @@ class SynthesisConfig(SynthesisSettings):
     out: str
 
 
-def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool = True) -> dict:
+def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool | str = True) -> dict:
     from steptune.agent.rollout import derive_seed, run_episodes
 
     if pool_factory is None:
