@@ -113,3 +113,14 @@ def test_a_copy_without_weights_resumes_where_only_unreleased_models_train_again
     rerun = {name for name in after if after[name].get("started") != before[name].get("started")}
     assert rerun == {"init_model", "train:step", "eval:step", "report"}, rerun
     assert (copy / "models" / "step" / "model.safetensors").exists()
+
+
+def test_a_run_whose_config_this_version_cannot_read_is_left_alone(tmp_path):
+    model = tmp_path / "models" / "golden_d1"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"train:golden_d1": {"status": "done"}},
+                                                        "config": {"a_setting_from_elsewhere": 1}}))
+    with pytest.raises(UserError, match="nothing deleted"):
+        prune_run(tmp_path)
+    assert (model / "model.safetensors").exists()

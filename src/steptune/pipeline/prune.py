@@ -46,8 +46,16 @@ def prune_run(run_dir: Path, dry_run: bool = False) -> list[Pruned]:
     from steptune.pipeline.config import PipelineConfig
     from steptune.pipeline.run import Run
 
+    from pydantic import ValidationError
+
+    from steptune.errors import UserError
+
     manifest = Manifest(run_dir)
-    stages = Run(PipelineConfig.model_validate(manifest.data["config"]), run_dir).stages()
+    try:
+        stages = Run(PipelineConfig.model_validate(manifest.data["config"]), run_dir).stages()
+    except (KeyError, ValidationError) as e:  # a manifest from another version: nothing is deleted on a guess
+        raise UserError(f"{run_dir}: its manifest's config cannot be read by this version of steptune, so which "
+                        f"stages read its models is unknown; nothing deleted ({type(e).__name__})") from e
     only = manifest.data.get("only")
     planned = [s for s in stages if only is None or s.name in only]
     done = {name for name, rec in manifest.data["stages"].items() if rec.get("status") == "done"}
