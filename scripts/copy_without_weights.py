@@ -6,10 +6,10 @@ keeps in git between sessions, and what anyone can re-aggregate or inspect witho
     # on a new machine: cp -r docs/results/study-smollm2-runs /work/runs/study-smollm2, then the same study command
 
 Every run's manifest, data sets, evaluations and report are copied as they are (a stage that was writing resumes
-from its partial file). A model's folder is copied, without its weights, only when `steptune prune` released it:
-its stage stays done and so do its readers. Any other model is left out, so where only the copy exists its training
-runs again with the same settings (the same stage key): nothing downstream of it reruns. The destination is
-replaced.
+from its partial file). A model's folder is copied only when `steptune prune` released it, and then only its
+train_summary.json and train log: its stage stays done and so do its readers. Any other model is left out, so where
+only the copy exists its training runs again with the same settings (the same stage key), and the stages that read
+it run again with the new model. The destination is replaced.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import shutil
 from pathlib import Path
 
 from steptune.pipeline.manifest import Manifest
-from steptune.pipeline.prune import CHECKPOINTS, WEIGHTS
 from steptune.pipeline.status import find_runs
+from steptune.training.sft import SUMMARY, TRAIN_LOG
+
+MODEL_RECORDS = {SUMMARY, TRAIN_LOG}  # what the reports and the study read of a finished model
 
 
 def copy_run(run: Path, dest: Path) -> list[str]:
@@ -33,10 +35,9 @@ def copy_run(run: Path, dest: Path) -> list[str]:
             skip = {n for n in names if (here / n).is_symlink() or not manifest.released(here / n)}
             left_out.extend(sorted(skip))
             return skip
-        skip = {n for n in names if n.endswith((".tmp", ".partial"))}
-        if here.parent == run / "models":
-            skip |= {n for pattern in WEIGHTS for n in names if Path(n).match(pattern)} | {CHECKPOINTS}
-        return skip
+        if here.parent == run / "models":  # a released model: its weights are gone; its tokenizer comes with steptune
+            return set(names) - MODEL_RECORDS
+        return {n for n in names if n.endswith((".tmp", ".partial"))}
 
     shutil.copytree(run, dest, ignore=ignore)
     return left_out

@@ -43,12 +43,11 @@ def prune_run(run_dir: Path, dry_run: bool = False) -> list[Pruned]:
     """Release the weights of every model in `run_dir` whose stage finished and whose readers (of the stages the run
     runs) all finished and released the models they made: a model that must train again (a copy without its
     weights) still finds its start model. One row per model, in pipeline order."""
-    from steptune.pipeline.config import PipelineConfig
-    from steptune.pipeline.run import Run
-
     from pydantic import ValidationError
 
     from steptune.errors import UserError
+    from steptune.pipeline.config import PipelineConfig
+    from steptune.pipeline.run import Run, reads
 
     manifest = Manifest(run_dir)
     try:
@@ -73,7 +72,7 @@ def prune_run(run_dir: Path, dry_run: bool = False) -> list[Pruned]:
             if manifest.released(model):
                 rows.append(Pruned(run_dir, model, "already released"))
                 continue
-            readers = [s for s in planned if any(i == model or i.is_relative_to(model) for i in s.inputs)]
+            readers = [s for s in planned if reads(s, model)]
             waiting = tuple(s.name for s in readers if s.name not in done or
                             any(is_model(o) and o not in gone for o in s.outputs))
             files = weight_files(model)

@@ -339,12 +339,17 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def reads(stage: Stage, path: Path) -> bool:
+    """Whether `stage` reads `path` (a file, or a folder such as a model) or something inside it."""
+    return any(i == path or i.is_relative_to(path) for i in stage.inputs)
+
+
 def dependents(stages: list[Stage], name: str) -> list[str]:
     """`name` and every stage that reads, directly or through others, what it writes (in pipeline order)."""
     hit = {name}
     for stage in stages:  # stages are in dependency order, so one pass finds every transitive dependent
         written = [o for s in stages if s.name in hit for o in s.outputs]
-        if stage.name not in hit and any(i == o or i.is_relative_to(o) for i in stage.inputs for o in written):
+        if stage.name not in hit and any(reads(stage, o) for o in written):
             hit.add(stage.name)
     return [s.name for s in stages if s.name in hit]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE
 from steptune.pipeline.layout import RunLayout
+from steptune.pipeline.manifest import Manifest
 
 def find_runs(path: Path) -> list[Path]:
     """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
@@ -28,13 +29,14 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     from steptune.pipeline.run import Run
 
     layout = RunLayout(run)
-    manifest = json.loads(layout.manifest.read_text())
+    record = Manifest(run)
+    manifest = record.data
     rows = []
     for name, rec in manifest.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
-        progress = _released(manifest, layout, name) if status == "done" else rec.get("error", "") \
+        progress = _released(record, layout, name) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
     try:
@@ -45,11 +47,10 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, [name for name in planned if name not in started]
 
 
-def _released(manifest: dict, layout: RunLayout, stage: str) -> str:
+def _released(manifest: Manifest, layout: RunLayout, stage: str) -> str:
     kind, _, name = stage.partition(":")
-    model = layout.model_dir(name).relative_to(layout.dir)
-    return "weights released (steptune prune)" if kind == "train" and str(model) in manifest.get("released", {}) \
-        else ""
+    released = kind == "train" and manifest.released(layout.model_dir(name))
+    return "weights released (steptune prune)" if released else ""
 
 
 def _progress(layout: RunLayout, stage: str) -> str:
