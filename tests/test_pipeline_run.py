@@ -140,6 +140,28 @@ def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
     assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
 
 
+def test_after_each_training_evaluates_each_model_next_with_the_same_keys(tmp_path):
+    """`eval.after_each_training` changes the order only: each method's evaluation follows its training, alone (not
+    grouped with a neighbour), and every stage keeps its key, so a run can switch it on half-way."""
+    from steptune.pipeline.run import config_for_key
+
+    cfg = load_config(PRESET)
+    plain = Run(cfg, tmp_path).stages()
+    cfg.eval.after_each_training = True
+    after = Run(cfg, tmp_path).stages()
+    names = [s.name for s in after]
+    assert sorted(names) == sorted(s.name for s in plain) and names != [s.name for s in plain]
+    for method in ("golden_all", "step", "step_unmasked"):
+        i = names.index(f"train:{method}")
+        assert names[i + 1] == f"eval:{method}" and not after[i + 2].parallel
+    assert names.index("eval:golden_all") < names.index("train:step")
+    keyed = [name for name in names if name.startswith(("train:", "eval:")) and name != "eval:base_agent_u2"]
+    for name in keyed:
+        ours, theirs = (next(s for s in stages if s.name == name) for stages in (after, plain))
+        assert config_for_key(ours.config(), tmp_path) == config_for_key(theirs.config(), tmp_path)
+        assert ours.inputs == theirs.inputs and ours.outputs == theirs.outputs
+
+
 def test_step_trains_on_d1_alone_and_says_so_when_the_filter_keeps_nothing(tmp_path):
     run = tmp_path / "run"
     proc = smoke(run, "--set", "filter.min_errors=1000", "--until", "train:step")

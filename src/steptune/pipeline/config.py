@@ -111,6 +111,12 @@ class EvalSection(EvalSettings):
     # process. Changes how fast, and the float rounding of the model's sums (one thread instead of several can flip a
     # close greedy choice), not a setting: left out of stage keys
     processes: int = Field(1, ge=1)
+    # each method's evaluation right after its training (in this process, on every thread) instead of all
+    # evaluations after all trainings, two at a time: slower where evaluations could share the cores, but a run that
+    # is killed has whole models, each evaluated, whose weights `steptune prune` can release, where it had only
+    # trained ones; for a model whose training and evaluation each take hours. The order, not a setting: left out of
+    # stage keys
+    after_each_training: bool = False
 
 
 class LauncherSection(_Strict):

@@ -2,6 +2,7 @@
 
     golden → split → [init_model] → train:golden_d1 (base agent) → eval:base_agent_u2, eval:golden_d1, synthesize
            → filter → train:<other methods> → eval:<other methods> → report
+    (`eval.after_each_training`: train:<method> → eval:<method> for each other method)
 
 Each stage is a plain function of its own typed config (`TrainConfig`, `SynthesisConfig`, `FilterConfig`,
 `EvalConfig`, ...) and owns the paths it writes. Its key in manifest.json is a hash of that config and of its
@@ -41,7 +42,8 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 # settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes", "prefix_cache_gb"}
+SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes", "prefix_cache_gb",
+              "after_each_training"}
 # settings added after runs existed, per config class, with the default that does what those runs did: at that
 # default a stage's key leaves them out, so a run directory made before them is still up to date
 ADDED_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {BackendConfig: {"dtype": "auto"}}
@@ -152,8 +154,11 @@ class Run:
                   self.synthesis_config, self._synthesize, parallel=True),
             Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter),
         ]
-        out += [self._train_stage(METHODS[m]) for m in cfg.methods if m != BASE_AGENT]
-        out += [self._eval_stage(m) for m in cfg.methods if m != BASE_AGENT]
+        others = [m for m in cfg.methods if m != BASE_AGENT]
+        if cfg.eval.after_each_training:
+            out += [stage for m in others for stage in (self._train_stage(METHODS[m]), self._eval_stage(m))]
+        else:
+            out += [self._train_stage(METHODS[m]) for m in others] + [self._eval_stage(m) for m in others]
         out.append(Stage("report", [paths.eval_summary(m) for m in cfg.methods], [paths.report_dir],
                          dict, self._report))
         return out
@@ -282,7 +287,8 @@ class Run:
         from steptune.evaluation.eval import EvalConfig
 
         env = self.cfg.env
-        return EvalConfig(**{**self.cfg.eval.model_dump(exclude={"base_agent_u2", "processes"}),
+        pipeline_only = {"base_agent_u2", "processes", "after_each_training"}
+        return EvalConfig(**{**self.cfg.eval.model_dump(exclude=pipeline_only),
                              "model": self.student(method),
                              "env": env.name, "workers": env.workers, "env_backend": env.backend,
                              "ray_address": env.ray_address, "out": str(self.paths.eval_dir(out or method)),
