@@ -27,7 +27,7 @@ from rich.console import Console
 
 from steptune.backends import BackendConfig
 from steptune.data.trajectory import load_trajectories, save_trajectories
-from steptune.pipeline.config import PipelineConfig
+from steptune.pipeline.config import EvalSection, PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.manifest import (
     Manifest,
@@ -287,7 +287,7 @@ class Run:
         from steptune.evaluation.eval import EvalConfig
 
         env = self.cfg.env
-        pipeline_only = {"base_agent_u2", "processes", "after_each_training"}
+        pipeline_only = EvalSection.model_fields.keys() - EvalConfig.model_fields.keys()  # how the pipeline evaluates
         return EvalConfig(**{**self.cfg.eval.model_dump(exclude=pipeline_only),
                              "model": self.student(method),
                              "env": env.name, "workers": env.workers, "env_backend": env.backend,

@@ -29,18 +29,17 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     from steptune.pipeline.run import Run
 
     layout = RunLayout(run)
-    record = Manifest(run)
-    manifest = record.data
+    manifest = Manifest(run)
     rows = []
-    for name, rec in manifest.get("stages", {}).items():
+    for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
-        progress = _released(record, layout, name) if status == "done" else rec.get("error", "") \
+        progress = _released(manifest, layout, name) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
     try:
-        planned = [s.name for s in Run(PipelineConfig.model_validate(manifest["config"]), run).stages()]
+        planned = [s.name for s in Run(PipelineConfig.model_validate(manifest.data["config"]), run).stages()]
     except Exception:  # noqa: BLE001 - a manifest from another version: show what it records
         planned = []
     started = {r["stage"] for r in rows}
