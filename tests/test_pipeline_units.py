@@ -122,11 +122,18 @@ def test_stage_keys_survive_moving_the_run_and_ignore_speed_settings(tmp_path):
     assert "dtype" not in student and "prefix_cache_gb" not in student
     bf16 = keys(tmp_path / "a", **{"student.dtype": "bfloat16"})
     assert all((bf16[n] != here[n]) == n.startswith("eval:") for n in here)
-    # that exception is the backend's: another setting that happens to be called dtype, at "auto", stays in a key
+    # both exceptions are the classes' own: another setting that happens to share a name stays in a key, be it in
+    # another config class or in an environment's kwargs (a plain dict, hashed whole)
     from pydantic import BaseModel
 
     class Other(BaseModel):
         dtype: str = "auto"
+        prefix_cache_gb: float = 2.0
+        workers: int = 4
 
     assert config_for_key({"other": Other(), "student": Run(load_config(preset), tmp_path / "a").student("step")}) \
-        == {"other": {"dtype": "auto"}, "student": student}
+        == {"other": {"dtype": "auto", "prefix_cache_gb": 2.0, "workers": 4}, "student": student}
+    kwargs = load_config(preset).env.kwargs
+    for name in ("workers", "num_threads", "progress"):
+        game = keys(tmp_path / "a", **{"env.kwargs": {**kwargs, name: 3}})
+        assert all((game[n] != here[n]) == n.startswith("eval:") for n in here), name

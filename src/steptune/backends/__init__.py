@@ -6,7 +6,7 @@ a bare path means `local:PATH`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,10 @@ from steptune.backends.base import (
 
 class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # what a pipeline stage's key leaves out (steptune.pipeline.run.config_for_key): settings that change no reply,
+    # and settings added after runs existed, at the default that does what those runs did
+    speed_only: ClassVar[frozenset[str]] = frozenset({"prefix_cache_gb"})
+    added_defaults: ClassVar[dict[str, Any]] = {"dtype": "auto"}
 
     kind: Literal["local", "vllm", "openai"] = "local"
     model: str  # a path (local, vllm) or the served model name (openai)

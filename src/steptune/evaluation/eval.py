@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,8 @@ class EvalSettings(BaseModel):
 
 
 class EvalConfig(EvalSettings):
+    # where and how many episodes run at once, never what they do: left out of a pipeline stage's key
+    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "env_backend", "ray_address"})
     model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
     env: str
     tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run

@@ -8,7 +8,7 @@ loaded, before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,8 @@ class _Strict(BaseModel):
 
 
 class EnvSection(_Strict):
+    # left out of the golden stage's key: how many experts play at once and where, not what they play
+    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "ray_address"})
     name: str = "twx"  # a name of steptune.envs.registry.ENVS
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
     workers: int = Field(2, ge=1)  # concurrent episodes = environment slots

@@ -25,7 +25,6 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 
-from steptune.backends import BackendConfig
 from steptune.data.trajectory import load_trajectories, save_trajectories
 from steptune.pipeline.config import EvalSection, PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
@@ -41,12 +40,6 @@ from steptune.pipeline.split import split_by_task
 
 console = Console()
 
-# settings that change how fast a stage runs, never what it writes: left out of its key
-SPEED_ONLY = {"workers", "progress", "num_threads", "env_backend", "ray_address", "processes", "prefix_cache_gb",
-              "after_each_training"}
-# settings added after runs existed, per config class, with the default that does what those runs did: at that
-# default a stage's key leaves them out, so a run directory made before them is still up to date
-ADDED_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {BackendConfig: {"dtype": "auto"}}
 
 
 @dataclass
@@ -62,22 +55,26 @@ class Stage:
 
 
 def config_for_key(config: Any, run_dir: Path | None = None) -> Any:
-    """What a stage's key hashes of its settings: not the speed-only ones, not an added setting at its default, and
-    paths inside the run directory relative to it (a run directory that was moved or copied, e.g. from a cluster to a
-    laptop, is still up to date)."""
+    """What a stage's key hashes of its settings: not those a config class names in `speed_only` (they change how
+    fast a stage runs, never what it writes), not one it names in `added_defaults` while at that default (a setting
+    added after runs existed, whose default does what they did: such runs stay up to date), and paths inside the run
+    directory relative to it (a run directory that was moved or copied, e.g. from a cluster to a laptop, is still up
+    to date). A plain dict (an environment's kwargs) is hashed whole, whatever its keys are called."""
     return _for_key(None, config, run_dir)
 
 
 def _for_key(obj: Any, data: Any, run_dir: Path | None) -> Any:
-    """`data` as a key hashes it; `obj` is the config object it was dumped from, if any (whose class has added
-    defaults)."""
+    """`data` as a key hashes it; `obj` is the config object it was dumped from, if any (whose class names its
+    speed-only settings and added defaults)."""
     if isinstance(data, BaseModel):
         obj, data = data, data.model_dump(mode="json")
     if isinstance(data, dict):
-        added = next((d for cls, d in ADDED_DEFAULTS.items() if isinstance(obj, cls)), {})
-        part = (lambda k: getattr(obj, k, None)) if isinstance(obj, BaseModel) else (lambda k: None)
-        return {k: _for_key(part(k), v, run_dir) for k, v in data.items()
-                if k not in SPEED_ONLY and not (k in added and v == added[k])}
+        if not isinstance(obj, BaseModel):
+            return {k: _for_key(None, v, run_dir) for k, v in data.items()}
+        speed_only = getattr(obj, "speed_only", frozenset())
+        added = getattr(obj, "added_defaults", {})
+        return {k: _for_key(getattr(obj, k, None), v, run_dir) for k, v in data.items()
+                if k not in speed_only and not (k in added and v == added[k])}
     if isinstance(data, (list, tuple)):
         parts = list(obj) if isinstance(obj, (list, tuple)) and len(obj) == len(data) else [None] * len(data)
         return [_for_key(o, v, run_dir) for o, v in zip(parts, data)]

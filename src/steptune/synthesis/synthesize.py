@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -60,6 +60,8 @@ class SynthesisSettings(BaseModel):
 
 
 class SynthesisConfig(SynthesisSettings):
+    # where and how many episodes run at once, never what they do: left out of a pipeline stage's key
+    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "env_backend", "ray_address"})
     # typed backends, so that settings a spec string cannot carry (api_key_env, timeout_s, max_retries) arrive;
     # strings are parsed at the CLI edge (steptune.backends.parse_backend_spec)
     student: BackendConfig  # the base agent

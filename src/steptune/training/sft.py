@@ -18,7 +18,7 @@ import time
 import warnings
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -89,6 +89,9 @@ class NoTrainingDataError(UserError, ValueError):
 class TrainSettings(BaseModel):
     """How to train: a pipeline config's `train:` section (every method of a run shares it). The keys are those of
     transformers' TrainingArguments / TRL's SFTConfig / peft's LoraConfig where they have one."""
+
+    # how fast it trains, never the model: left out of a pipeline stage's key (steptune.pipeline.run.config_for_key)
+    speed_only: ClassVar[frozenset[str]] = frozenset({"num_threads", "progress"})
 
     model_config = ConfigDict(extra="forbid")
 
