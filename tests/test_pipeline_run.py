@@ -164,7 +164,9 @@ def test_after_each_training_evaluates_each_model_next_with_the_same_keys(tmp_pa
 
 def test_step_trains_on_d1_alone_and_says_so_when_the_filter_keeps_nothing(tmp_path):
     run = tmp_path / "run"
-    proc = smoke(run, "--set", "filter.min_errors=1000", "--until", "train:step")
+    # only what leads to STeP's training: no U2 evaluation, no other method, one test game a split
+    proc = smoke(run, "--set", "filter.min_errors=1000", "--set", "methods=[golden_d1,step]", "--set",
+                 "eval.base_agent_u2=false", "--set", "eval.limit=1", "--until", "train:step")
     assert (run / "data" / "dr.jsonl").read_text() == ""
     summary = json.loads((run / "models" / "step" / "train_summary.json").read_text())
     assert summary["trajectories"] == len(load_trajectories(run / "data" / "d1.jsonl")) > 0
