@@ -41,7 +41,6 @@ from steptune.pipeline.split import split_by_task
 console = Console()
 
 
-
 @dataclass
 class Stage:
     name: str
