@@ -12,7 +12,7 @@ import pytest
 from steptune.agent.rollout import run_episodes
 from steptune.backends import BackendConfig
 from steptune.backends.base import BackendError, ChatBackend, GenerationConfig
-from steptune.data.trajectory import Step, Trajectory, load_trajectories
+from steptune.data.trajectory import Step, Trajectory, load_trajectories, planned_path
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import EnvPool
 from steptune.envs.twx import TextWorldExpressEnv
@@ -191,6 +191,7 @@ def test_killed_synthesis_resumes_without_loss_or_duplicates(tiny_model_dir, tmp
                                        workers=2, out=str(out), max_new_tokens=24), progress=False)
     ids = [t.id for t in load_trajectories(out)]
     assert len(ids) == len(set(ids)) == 12 == stats["episodes"]
+    assert planned_path(out).read_text().strip() == "12"  # what `steptune status` counts against
     assert ids[:n_before] == [json.loads(line)["id"] for line in out.read_text().splitlines()[:n_before]]
     # the teacher's accounting covers the killed part too: every student step of the file is in the totals
     trajs = load_trajectories(out)

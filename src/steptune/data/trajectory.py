@@ -243,15 +243,24 @@ def save_trajectories(trajs: Iterable[Trajectory], path: str | Path) -> int:
     return n
 
 
+def planned_path(path: str | Path) -> Path:
+    """Where a writer notes how many records its file will hold when the run is done (`steptune status` reads it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".planned")
+
+
 class TrajectoryWriter:
     """Append-only JSONL writer for long runs: each record is flushed and fsynced as it is produced,
-    and a torn last line (from kill -9) is dropped on reopen, so resumed runs neither lose nor duplicate."""
+    and a torn last line (from kill -9) is dropped on reopen, so resumed runs neither lose nor duplicate.
+    `planned`, the number of records the finished file will hold, is noted beside it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, planned: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids = self._repair_and_index()
         self._fh = self.path.open("a", encoding="utf-8")
+        if planned is not None:
+            planned_path(self.path).write_text(f"{planned}\n")
 
     def _repair_and_index(self) -> set[str]:
         if not self.path.exists():

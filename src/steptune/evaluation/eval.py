@@ -88,7 +88,7 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
         tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
         runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
         for filename, injection in runs:
-            with TrajectoryWriter(out / filename) as writer:
+            with TrajectoryWriter(out / filename, planned=len(tasks)) as writer:
                 todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
                 if todo:
                     backend = backend or make_backend(backend_cfg)

@@ -63,15 +63,31 @@ def _progress(layout: RunLayout, stage: str) -> str:
         s = json.loads((checkpoint / TRAINER_STATE).read_text())
         return f"step {s.get('global_step')} of {s.get('max_steps')} saved"
     if kind == "eval":
-        written = [_lines(layout.eval_dir(name) / f) for f in (EPISODES_FILE, INJECTED_FILE)]
-        return f"{written[0]} episodes written" + (f", {written[1]} with the injected error" if written[1] else "")
+        plain, injected = (_written(layout.eval_dir(name) / file, what) for file, what in
+                           ((EPISODES_FILE, "episodes written"), (INJECTED_FILE, "with the injected error")))
+        return plain + (f"; {injected}" if injected else "")
     if kind == "synthesize":
-        return f"{_lines(layout.dataset('synthesized'))} stage-2 episodes written"
+        return _written(layout.dataset("synthesized"), "stage-2 episodes written")
     return ""
 
 
-def _lines(path: Path) -> int:
-    return sum(1 for line in path.open() if line.strip()) if path.exists() else 0
+def _written(path: Path, what: str) -> str:
+    """"N of M <what> (W won)": the records in a trajectory file, of those its run will write when done (if the
+    writer noted it), and how many of them succeeded; "" for a file not started."""
+    from steptune.data.trajectory import planned_path
+
+    planned = planned_path(path)
+    if not path.exists() and not planned.exists():
+        return ""
+    records = []
+    for line in path.open() if path.exists() else ():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill: the writer drops it when the run resumes
+            pass
+    of = f" of {planned.read_text().strip()}" if planned.exists() else ""
+    won = f" ({sum(bool(r.get('success')) for r in records)} won)" if records else ""
+    return f"{len(records)}{of} {what}{won}"
 
 
 def print_status(path: Path, console) -> None:

@@ -96,7 +96,7 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool | str = T
                     f"{all_tasks[0].id if all_tasks else 'env/type/variation'!r}")
             all_tasks = [t for t in all_tasks if t.id in wanted]
         tasks = all_tasks[: cfg.limit]
-        with TrajectoryWriter(out) as writer:
+        with TrajectoryWriter(out, planned=cfg.samples_per_task * len(tasks)) as writer:
             jobs: list[tuple[TaskRef, int]] = [(t, k) for k in range(cfg.samples_per_task) for t in tasks
                                                if _record_id(t, k) not in writer.done_ids]
             if jobs:
