@@ -69,6 +69,14 @@ def test_overrides_and_manifest_keys(tmp_path):
     assert Manifest(tmp_path).is_done("golden", "k", [data])
     assert not Manifest(tmp_path).is_done("golden", "other", [data])
     assert not Manifest(tmp_path).is_done("golden", "k", [data, Path(tmp_path / "missing")])
+    # a stage resumed after a kill counts its runs (its time is the last run's); a new key starts the count again
+    Manifest(tmp_path).start("eval", "k")
+    resumed = Manifest(tmp_path)
+    resumed.finish("eval", resumed.start("eval", "k"), [data])
+    assert Manifest(tmp_path).data["stages"]["eval"]["parts"] == 2
+    assert "parts" not in Manifest(tmp_path).data["stages"]["golden"]
+    Manifest(tmp_path).start("eval", "other")
+    assert "parts" not in Manifest(tmp_path).data["stages"]["eval"]
 
 
 def test_run_until_a_stage_stops_there_and_says_so(tmp_path):

@@ -82,7 +82,13 @@ class Manifest:
         return bool(rec and rec.get("status") == "done" and rec.get("key") == key and all(p.exists() for p in outputs))
 
     def start(self, stage: str, key: str) -> float:
+        """A stage that resumes its own unfinished run (the same key) counts the runs it has taken, `parts`: its
+        `seconds` then time the last of them only (a killed run leaves no time)."""
+        old = self.data["stages"].get(stage, {})
+        resumed = old.get("key") == key and old.get("status") in ("running", "failed")
         self.data["stages"][stage] = {"status": "running", "key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if resumed:
+            self.data["stages"][stage]["parts"] = old.get("parts", 1) + 1
         self.save()
         return time.perf_counter()
 

@@ -23,7 +23,7 @@ def find_runs(path: Path) -> list[Path]:
 
 
 def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The stages the run has started, in the order it started them ({stage, state, seconds, progress}), and the
+    """The stages the run has started, in the order it started them ({stage, state, seconds, parts, progress}), and the
     names of the pipeline's stages it has not started (a partial run, such as an epoch-curve point, never will)."""
     from steptune.pipeline.config import PipelineConfig
     from steptune.pipeline.run import Run
@@ -37,7 +37,8 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
             {"running": "unfinished"}.get(status, status)
         progress = _released(manifest, layout, name) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name)
-        rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "progress": progress})
+        rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
+                     "progress": progress})
     try:
         planned = [s.name for s in Run(PipelineConfig.model_validate(manifest.data["config"]), run).stages()]
     except Exception:  # noqa: BLE001 - a manifest from another version: show what it records
@@ -103,6 +104,8 @@ def print_status(path: Path, console) -> None:
         for row in rows:
             seconds = row["seconds"]
             time = "" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+            if time and row["parts"] > 1:  # resumed: the earlier runs' time is not known
+                time += f", last of {row['parts']} runs"
             style = None if row["state"] in ("done", "copied") else "yellow"
             table.add_row(row["stage"], row["state"], time, row["progress"], style=style)
         console.print(table)
