@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from steptune.data.trajectory import Step, Trajectory
+from steptune.evaluation.recovery import REPEATED
 from steptune.pipeline.study import _bootstrap, _ratio
 
 
@@ -50,6 +51,8 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
                 plain[1].steps = [Step(thought="", action="move west", observation="You cannot go that way."),
                                   Step(thought="I tried to move west, but that is not something I can do here.",
                                        action="take coin")]
+            if m == "golden_d1":  # lost the last episode repeating an invalid action, as greedy agents do
+                plain[3].steps = [Step(action="move west", observation="You cannot go that way.")] * REPEATED
             injected = [_ep(i, bool(w) and i == 0, {"step": 1, "action": "move west", "error": "off_plan",
                                                      "steps_to_plan": 1}, split="unseen") for i, w in enumerate(won[m])]
             save_trajectories(plain, run / "eval" / m / "episodes.jsonl")
@@ -68,10 +71,12 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
         {"episodes": 8, "with_reflection": 2, "succeeded": 2}
     assert refl["golden_d1"]["plain"]["with_reflection"] == 0 and refl["step"]["injected"]["with_reflection"] == 0
     assert refl["step"]["plain"]["examples"][0]["before"]["action"] == "move west"
+    assert refl["golden_d1"]["plain"]["ended_repeating"] == 2 and refl["step"]["plain"]["ended_repeating"] == 0
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
     md = (tmp_path / "study.md").read_text()
-    assert "STeP − golden D1" in md and "| 2 / 8 (2 won) |" in md and (tmp_path / "study.html").stat().st_size > 5000
+    assert "STeP − golden D1" in md and "| 2 / 8 (2 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 |" in md
+    assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won) | 0 / 8 (0 won) | 2 / 8 | 0 / 8 |" in md and (tmp_path / "study.html").stat().st_size > 5000
 
 
 def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():

@@ -44,13 +44,25 @@ def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]
     return out
 
 
+# A mistake never repaired: a greedy agent that does not notice one repeats it, step after step, until the step
+# budget ends (every lost episode of the SmolLM2 study's base agent did; docs/smollm2.md)
+REPEATED = 5
+
+
+def ends_repeating(t) -> bool:
+    """The episode was lost repeating one action over its last REPEATED steps."""
+    actions = {st.action for st in t.steps[-REPEATED:]}
+    return not t.success and len(t.steps) >= REPEATED and len(actions) == 1
+
+
 def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     """The agent's own reflections at test time: steps whose thought opens as the built-in teachers' reflections do
     (steptune.teacher.base.REFLECTION_OPENINGS; an LLM teacher's free-form reflections are not recognised).
 
     Counts the episodes with at least one, how many of those succeeded, and keeps up to `examples` of the successful
     ones (the step before the reflection, the reflection and what the agent did next), its own mistakes first: an
-    injected step (the recovery benchmark) is not the agent's."""
+    injected step (the recovery benchmark) is not the agent's. Also counts the episodes lost repeating one action
+    (`ends_repeating`): mistakes the agent did not repair."""
     found, shown = [], []
     for t in trajs:
         injected_at = (t.meta.get("injection") or {}).get("step")  # 1-based
@@ -68,6 +80,7 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     shown.sort(key=lambda e: not e["own_mistake"])  # stable: the agent's own mistakes first, in episode order
     return {"episodes": len(trajs), "with_reflection": len(found), "succeeded": sum(t.success for t in found),
             "reflection_steps": sum(_reflects(st.thought) for t in found for st in t.steps[1:]),
+            "ended_repeating": sum(map(ends_repeating, trajs)),
             "examples": shown[:examples]}
 
 

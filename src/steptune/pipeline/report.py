@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from steptune.data.trajectory import one_line
+from steptune.evaluation.recovery import REPEATED
 from steptune.evaluation.report import (
     grouped_bars,
     html_page,
@@ -111,7 +112,8 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
     for kind, injected in (("plain", False), ("injected", True)):
         found = [reflections_at_test_time(load_trajectories(p))
                  for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
-        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded")}
+        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded",
+                                                          "ended_repeating")}
         out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
     return out
 
@@ -121,9 +123,15 @@ def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -
     def cell(c: dict[str, Any]) -> str:
         return f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won)" if c["episodes"] else "–"
 
-    rows = [f"| {labels[m]} | {cell(c['plain'])} | {cell(c['injected'])} |" for m, c in counts.items()
+    def repeating(c: dict[str, Any]) -> str:  # a study.json written before the count has none
+        return f"{c['ended_repeating']} / {c['episodes']}" if c["episodes"] and "ended_repeating" in c else "–"
+
+    rows = [f"| {labels[m]} | {cell(c['plain'])} | {cell(c['injected'])} | {repeating(c['plain'])} | "
+            f"{repeating(c['injected'])} |" for m, c in counts.items()
             if c["plain"]["episodes"] or c["injected"]["episodes"]]
-    return ["| method | plain episodes | with one injected error |", "|---|---:|---:|", *rows] if rows else []
+    header = ["| method | reflected: plain episodes | reflected: with one injected error | lost repeating one action: "
+              "plain | lost repeating: injected |", "|---|---:|---:|---:|---:|"]
+    return [*header, *rows] if rows else []
 
 
 def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
@@ -135,7 +143,9 @@ def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
         return []
     md = ["## Reflections at test time", "",
           "Episodes in which the agent wrote a reflection on its previous step (a thought that opens as stage 2's "
-          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won.", "", *table, ""]
+          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won; and the episodes "
+          f"it lost repeating one action over its last {REPEATED} steps (a mistake it never repaired).", "", *table,
+          ""]
     shown = (counts[STEP]["plain"]["examples"] + counts[STEP]["injected"]["examples"])[:3] if STEP in counts else []
     if shown:
         md += ["STeP episodes that it won after a reflection:", ""]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from steptune.data.trajectory import load_trajectories
+from steptune.evaluation.recovery import REPEATED
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
@@ -267,7 +268,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     if table:
         md += ["", "## Reflections at test time", "",
                "Episodes in which the agent reflected on its previous step (a thought that opens as stage 2's "
-               "reflections do), of all its episodes, seeds pooled, and how many of those it won.", "", *table]
+               "reflections do), of all its episodes, seeds pooled, and how many of those it won; and the episodes "
+               f"it lost repeating one action over its last {REPEATED} steps (a mistake it never repaired).", "",
+               *table]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
            *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),
