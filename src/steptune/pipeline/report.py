@@ -134,6 +134,11 @@ def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -
     return [*header, *rows] if rows else []
 
 
+# how the reports describe `reflection_rows`' last two columns
+REPEATING_COLUMNS = (f"and the episodes it lost repeating one action over its last {REPEATED} steps (a mistake it "
+                     "never repaired).")
+
+
 def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
     """How often each method's agent reflected on its previous step at test time, and up to three STeP episodes where
     it did and then won (markdown lines; none before any evaluation)."""
@@ -143,9 +148,8 @@ def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
         return []
     md = ["## Reflections at test time", "",
           "Episodes in which the agent wrote a reflection on its previous step (a thought that opens as stage 2's "
-          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won; and the episodes "
-          f"it lost repeating one action over its last {REPEATED} steps (a mistake it never repaired).", "", *table,
-          ""]
+          "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won; "
+          + REPEATING_COLUMNS, "", *table, ""]
     shown = (counts[STEP]["plain"]["examples"] + counts[STEP]["injected"]["examples"])[:3] if STEP in counts else []
     if shown:
         md += ["STeP episodes that it won after a reflection:", ""]

@@ -75,19 +75,15 @@ def _progress(layout: RunLayout, stage: str) -> str:
 def _written(path: Path, what: str) -> str:
     """"N of M <what> (W won)": the records in a trajectory file, of those its run will write when done (if the
     writer noted it), and how many of them succeeded; "" for a file not started."""
-    from steptune.data.trajectory import planned_path
+    from steptune.data.trajectory import iter_trajectories, planned_path
 
     planned = planned_path(path)
     if not path.exists() and not planned.exists():
         return ""
-    records = []
-    for line in path.open() if path.exists() else ():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill: the writer drops it when the run resumes
-            pass
+    # a line torn by a kill is set aside (the writer drops it when the run resumes)
+    records = list(iter_trajectories(path, errors=[])) if path.exists() else []
     of = f" of {planned.read_text().strip()}" if planned.exists() else ""
-    won = f" ({sum(bool(r.get('success')) for r in records)} won)" if records else ""
+    won = f" ({sum(t.success for t in records)} won)" if records else ""
     return f"{len(records)}{of} {what}{won}"
 
 

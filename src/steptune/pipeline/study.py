@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 
 from steptune.data.trajectory import load_trajectories
-from steptune.evaluation.recovery import REPEATED
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
-from steptune.pipeline.report import premise_note, reflection_counts, reflection_rows
+from steptune.pipeline.report import REPEATING_COLUMNS, premise_note, reflection_counts, reflection_rows
 from steptune.teacher.expert import NOT_VALID
 
 BOOTSTRAP = 2000
@@ -268,9 +267,8 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     if table:
         md += ["", "## Reflections at test time", "",
                "Episodes in which the agent reflected on its previous step (a thought that opens as stage 2's "
-               "reflections do), of all its episodes, seeds pooled, and how many of those it won; and the episodes "
-               f"it lost repeating one action over its last {REPEATED} steps (a mistake it never repaired).", "",
-               *table]
+               "reflections do), of all its episodes, seeds pooled, and how many of those it won; "
+               + REPEATING_COLUMNS, "", *table]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
            *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),
