@@ -6,12 +6,14 @@ from _react_model import react_model_fixture
 from _twx_pool import twx_pool
 
 from steptune.data.prompt import build_conversation
-from steptune.agent.rollout import RolloutTotals, run_episodes
-from steptune.backends.base import GenerationConfig
+from steptune.agent.rollout import RolloutTotals, repeating, run_episodes
+from steptune.backends.base import ChatBackend, GenerationConfig
 from steptune.backends.local import LocalBackend
 from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Critique, Step, Trajectory
 from steptune.envs.base import TaskRef
+from steptune.evaluation.eval import summarize
+from steptune.evaluation.recovery import ends_repeating
 from steptune.teacher.base import Verdict
 
 
@@ -132,6 +134,45 @@ def test_invalid_outputs_get_format_observation_and_are_counted(tiny_model_dir, 
         assert e.steps_taken == pool.max_steps(e.task) and e.invalid_actions == e.steps_taken
         assert all(s.observation == INVALID_FORMAT_OBSERVATION for s in e.trajectory.steps)
         assert e.trajectory.meta["invalid_actions"] == e.steps_taken and not e.success
+
+
+class Insists(ChatBackend):
+    """Takes the coin at its first turn, then something the game refuses, always the same."""
+
+    def complete(self, conversations, gen):
+        return ["Thought: t\nAction: " + ("take coin" if len(c) == 1 else "put coin in box") for c in conversations]
+
+
+def test_max_repeats_ends_an_episode_that_repeats_one_refused_action():
+    tasks = [TaskRef("twx", "coin", seed, "unseen") for seed in range(3)]
+    pool = twx_pool(2, max_steps=12, game_params="numLocations=2,includeDoors=0")  # the coin may be a room away
+    try:
+        played = run_episodes(pool, tasks, Insists(), GenerationConfig(max_new_tokens=8), progress=False)
+        ended = run_episodes(pool, tasks, Insists(), GenerationConfig(max_new_tokens=8), progress=False,
+                             max_repeats=4)
+    finally:
+        pool.close()
+    lost = [i for i, e in enumerate(played) if not e.success]
+    assert lost  # a coin in the other room: "take coin" fails, and so does every turn after it
+    for i, (p, e) in enumerate(zip(played, ended)):
+        if p.success:  # won at its first step: nothing to repeat
+            assert e.trajectory.steps == p.trajectory.steps and "stopped" not in e.trajectory.meta
+            continue
+        assert p.steps_taken == 12 and "stopped" not in p.trajectory.meta
+        assert e.trajectory.steps == p.trajectory.steps[:e.steps_taken] and not e.success
+        assert e.trajectory.meta["stopped"] == "repeating" and ends_repeating(e.trajectory)
+        assert e.steps_taken == 5  # "take coin" refused, then the same refused put 4 times
+    assert summarize([e.trajectory for e in ended])["overall"]["stopped_repeating"] == len(lost)
+    assert summarize([e.trajectory for e in played])["overall"]["stopped_repeating"] == 0
+
+
+def test_repeating_needs_one_action_with_one_observation():
+    same = [Step(thought="t", action="put coin in box", observation="You can't do that.") for _ in range(3)]
+    assert repeating(same, 3) and not repeating(same, 4)
+    moved = same[:2] + [Step(thought="t", action="put coin in box", observation="Done.")]
+    assert not repeating(moved, 3)
+    other = same[:2] + [Step(thought="t", action="look around", observation="You can't do that.")]
+    assert not repeating(other, 3)
 
 
 def test_env_failure_is_recorded_and_other_episodes_continue(react_model_dir, pool, capsys):

@@ -47,6 +47,7 @@ class Episode:
     steps_taken: int = 0  # env steps, reflection steps included
     done: bool = False  # the env said the episode is over (won or lost), as opposed to running out of steps
     failure: str | None = None  # env or backend failure; the episode is recorded, not retried
+    stopped: str | None = None  # "repeating": ended by `max_repeats` before its step budget
     invalid_actions: int = 0
     truncations: int = 0  # turns whose context was cut to fit the window
     dropped_steps: int = 0  # oldest steps left out of the latest prompt to fit the window
@@ -73,6 +74,7 @@ class Episode:
                 "invalid_actions": self.invalid_actions, "truncations": self.truncations,
                 "n_errors": self.trajectory.n_errors,
                 **({"injection": self.injection} if self.injection is not None else {}),
+                **({"stopped": self.stopped} if self.stopped is not None else {}),
                 **({"teacher_counts": self.teacher.as_meta()} if self.teacher is not None else {})}
 
 
@@ -97,12 +99,15 @@ class RolloutTotals:
 def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen: GenerationConfig, *,
                  teacher: Teacher | None = None, on_episode_end: Callable[[Episode], None] | None = None,
                  max_context_tokens: int | None = None, progress: bool | str = True, example: str | None = None,
-                 totals: RolloutTotals | None = None, injection: InjectionConfig | None = None) -> list[Episode]:
+                 totals: RolloutTotals | None = None, injection: InjectionConfig | None = None,
+                 max_repeats: int | None = None) -> list[Episode]:
     """Run every task to the end; returns the episodes in the order of `tasks`.
 
     `gen.stop` defaults to the ReAct stops (end of the Action line). `max_context_tokens` defaults to the
     backend's window (`backend.context_window`) minus `gen.max_new_tokens`, when the backend knows it. `progress`:
     a bar (or lines in a log), none, or a label: lines that start with it (several runs printing at once).
+    `max_repeats`: an episode whose last that many steps are one action with one observation ends there (lost,
+    unless the environment said otherwise), marked `stopped: "repeating"`.
     """
     totals = totals if totals is not None else RolloutTotals()
     if not gen.stop:
@@ -193,12 +198,19 @@ def run_episodes(pool: EnvPool, tasks: list[TaskRef], backend: ChatBackend, gen:
                 _judge_and_correct(pool, slots, episodes, steps, plans, teacher, totals, wants_plan)
 
             for s, ep in zip(slots, episodes):
-                if ep.done or ep.failure is not None or ep.steps_taken >= pool.max_steps(ep.task):
+                if max_repeats and not ep.done and repeating(ep.trajectory.steps, max_repeats):
+                    ep.stopped = "repeating"
+                if ep.done or ep.failure is not None or ep.stopped or ep.steps_taken >= pool.max_steps(ep.task):
                     finish(s)
             fill_free_slots()
     finally:
         bar.close()
     return [results[i] for i in range(len(tasks))]
+
+
+def repeating(steps: list[Step], n: int) -> bool:
+    """The last n steps are one action with one observation: nothing the agent did changed anything."""
+    return len(steps) >= n and len({(st.action, st.observation) for st in steps[-n:]}) == 1
 
 
 def _start_episodes(pool: EnvPool, starting: list[tuple[int, int, TaskRef]], instruction: str,

@@ -79,6 +79,9 @@ def eval_cmd(
         min=1, help="Inject at this agent step (1-based); default: drawn per task from 1..--inject-max-step.")] = None,
     inject_max_step: Annotated[int, typer.Option(min=1, help="Upper end of the drawn injection step.")] = 3,
     inject_seed: Annotated[int, typer.Option(help="Seed of the drawn steps and errors (same for every model).")] = 0,
+    max_repeats: Annotated[int | None, typer.Option(
+        min=2, help="End an episode, lost, once the agent took one action with one result this many times in a row "
+        "(default: play to the step budget).")] = None,
 ) -> None:
     """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json (and with
     --inject-error, injected.jsonl and the recovery metrics)."""
@@ -95,6 +98,8 @@ def eval_cmd(
         base["max_new_tokens"] = max_new_tokens
     if not config or temperature != 0.0:
         base["temperature"] = temperature
+    if max_repeats is not None:
+        base["max_repeats"] = max_repeats
     if inject_error:
         base["inject"] = {"step": inject_step, "max_step": inject_max_step, "seed": inject_seed}
     summary = evaluate(check_eval_config(base), progress=not quiet)

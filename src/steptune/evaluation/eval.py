@@ -1,7 +1,8 @@
 """Evaluate an agent on an environment split: episodes to JSONL (resumable), a summary JSON.
 
 Layout of an eval run directory:
-  episodes.jsonl   one Trajectory per finished episode (meta: steps, invalid actions, truncations, failure)
+  episodes.jsonl   one Trajectory per finished episode (meta: steps, invalid actions, truncations, failure, and
+                   "stopped": "repeating" where `max_repeats` ended it)
   injected.jsonl   with `inject`: the same tasks again, each with one injected error (the recovery benchmark,
                    steptune.agent.injection; meta["injection"] says where, what, and when the agent got back)
   summary.json     average reward x100 and success rate, overall, per split and per task type; with `inject`,
@@ -37,6 +38,8 @@ class EvalSettings(BaseModel):
     """What a user chooses about evaluation (the pipeline's `eval:` section is these settings)."""
 
     model_config = ConfigDict(extra="forbid")
+    # settings added after runs existed, whose default does what those runs did: they stay up to date
+    added_defaults: ClassVar[dict[str, Any]] = {"max_repeats": None}
 
     splits: list[str] = Field(default_factory=lambda: ["unseen"], min_length=1)
     limit: int | None = Field(None, ge=1)  # first N tasks of each split
@@ -47,6 +50,10 @@ class EvalSettings(BaseModel):
     max_context_tokens: int | None = None
     example: str | None = None  # one in-context example (text of a golden trajectory)
     inject: InjectionConfig | None = None  # also run every task with one injected error (the recovery benchmark)
+    # end an episode, lost, once the agent has taken one action with one result this many times in a row. A greedy
+    # agent that does not notice its mistake repeats it until the step budget ends, and those steps, with the longest
+    # prompts, are most of an evaluation's time (docs/smollm2.md). None: every episode plays to its step budget
+    max_repeats: int | None = Field(None, ge=2)
 
 
 class EvalConfig(EvalSettings):
@@ -94,6 +101,7 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
                     backend = backend or make_backend(backend_cfg)
                     run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
                                  example=cfg.example, progress=progress, injection=injection,
+                                 max_repeats=cfg.max_repeats,
                                  on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
     finally:
         pool.close()
@@ -121,6 +129,7 @@ def _aggregate(trajs: list[Trajectory]) -> dict[str, float | int]:
         "invalid_actions": sum(t.meta.get("invalid_actions", 0) for t in trajs),
         "truncations": sum(t.meta.get("truncations", 0) for t in trajs),
         "failures": sum(t.meta.get("failure") is not None for t in trajs),
+        "stopped_repeating": sum(t.meta.get("stopped") == "repeating" for t in trajs),  # by `max_repeats`
     }
 
 

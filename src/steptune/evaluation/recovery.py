@@ -50,9 +50,10 @@ REPEATED = 5
 
 
 def ends_repeating(t) -> bool:
-    """The episode was lost repeating one action over its last REPEATED steps."""
+    """The episode was lost repeating one action over its last REPEATED steps (or an evaluation's `max_repeats`
+    ended it sooner)."""
     actions = {st.action for st in t.steps[-REPEATED:]}
-    return not t.success and len(t.steps) >= REPEATED and len(actions) == 1
+    return not t.success and (t.meta.get("stopped") == "repeating" or len(t.steps) >= REPEATED and len(actions) == 1)
 
 
 def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
