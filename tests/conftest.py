@@ -1,6 +1,7 @@
 """Shared test fixtures. Tests run fully offline on CPU with one torch thread (see shared FACTS)."""
 
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -8,6 +9,7 @@ os.environ.setdefault("JAVA_TOOL_OPTIONS", "-Xmx512m")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _own_processes import TAG_VAR  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -50,3 +52,14 @@ def tiny_study(tmp_path_factory):
     with contextlib.redirect_stdout(log):
         run_study(cfg, [0], out)
     return cfg, out, log.getvalue()
+
+
+
+@pytest.fixture
+def own_jvms(monkeypatch):
+    """A tag in the environment that every process this test starts inherits (its simulators' JVMs included), so
+    that `tagged_pids` counts this test's processes only: a study, a quickstart or another test run on the same
+    machine starts and ends JVMs of its own meanwhile."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv(TAG_VAR, tag)
+    return tag

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _own_processes import tagged_pids
 
 from steptune.envs.pool import EnvFailure, EnvPool
 from steptune.envs.sciworld import INVALID_MARK, ScienceWorldEnv
@@ -116,8 +117,7 @@ def test_reset_without_the_expert_builds_the_gold_path_when_first_asked():
         assert result.done and result.info["won"]
 
 
-def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
-    before = _scienceworld_jvms()
+def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing(own_jvms):
     # the options a crowded pool gives its JVMs (more simulators than cores), so this JVM must run with them
     options = ScienceWorldEnv.crowded_jvm_options
     pool = EnvPool("sciworld", size=1, jvm_options=options)
@@ -127,6 +127,7 @@ def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
         worker = pool.worker_pids()[0]
         jvms = _java_children(worker)
         assert jvms, "the worker should own a ScienceWorld JVM"
+        assert set(jvms) <= tagged_pids("scienceworld", own_jvms)  # the tag reaches the JVMs
         environ = Path(f"/proc/{jvms[0]}/environ").read_text().split("\0")
         assert options and any(e.startswith("JAVA_TOOL_OPTIONS=") and options in e for e in environ)
         os.kill(jvms[0], signal.SIGKILL)
@@ -143,12 +144,7 @@ def test_pool_restarts_after_jvm_sigkill_and_leaves_nothing():
              and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
     assert not alive
     time.sleep(0.5)
-    assert _scienceworld_jvms() <= before, "a ScienceWorld JVM was left behind"
-
-
-def _scienceworld_jvms() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "scienceworld"], capture_output=True, text=True, check=False).stdout
-    return {int(p) for p in out.split()} - {os.getpid()}
+    assert not tagged_pids("scienceworld", own_jvms), "a ScienceWorld JVM was left behind"
 
 
 def test_expert_trajectories_replay_to_success_and_resume(tmp_path):

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from _own_processes import tagged_pids
 
 from steptune.envs.base import JVM_LOG_TO_STDERR, TaskRef
 from steptune.envs.pool import EnvFailure, EnvPool
@@ -94,13 +95,11 @@ def test_unknown_split(env):
         env.tasks("validation")
 
 
-def java_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "textworld"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def java_pids(tag: str) -> set[int]:
+    return tagged_pids("textworld", tag)
 
 
-def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind():
-    before = java_pids()
+def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind(own_jvms):
     with EnvPool("twx", 2) as pool:
         tasks = pool.tasks("train")[:2]
         assert all(pool.reset(i, t).task for i, t in enumerate(tasks))
@@ -109,6 +108,7 @@ def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind(
         group = subprocess.run(["pgrep", "-g", str(pool.worker_pids()[0])], capture_output=True, text=True).stdout
         jvm = [int(p) for p in group.split() if "java" in open(f"/proc/{p}/cmdline").read()]
         assert jvm, "the worker's JVM lives in the worker's process group"
+        assert set(jvm) <= java_pids(own_jvms)  # the tag reaches the JVMs
         os.kill(jvm[0], signal.SIGKILL)
         time.sleep(0.3)
         res = pool.step_many([(0, "look around"), (1, "look around")])
@@ -116,7 +116,7 @@ def test_pool_steps_in_parallel_restarts_a_killed_jvm_and_leaves_nothing_behind(
         assert pool.restarts == 1
         assert pool.reset(0, tasks[0]).task  # the restarted worker serves again
     time.sleep(1.0)
-    assert java_pids() <= before
+    assert not java_pids(own_jvms)
 
 
 def _jvms_of(worker_pid: int) -> list[int]:
@@ -124,10 +124,9 @@ def _jvms_of(worker_pid: int) -> list[int]:
     return [int(p) for p in group.split() if "java" in open(f"/proc/{p}/cmdline").read()]
 
 
-def test_slots_share_worker_processes_and_fail_alone():
+def test_slots_share_worker_processes_and_fail_alone(own_jvms):
     """4 slots in 2 processes: each process steps its 2 environments; a dead JVM fails only its own slot, a dead
     process fails its slots and its other slot's episode must be reset before it is stepped again."""
-    before = java_pids()
     with EnvPool("twx", 4, workers=2) as pool:
         assert len(pool.worker_pids()) == 2
         tasks = pool.tasks("train")[:4]
@@ -156,7 +155,7 @@ def test_slots_share_worker_processes_and_fail_alone():
         sibling = 2 if failed == 0 else 0  # shared a process with the dead JVM, kept its episode throughout
         assert not isinstance(pool.step_many([(sibling, "look around")])[0], EnvFailure)
     time.sleep(1.0)
-    assert java_pids() <= before
+    assert not java_pids(own_jvms)
 
 
 def _jvm_tool_options(worker_pid: int) -> str | None:
@@ -214,16 +213,17 @@ time.sleep(60)
 
 
 @pytest.mark.parametrize("how", ["raise", "sigterm", "sigkill"])
-def test_no_process_left_after_error_or_kill(how):
-    before = java_pids()
+def test_no_process_left_after_error_or_kill(how, own_jvms):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, how], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "ready"
+    if how != "raise":  # (raising, the parent may be closing its pool already)
+        assert len(java_pids(own_jvms)) == 2  # the parent's pool's two JVMs, found by the tag
     if how != "raise":
         proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
     proc.wait(timeout=30)
     for _ in range(50):
-        if java_pids() <= before:
+        if not java_pids(own_jvms):
             break
         time.sleep(0.2)
-    assert java_pids() <= before
+    assert not java_pids(own_jvms)
