@@ -133,10 +133,11 @@ def test_a_stage_owns_exactly_what_depends_on_it(tmp_path):
     # the base agent is evaluated with stage 2 (they may run at once): its U2 success (STeP's premise) comes first,
     # and its weights are free to release once all three have run
     assert dependents(stages, "train:golden_d1") == [
-        "train:golden_d1", "eval:base_agent_u2", "eval:golden_d1", "synthesize", "filter", "train:step",
+        "train:golden_d1", "eval:base_agent_u2", "synthesize", "eval:golden_d1", "filter", "train:step",
         "train:step_unmasked", "train:sequential", "eval:step", "eval:step_unmasked", "eval:sequential", "report"]
     assert dependents(stages, "eval:golden_all") == ["eval:golden_all", "report"]
-    assert [s.name for s in stages if s.parallel][:3] == ["eval:base_agent_u2", "eval:golden_d1", "synthesize"]
+    # stage 2, the longest, starts beside U2's evaluation, two at a time
+    assert [s.name for s in stages if s.parallel][:3] == ["eval:base_agent_u2", "synthesize", "eval:golden_d1"]
     assert dependents(stages, "split")[-1] == "report" and len(dependents(stages, "split")) == len(stages) - 2
 
 

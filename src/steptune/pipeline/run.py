@@ -143,13 +143,13 @@ class Run:
             out.append(Stage(f"eval:{BASE_AGENT_U2}", [paths.model_dir(BASE_AGENT), d2],
                              [paths.eval_dir(BASE_AGENT_U2)], self.base_agent_eval_config, self._evaluate_base,
                              parallel=True))
+        # beside the base agent's evaluations (`eval.processes`): all three only read the base agent. Stage 2, the
+        # longest, before golden D1's evaluation: two at a time, it starts with U2's and golden D1's games take the
+        # core U2's end frees; started last, it ran on alone (a seed of the SmolLM2 study left a core idle ~40 min)
+        out.append(Stage("synthesize", [paths.model_dir(BASE_AGENT), d2], [self.synthesized, paths.teacher_stats],
+                         self.synthesis_config, self._synthesize, parallel=True))
         out += [self._eval_stage(m) for m in cfg.methods if m == BASE_AGENT]
-        out += [
-            # beside the base agent's evaluations (`eval.processes`): all three only read the base agent
-            Stage("synthesize", [paths.model_dir(BASE_AGENT), d2], [self.synthesized, paths.teacher_stats],
-                  self.synthesis_config, self._synthesize, parallel=True),
-            Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter),
-        ]
+        out.append(Stage("filter", [self.synthesized], [dr, paths.filter_stats], lambda: cfg.filter, self._filter))
         others = [m for m in cfg.methods if m != BASE_AGENT]
         if cfg.eval.after_each_training:
             out += [stage for m in others for stage in (self._train_stage(METHODS[m]), self._eval_stage(m))]
