@@ -53,6 +53,51 @@ def test_invalid_action_and_replanning_after_a_wrong_put(env):
     assert res.info["won"]
 
 
+def test_twc_expert_walks_back_to_the_box_it_left_behind(env):
+    """The agent took the item, then walked into the other room, where the box is not: the expert's plan walks back
+    (its old re-plan put the item in a box that is not there: an action the game refuses, again and again)."""
+    two_rooms = TextWorldExpressEnv(game="twc", game_params="numLocations=2,numItemsToPutAway=1,includeDoors=0")
+    try:
+        two_rooms.reset(TaskRef("twx", "twc", 0, "train"))
+        assert "open chest of drawers" in two_rooms.expert_actions()  # the chest is in this room, the bedroom
+        two_rooms.step("take plaid bed sheet")
+        assert "You are in the bathroom" in two_rooms.step("move north").observation
+        assert two_rooms.expert_actions() == ["move south", "open chest of drawers",
+                                              "put plaid bed sheet in chest of drawers"]
+    finally:
+        two_rooms.close()
+
+
+@pytest.mark.parametrize("params", ["numLocations=2,numItemsToPutAway=1,includeDoors=0,limitInventorySize=0",
+                                    "numLocations=3,numItemsToPutAway=2,includeDoors=1,limitInventorySize=0"])
+def test_twc_expert_wins_from_wherever_a_random_walk_leaves_the_agent(params):
+    """From any state (items carried off or put in the wrong box, boxes opened and closed, doors opened, other
+    rooms), following the expert's plan wins, each of its actions valid when taken."""
+    import random
+
+    env = TextWorldExpressEnv(game="twc", game_params=params, max_steps=100)
+    rng, played = random.Random(0), 0
+    try:
+        for seed in range(15):
+            for walk in (2, 5, 9):
+                env.reset(TaskRef("twx", "twc", seed, "train"))
+                for _ in range(walk):
+                    res = env.step(rng.choice(sorted(env._valid)))
+                    if res.done:
+                        break
+                if res.done:
+                    continue
+                played += 1
+                plan = env.expert_actions()
+                for action in plan:
+                    res = env.step(action)
+                    assert not res.info["invalid"], (seed, walk, action, plan)
+                assert res.info["won"], (seed, walk, plan)
+    finally:
+        env.close()
+    assert played >= 30
+
+
 def test_resets_without_reloading_give_the_same_games_as_fresh_loads():
     """The adapter loads the game generator once per (game, params), not on every reset: consecutive resets, game
     switches included, must start exactly the games a freshly loaded simulator starts."""

@@ -45,10 +45,12 @@ class TextWorldExpressEnv(Env):
         self._loaded: tuple[str, str] | None = None  # the (game, params) the simulator's generator is set up for
         self._gold: list[str] = []
         self._history: list[str] = []  # actions that changed something (valid ones)
+        self._history_rooms: list[str] = []  # the room each of them was taken in
         self._valid: list[str] = []
         self._score = 0.0
         self._task: TaskRef | None = None
-        self._coin_map: _CoinMap | None = None  # coin's rooms, mapped on the first expert call of an episode
+        self._coin_map: _RoomMap | None = None  # coin's rooms, mapped on the first expert call of an episode
+        self._twc_map: _TwcMap | None = None  # TWC's, on the first call after the agent left the gold path
         self._room = ""
         # (room, direction, opened?) of each door opened or closed this episode, in order: TWX lists `open door to X`
         # among the valid actions whether that door is open or closed, so the state comes from what the agent did
@@ -74,10 +76,10 @@ class TextWorldExpressEnv(Env):
             self._loaded = (task.name, self.game_params)
         obs, info = self._env.reset(seed=int(task.variation), gameFold=FOLDS[task.split], generateGoldPath=True)
         self._gold = list(self._env.getGoldActionSequence())
-        self._history = []
+        self._history, self._history_rooms = [], []
         self._valid = list(info["validActions"])
         self._score = 0.0
-        self._task, self._coin_map = task, None
+        self._task, self._coin_map, self._twc_map = task, None, None
         self._room, self._door_actions = _room_of(obs), []
         self._visited = {self._room}
         return Reset(task=f"{info['taskDescription']}\n{obs}", observation=obs, info={"task_type": task.name})
@@ -89,6 +91,7 @@ class TextWorldExpressEnv(Env):
         self._valid = list(info["validActions"])
         if not invalid:
             self._history.append(action)
+            self._history_rooms.append(self._room)
             if action.startswith(("open door to ", "close door to ")):
                 self._door_actions.append((self._room, action.split()[-1], action.startswith("open")))
             elif action.startswith("move "):
@@ -112,14 +115,13 @@ class TextWorldExpressEnv(Env):
         """The expert's plan from the current state.
 
         Coin: a deterministic explorer's route from where the agent stands — the nearest room not yet visited, again
-        and again, until the coin is in sight, then `take coin` (see `_CoinMap.plan`): the simulator's own gold path
-        for coin is a random walk that the seed does not fix, and a shortest path to a coin the agent cannot see
-        would teach guessing. Other
-        games: while the agent's valid actions are a prefix of the gold path, the rest of the gold path. After a
-        divergence, TWC re-plans from the state: for each gold `put X in Y` not yet done, `take X` if it is not
-        held, `open Y` if needed, then the put — checked against the currently valid actions. Other games can
-        only follow the gold path; after a divergence their expert returns the gold actions not yet done that
-        are valid now, or None when none is.
+        and again, until the coin is in sight, then `take coin` (see `_RoomMap.coin_plan`): the simulator's own gold
+        path for coin is a random walk that the seed does not fix, and a shortest path to a coin the agent cannot
+        see would teach guessing. Other games: while the agent's valid actions are a prefix of the gold path, the
+        rest of the gold path. After a divergence, TWC re-plans from the state (`_TwcMap.plan`): for each gold
+        `put X in Y` not yet done, the shortest way to X and `take X` unless it is held, then the shortest way to
+        Y's room, `open Y` if it is closed, and the put. Other games can only follow the gold path; after a
+        divergence their expert returns the gold actions not yet done that are valid now, or None when none is.
         """
         if self.game == "coin":
             return self._plan_coin()
@@ -128,34 +130,24 @@ class TextWorldExpressEnv(Env):
         if done == gold[: len(done)]:
             return gold[len(done):]
         if self.game == "twc":
-            return self._replan_twc(gold, done)
+            return self._replan_twc()
         remaining = [a for a in gold if a not in done]
         return remaining if remaining and remaining[0] in self._valid else None
 
-    def _replan_twc(self, gold: list[str], done: list[str]) -> list[str] | None:
-        plan: list[str] = []
-        for a in gold:
-            m = _PUT.match(a)
-            if not m:
-                continue
-            item, box = m["item"], m["box"]
-            last_put = max((i for i, d in enumerate(done) if d.startswith(f"put {item} ")), default=-1)
-            if last_put >= 0 and done[last_put] == a:
-                continue  # already where it belongs
-            if f"take {item}" in self._valid:
-                plan.append(f"take {item}")
-            if f"open {box}" in self._valid and f"open {box}" not in plan:
-                plan.append(f"open {box}")
-            plan.append(a)
-        return plan or None
+    def _replan_twc(self) -> list[str] | None:
+        assert self._task is not None
+        if self._twc_map is None:
+            self._twc_map = _TwcMap.explore(self._env, self._task, FOLDS[self._task.split], self._gold)
+            self._replay()  # exploring moved the simulator; put it back where the episode stands
+        return self._twc_map.plan(self._room, self._history, self._history_rooms, self._door_actions) or None
 
     def _plan_coin(self) -> list[str]:
         if "take coin" in self._history or self._task is None:
             return []
         if self._coin_map is None:
-            self._coin_map = _CoinMap.explore(self._env, self._task, FOLDS[self._task.split])
+            self._coin_map = _RoomMap.explore(self._env, self._task, FOLDS[self._task.split])
             self._replay()  # exploring moved the simulator; put it back where the episode stands
-        return self._coin_map.plan(self._room, self._coin_map.open_doors(self._door_actions), self._visited)
+        return self._coin_map.coin_plan(self._room, self._coin_map.open_doors(self._door_actions), self._visited)
 
     def _replay(self) -> None:
         assert self._task is not None
@@ -177,16 +169,17 @@ def _room_of(observation: str) -> str:
     return m["room"] if m else ""
 
 
-class _CoinMap:
-    """Coin's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and an explorer's
-    route to the coin from any room (`plan`). Deterministic: exits are tried in sorted order, so ties always break
-    the same way. Doors (`includeDoors=1`) start closed; the route opens each closed one it passes through."""
+class _RoomMap:
+    """A game's rooms and exits, found by walking a fresh copy of the game (same seed) breadth-first, and the
+    shortest routes between them. Deterministic: exits are tried in sorted order, so ties always break the same
+    way. Doors (`includeDoors=1`) start closed; a route opens each closed one it passes through. For coin, also the
+    coin's room and an explorer's route to it from any room (`coin_plan`)."""
 
     def __init__(self, exits: dict[str, dict[str, str]], coin_room: str, doors: set[tuple[str, str]]):
         self.exits, self.coin_room, self.doors = exits, coin_room, doors
 
     @classmethod
-    def explore(cls, sim, task: TaskRef, fold: str) -> _CoinMap:
+    def explore(cls, sim, task: TaskRef, fold: str) -> _RoomMap:
         def walk(path: list[str]) -> tuple[str, list[str]]:
             obs, info = sim.reset(seed=int(task.variation), gameFold=fold, generateGoldPath=False)
             for direction in path:
@@ -201,7 +194,7 @@ class _CoinMap:
         while queue:
             room = queue.pop(0)
             room_, valid = walk(paths[room])
-            assert room_ == room, f"coin map: expected the {room}, got {room_!r}"
+            assert room_ == room, f"room map: expected the {room}, got {room_!r}"
             if "take coin" in valid:
                 coin_room = coin_room or room
             exits[room] = {}
@@ -226,7 +219,18 @@ class _CoinMap:
             opened = opened | sides if is_open else opened - sides
         return opened
 
-    def plan(self, room: str, opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
+    def route(self, path: list[tuple[str, str]], opened: set[tuple[str, str]]) -> list[str]:
+        """The actions that walk `path` ((room, direction) steps), opening each closed door on it; `opened` is
+        updated."""
+        actions = []
+        for at, direction in path:
+            if (at, direction) in self.doors and (at, direction) not in opened:
+                actions.append(f"open door to {direction}")
+                opened |= self.open_doors([(at, direction, True)])
+            actions.append(f"move {direction}")
+        return actions
+
+    def coin_plan(self, room: str, opened: set[tuple[str, str]], visited: set[str]) -> list[str]:
         """An explorer's route from `room`: while the coin is not in sight, walk the shortest path to the nearest
         room not yet visited (ties broken by the path's directions, in alphabetical order), opening doors on the
         way; once the coin's room has been seen, the shortest way back to it through rooms already seen; there,
@@ -235,24 +239,22 @@ class _CoinMap:
         plan, here, seen, opened = [], room, set(visited) | {room}, set(opened)
         while here != self.coin_room:
             if self.coin_room in seen:  # it walked away from the coin: back the way it knows
-                path = self._shortest_path(here, lambda r: r == self.coin_room, within=seen)
+                path = self.shortest_path(here, lambda r: r == self.coin_room, within=seen)
             else:
-                path = self._shortest_path(here, lambda r: r not in seen)
+                path = self.shortest_path(here, lambda r: r not in seen)
             if path is None:
                 return []
-            for at, direction in path:
-                if (at, direction) in self.doors and (at, direction) not in opened:
-                    plan.append(f"open door to {direction}")
-                    opened |= self.open_doors([(at, direction, True)])
-                plan.append(f"move {direction}")
+            plan += self.route(path, opened)
             here = self.exits[path[-1][0]][path[-1][1]]
             seen.add(here)
         return plan + ["take coin"]
 
-    def _shortest_path(self, start: str, is_target: Callable[[str], bool],
-                       within: set[str] | None = None) -> list[tuple[str, str]] | None:
+    def shortest_path(self, start: str, is_target: Callable[[str], bool],
+                      within: set[str] | None = None) -> list[tuple[str, str]] | None:
         """The shortest (room, direction) path to the nearest target room, through `within` if given; of equally
-        short ones, the first by its directions in alphabetical order."""
+        short ones, the first by its directions in alphabetical order. [] when `start` is a target."""
+        if is_target(start):
+            return []
         paths = {start: []}
         frontier = [start]
         while frontier:
@@ -267,3 +269,84 @@ class _CoinMap:
                 return paths[targets[0][1]]
             frontier = nxt
         return None
+
+
+class _TwcMap:
+    """TWC's rooms, and where the gold path takes each item and puts it away: enough to plan from any state the
+    agent reaches, in whichever room it stands (its own gold path leads from the start only)."""
+
+    def __init__(self, rooms: _RoomMap, puts: list[tuple[str, str, str]], item_room: dict[str, str],
+                 box_room: dict[str, str], closed_at_start: set[str]):
+        self.rooms, self.puts, self.item_room, self.box_room = rooms, puts, item_room, box_room
+        self.closed_at_start = closed_at_start
+
+    @classmethod
+    def explore(cls, sim, task: TaskRef, fold: str, gold: list[str]) -> _TwcMap:
+        rooms = _RoomMap.explore(sim, task, fold)
+        obs, _ = sim.reset(seed=int(task.variation), gameFold=fold, generateGoldPath=False)
+        here, puts, item_room, box_room, closed = _room_of(obs), [], {}, {}, set()
+        for action in gold:  # walked, for the room of each take and put
+            if action.startswith("take "):
+                item_room.setdefault(action.removeprefix("take "), here)
+            elif m := _PUT.match(action):
+                puts.append((action, m["item"], m["box"]))
+                box_room[m["box"]] = here
+            elif action.startswith("open ") and not action.startswith("open door to "):
+                closed.add(action.removeprefix("open "))
+            obs, _, _, _ = sim.step(action)
+            if action.startswith("move "):
+                here = _room_of(obs) or here
+        return cls(rooms, puts, item_room, box_room, closed)
+
+    def plan(self, here: str, history: list[str], history_rooms: list[str],
+             door_actions: list[tuple[str, str, bool]]) -> list[str]:
+        """From `here`, after the valid actions `history` (taken in `history_rooms`): each gold put not yet done,
+        in the gold path's order. [] when no route exists."""
+        held, at, open_now, closed_now = set(), {}, set(), set()  # at: item -> (container, room)
+        for action, room in zip(history, history_rooms):
+            if action.startswith("take "):
+                item = action.removeprefix("take ")
+                held.add(item)
+                at.pop(item, None)
+            elif m := _PUT.match(action):
+                held.discard(m["item"])
+                at[m["item"]] = (m["box"], room)
+            elif action.startswith(("open ", "close ")) and not action.startswith(("open door ", "close door ")):
+                verb, box = action.split(" ", 1)
+                (open_now if verb == "open" else closed_now).add(box)
+                (closed_now if verb == "open" else open_now).discard(box)
+        doors = self.rooms.open_doors(door_actions)
+        plan: list[str] = []
+
+        def go(room: str) -> bool:
+            nonlocal here
+            path = self.rooms.shortest_path(here, lambda r: r == room)
+            if path is None:
+                return False
+            plan.extend(self.rooms.route(path, doors))
+            here = room
+            return True
+
+        def opened(box: str) -> None:
+            if box in closed_now or box in self.closed_at_start and box not in open_now:
+                plan.append(f"open {box}")
+                open_now.add(box)
+                closed_now.discard(box)
+
+        for put, item, box in self.puts:
+            if at.get(item, ("",))[0] == box:
+                continue  # where the gold path puts it
+            if item not in held:
+                container, room = at.get(item, ("", self.item_room.get(item, "")))
+                if not room or not go(room):
+                    return []
+                if container:
+                    opened(container)
+                plan.append(f"take {item}")
+            if box not in self.box_room or not go(self.box_room[box]):
+                return []
+            opened(box)
+            plan.append(put)
+            held.discard(item)
+            at[item] = (box, here)
+        return plan
