@@ -37,10 +37,11 @@ def runs(tmp_path):
 
 def test_summary_numbers():
     trajs = [Trajectory(id=str(i), env="e", task_id=f"e/a/{i}", split="s", task="t", reward=r, success=r == 1.0,
-                        meta={"task_type": "a", "invalid_actions": 2}) for i, r in enumerate([1.0, 0.5, 0.0, 0.3])]
+                        meta={"task_type": "a", "invalid_actions": 2, **({"stopped": "repeating"} if r == 0.0 else {})})
+             for i, r in enumerate([1.0, 0.5, 0.0, 0.3])]
     agg = summarize(trajs)["splits"]["s"]
     assert agg == {"episodes": 4, "avg_reward": 45.0, "success_rate": 25.0, "avg_steps": 0.0,
-                   "invalid_actions": 8, "truncations": 0, "failures": 0}
+                   "invalid_actions": 8, "truncations": 0, "failures": 0, "stopped_repeating": 1}
 
 
 def test_report_tables_and_html(runs, tmp_path):
