@@ -13,12 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-from steptune.data.trajectory import iter_trajectories
+from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, load_episodes
 
 
-def compare(first: Path, second: Path) -> dict:
-    old = {t.id: t for t in iter_trajectories(first, errors=[])}
-    new = {t.id: t for t in iter_trajectories(second, errors=[])}
+def compare(first: Path, second: Path, filename: str) -> dict:
+    old = {t.id: t for t in load_episodes(first, filename)}
+    new = {t.id: t for t in load_episodes(second, filename)}
     both = [i for i in new if i in old]
     return {"episodes": len(both),
             "same_outcome": sum(new[i].success == old[i].success for i in both),
@@ -34,9 +34,9 @@ def main() -> None:
     ap.add_argument("second", type=Path)
     args = ap.parse_args()
     out = {}
-    for name in ("episodes.jsonl", "injected.jsonl"):
+    for name in (EPISODES_FILE, INJECTED_FILE):
         if (args.first / name).exists() and (args.second / name).exists():
-            r = out[name] = compare(args.first / name, args.second / name)
+            r = out[name] = compare(args.first, args.second, name)
             print(f"{name}: {r['episodes']} episodes in both; same outcome {r['same_outcome']}; the second's steps "
                   f"the start of the first's {r['prefix']}; won {r['won_first']} / {r['won_second']}; stopped "
                   f"repeating {r['stopped_repeating']}; steps {r['steps_first']} -> {r['steps_second']}")
