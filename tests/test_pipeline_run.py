@@ -224,6 +224,47 @@ def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_pat
     assert sizes() == [4, 3, 1]
 
 
+def test_a_stage_made_by_other_code_stays_but_says_which_files_changed(tmp_path, monkeypatch, capsys):
+    """Golden and split in process (real TextWorldExpress expert) from a copy of steptune's sources: after the expert's
+    module changes, golden stays up to date (a rerun can cost hours, and most changes leave results as they were),
+    and the run and `steptune status` name the changed file; split, whose code did not change, says nothing."""
+    import shutil
+
+    import steptune
+    from steptune.pipeline import manifest as manifest_module
+    from steptune.pipeline.run import run_pipeline
+    from steptune.pipeline.status import run_status
+
+    sources = tmp_path / "steptune"
+    shutil.copytree(Path(steptune.__file__).parent, sources, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(manifest_module, "PACKAGE_ROOT", sources)
+    run_dir, cfg = tmp_path / "run", load_config(PRESET, {"golden.limit": 4})
+
+    run_pipeline(cfg, run_dir, until_stage="split")
+    first = manifest(run_dir)["stages"]
+    assert "envs/twx.py" in first["golden"]["code"] and "synthesis/golden.py" in first["golden"]["code"]
+    assert list(first["split"]["code"]) == ["pipeline/split.py"]
+    capsys.readouterr()
+
+    run_pipeline(cfg, run_dir, until_stage="split")  # nothing changed: nothing to say
+    assert "other code" not in capsys.readouterr().out
+    with (sources / "envs" / "twx.py").open("a") as fh:
+        fh.write("\n# the expert mended\n")
+    run_pipeline(cfg, run_dir, until_stage="split")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "golden was made by other code (envs/twx.py changed since): `--from golden` makes it again" in out
+    assert "split was made by other code" not in out
+    assert manifest(run_dir)["stages"] == first  # kept as they were
+    rows = {r["stage"]: r for r in run_status(run_dir)[0]}
+    assert rows["golden"]["progress"] == "made by other code: envs/twx.py changed since"
+    assert rows["split"]["progress"] == ""
+    # a run recorded before stages kept their code's digests: nothing is known, so nothing is said
+    data = manifest(run_dir)
+    del data["stages"]["golden"]["code"]
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    assert {r["stage"]: r for r in run_status(run_dir)[0]}["golden"]["progress"] == ""
+
+
 def _pid(config, progress=None) -> dict:
     import os
 

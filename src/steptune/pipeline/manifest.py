@@ -19,6 +19,23 @@ from typing import Any
 
 from steptune.errors import UserError
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # steptune's own sources, whose digests a stage's record keeps
+
+# The sources whose code decides what a kind of stage writes ("{env}": the run's environment adapter). A stage made by
+# other code stays up to date, since most code changes leave results as they were and a rerun can cost hours, but
+# the run and `steptune status` say which files changed (a mended expert once left a stage 2 "up to date").
+STAGE_CODE = {
+    "golden": ("envs/{env}.py", "envs/base.py", "envs/expert.py", "envs/prompts.py", "synthesis/golden.py", "data"),
+    "split": ("pipeline/split.py",),
+    "init_model": ("models/tiny.py",),
+    "train": ("training", "data", "models"),
+    "synthesize": ("envs/{env}.py", "envs/base.py", "envs/expert.py", "envs/prompts.py", "synthesis/synthesize.py",
+                   "teacher", "agent", "backends", "data"),
+    "filter": ("synthesis/filtering.py",),
+    "eval": ("envs/{env}.py", "envs/base.py", "envs/expert.py", "envs/prompts.py", "evaluation/eval.py",
+             "evaluation/recovery.py", "agent", "backends", "data"),
+}
+
 LIBRARIES = ["steptune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "scienceworld",
              "textworld-express", "alfworld", "vllm", "openai"]
 
@@ -42,6 +59,29 @@ def stage_key(config: Any, input_digests: list[str]) -> str:
     for digest in input_digests:
         h.update(digest.encode())
     return h.hexdigest()[:16]
+
+
+def code_digests(stage: str, env: str) -> dict[str, str]:
+    """{source file relative to the package: digest} of the code that decides what `stage` writes (STAGE_CODE)."""
+    kind = stage.partition(":")[0]
+    files: set[Path] = set()
+    for part in STAGE_CODE.get(kind, ()):
+        path = PACKAGE_ROOT / part.format(env=env)
+        files.update(path.rglob("*.py") if path.is_dir() else [path] if path.exists() else [])
+    return {p.relative_to(PACKAGE_ROOT).as_posix(): file_digest(p) for p in sorted(files)}
+
+
+def code_changes(recorded: dict[str, str] | None, current: dict[str, str]) -> list[str]:
+    """The source files changed, added or removed since a stage recorded `recorded` (none for a stage recorded before
+    stages kept their code's digests)."""
+    if recorded is None:
+        return []
+    return sorted(f for f in recorded.keys() | current.keys() if recorded.get(f) != current.get(f))
+
+
+def some_of(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def library_versions() -> dict[str, str]:
@@ -81,12 +121,14 @@ class Manifest:
         rec = self.data["stages"].get(stage)
         return bool(rec and rec.get("status") == "done" and rec.get("key") == key and all(p.exists() for p in outputs))
 
-    def start(self, stage: str, key: str) -> float:
+    def start(self, stage: str, key: str, code: dict[str, str] | None = None) -> float:
         """A stage that resumes its own unfinished run (the same key) counts the runs it has taken, `parts`: its
-        `seconds` then time the last of them only (a killed run leaves no time)."""
+        `seconds` then time the last of them only (a killed run leaves no time). `code`: the digests of the sources
+        it runs (code_digests), those of its last run when it resumes."""
         old = self.data["stages"].get(stage, {})
         resumed = old.get("key") == key and old.get("status") in ("running", "failed")
-        self.data["stages"][stage] = {"status": "running", "key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.data["stages"][stage] = {"status": "running", "key": key, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      **({"code": code} if code is not None else {})}
         if resumed:
             self.data["stages"][stage]["parts"] = old.get("parts", 1) + 1
         self.save()
@@ -120,6 +162,10 @@ class Manifest:
             return str(path.relative_to(self.dir))
         except ValueError:
             return str(path)
+
+    def code_changes(self, stage: str, env: str) -> list[str]:
+        """The source files that changed since `stage` finished (code_changes)."""
+        return code_changes(self.data["stages"].get(stage, {}).get("code"), code_digests(stage, env))
 
     def key(self, stage: str) -> str | None:
         return self.data["stages"].get(stage, {}).get("key")

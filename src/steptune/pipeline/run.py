@@ -31,8 +31,10 @@ from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.manifest import (
     Manifest,
     check_stage,
+    code_digests,
     file_digest,
     library_versions,
+    some_of,
     stage_key,
 )
 from steptune.pipeline.methods import BASE_AGENT, METHODS, Method
@@ -410,6 +412,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
                             [run.manifest.digest(p) for p in stage.inputs if p.exists()])
             if run.manifest.is_done(stage.name, key, stage.outputs):
                 console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+                if changed := run.manifest.code_changes(stage.name, cfg.env.name):
+                    console.print(f"[yellow]  {stage.name} was made by other code ({some_of(changed)} changed since): "
+                                  f"`--from {stage.name}` makes it again with this code[/yellow]")
             elif source := _reuse(run, stages, stage, key, reuse_from, only):
                 console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied from "
                               f"{source}")
@@ -470,7 +475,7 @@ def check_weights(run: Run, stages: list[Stage], stage: Stage) -> None:
 def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:
     if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
         clear(run, stages, stage.name, only)
-    return run.manifest.start(stage.name, key)
+    return run.manifest.start(stage.name, key, code_digests(stage.name, run.cfg.env.name))
 
 
 def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:

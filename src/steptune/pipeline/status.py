@@ -11,7 +11,7 @@ from typing import Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE
 from steptune.pipeline.layout import RunLayout
-from steptune.pipeline.manifest import Manifest
+from steptune.pipeline.manifest import Manifest, some_of
 
 def find_runs(path: Path) -> list[Path]:
     """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
@@ -30,12 +30,13 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     layout = RunLayout(run)
     manifest = Manifest(run)
+    env = manifest.data.get("config", {}).get("env", {}).get("name", "")
     rows = []
     for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
-        progress = _released(manifest, layout, name) if status == "done" else rec.get("error", "") \
+        progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
                      "progress": progress})
@@ -47,10 +48,14 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, [name for name in planned if name not in started]
 
 
-def _released(manifest: Manifest, layout: RunLayout, stage: str) -> str:
+def _done(manifest: Manifest, layout: RunLayout, stage: str, env: str) -> str:
+    """What is worth knowing of a finished stage: its weights were released, the code it ran has changed since."""
     kind, _, name = stage.partition(":")
-    released = kind == "train" and manifest.released(layout.model_dir(name))
-    return "weights released (steptune prune)" if released else ""
+    notes = ["weights released (steptune prune)"] if kind == "train" and manifest.released(layout.model_dir(name)) \
+        else []
+    if changed := manifest.code_changes(stage, env):
+        notes.append(f"made by other code: {some_of(changed, 2)} changed since")
+    return "; ".join(notes)
 
 
 def _progress(layout: RunLayout, stage: str) -> str:
