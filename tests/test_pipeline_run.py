@@ -216,6 +216,7 @@ def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_pat
     first = run()
     assert sizes() == [8, 4, 4]
     assert run() == first  # nothing changed: nothing reran
+    assert run(**{"env.backend": "ray", "env.workers": 3}) == first  # where and how many play: the same games
     second = run(**{"split.d1_fraction": 0.75})
     assert second["golden"] == first["golden"] and second["split"] != first["split"]
     assert sizes() == [8, 6, 2]

@@ -32,6 +32,9 @@ class _Strict(BaseModel):
 class EnvSection(_Strict):
     # left out of the golden stage's key: how many experts play at once and where, not what they play
     speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "ray_address"})
+    # where they play does not change it either, but golden keys hashed `backend` before that was seen, as "process":
+    # every backend keys as that, so a run moved onto Ray keeps its golden set and all that came from it
+    keyed_as: ClassVar[dict[str, Any]] = {"backend": "process"}
     name: str = "twx"  # a name of steptune.envs.registry.ENVS
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the environment's constructor
     workers: int = Field(2, ge=1)  # concurrent episodes = environment slots

@@ -58,7 +58,8 @@ class Stage:
 def config_for_key(config: Any, run_dir: Path | None = None) -> Any:
     """What a stage's key hashes of its settings: not those a config class names in `speed_only` (they change how
     fast a stage runs, never what it writes), not one it names in `added_defaults` while at that default (a setting
-    added after runs existed, whose default does what they did: such runs stay up to date), and paths inside the run
+    added after runs existed, whose default does what they did: such runs stay up to date), one it names in
+    `keyed_as` at that value whatever it is (a speed-only setting that keys once hashed), and paths inside the run
     directory relative to it (a run directory that was moved or copied, e.g. from a cluster to a laptop, is still up
     to date). A plain dict (an environment's kwargs) is hashed whole, whatever its keys are called."""
     return _for_key(None, config, run_dir)
@@ -74,6 +75,7 @@ def _for_key(obj: Any, data: Any, run_dir: Path | None) -> Any:
             return {k: _for_key(None, v, run_dir) for k, v in data.items()}
         speed_only = getattr(obj, "speed_only", frozenset())
         added = getattr(obj, "added_defaults", {})
+        data = {**data, **getattr(obj, "keyed_as", {})}
         return {k: _for_key(getattr(obj, k, None), v, run_dir) for k, v in data.items()
                 if k not in speed_only and not (k in added and v == added[k])}
     if isinstance(data, (list, tuple)):
