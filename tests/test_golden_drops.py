@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from steptune.data.trajectory import load_trajectories
-from steptune.envs.base import TaskRef
 from steptune.envs.twx import TextWorldExpressEnv
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.run import run_pipeline

@@ -25,7 +25,9 @@ import signal
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field
 
 from steptune.envs.base import Env, Reset, StepResult, TaskRef
 from steptune.envs.registry import make_env
@@ -205,6 +207,23 @@ class _Prepared:
     env: int
     expert: bool  # reset with the expert's plan at hand (`Env.reset`), not `Env.reset_without_expert`
     handles: list[Any] = field(default_factory=list)  # the reset's and, with plans, the expert's
+
+
+class PoolSettings(BaseModel):
+    """The environment a stage's episodes play (evaluation, stage 2), and where and how many play at once."""
+
+    # where and how many episodes run at once, never what they do: left out of a pipeline stage's key
+    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "env_backend", "ray_address"})
+    env: str
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    workers: int = 2  # concurrent episodes (the pool's slots)
+    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
+    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
+
+    def open_pool(self, size: int | None = None) -> EnvPool:
+        """A pool of `size` slots (default `workers`) of this environment, where these settings say."""
+        return EnvPool(self.env, size or self.workers, self.env_kwargs or None, transport=self.env_backend,
+                       ray_address=self.ray_address)
 
 
 class EnvPool:

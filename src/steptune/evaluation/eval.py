@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +26,7 @@ from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
 from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
+from steptune.envs.pool import PoolSettings
 from steptune.evaluation.recovery import injection_summary
 
 EPISODES_FILE = "episodes.jsonl"
@@ -56,21 +56,15 @@ class EvalSettings(BaseModel):
     max_repeats: int | None = Field(None, ge=2)
 
 
-class EvalConfig(EvalSettings):
-    # where and how many episodes run at once, never what they do: left out of a pipeline stage's key
-    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "env_backend", "ray_address"})
+class EvalConfig(EvalSettings, PoolSettings):
     model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
-    env: str
     tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
-    workers: int = 4  # concurrent episodes (env pool size)
-    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
-    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
+    workers: int = 4
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
-    env_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, progress: bool | str = True) -> dict:
+def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     """Run the not-yet-finished episodes of every split, then (re)write and return the summary."""
     from steptune.agent.rollout import run_episodes
 
@@ -82,13 +76,10 @@ def evaluate(cfg: EvalConfig, pool_factory: Callable[..., Any] | None = None, pr
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    if pool_factory is None:
-        from steptune.envs.pool import EnvPool as pool_factory
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed)
 
-    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None, transport=cfg.env_backend,
-                        ray_address=cfg.ray_address)
+    pool = cfg.open_pool()
     backend = None
     try:
         wanted = set(cfg.tasks) if cfg.tasks is not None else None

@@ -78,7 +78,7 @@ def run_epoch_curve(cfg: PipelineConfig, seeds: list[int], out: Path, counts: li
     curve = epoch_curve(out, seeds, counts)
     choose_epochs(curve["points"])  # an error if no point has results
     (out / "epoch_curve.json").write_text(json.dumps(curve, indent=2))
-    console.print(f"[bold]epoch curve[/bold] (seen success %, mean of the two golden methods): "
+    console.print("[bold]epoch curve[/bold] (seen success %, mean of the two golden methods): "
                   + ", ".join(f"{p['epochs']:g} → {p['score']}" for p in curve["points"])
                   + f"; chosen: {curve['chosen']:g} epochs")
     if curve["note"]:

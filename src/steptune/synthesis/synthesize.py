@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,6 +22,7 @@ from steptune.backends.base import GenerationConfig
 from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, load_trajectories
 from steptune.envs.base import TaskRef
+from steptune.envs.pool import PoolSettings
 from steptune.errors import UserError
 from steptune.teacher.base import COUNT_KEYS, TeacherContext
 from steptune.teacher.expert import ExpertSettings
@@ -59,31 +60,21 @@ class SynthesisSettings(BaseModel):
         return data
 
 
-class SynthesisConfig(SynthesisSettings):
-    # where and how many episodes run at once, never what they do: left out of a pipeline stage's key
-    speed_only: ClassVar[frozenset[str]] = frozenset({"workers", "env_backend", "ray_address"})
+class SynthesisConfig(SynthesisSettings, PoolSettings):
     # typed backends, so that settings a spec string cannot carry (api_key_env, timeout_s, max_retries) arrive;
     # strings are parsed at the CLI edge (steptune.backends.parse_backend_spec)
     student: BackendConfig  # the base agent
-    env: str
-    env_kwargs: dict[str, Any] = Field(default_factory=dict)
     split: str = "train"
     tasks: list[str] | None = None  # task ids (TaskRef.id) to run; default: the split's first `limit`
-    workers: int = 2
-    env_backend: Literal["process", "ray"] = "process"  # environment workers: local processes or Ray actors
-    ray_address: str | None = None  # with env_backend ray: the cluster (None: RAY_ADDRESS or a local instance)
     golden: str | None = None  # golden trajectories (JSONL) shown to an LLM teacher as a reference
     out: str
 
 
-def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool | str = True) -> dict:
+def synthesize(cfg: SynthesisConfig, progress: bool | str = True) -> dict:
     from steptune.agent.rollout import derive_seed, run_episodes
 
-    if pool_factory is None:
-        from steptune.envs.pool import EnvPool as pool_factory
     out = Path(cfg.out)
-    pool = pool_factory(cfg.env, cfg.workers, cfg.env_kwargs or None, transport=cfg.env_backend,
-                        ray_address=cfg.ray_address)
+    pool = cfg.open_pool()
     backend = teacher_backend = None
     try:
         all_tasks = pool.tasks(cfg.split)
@@ -105,8 +96,7 @@ def synthesize(cfg: SynthesisConfig, pool_factory=None, progress: bool | str = T
                 teacher, teacher_backend = cfg.teacher.build(TeacherContext(
                     student=backend, golden=cfg.golden, workers=cfg.workers, seed=seed,
                     max_new_tokens=cfg.max_new_tokens,
-                    make_pool=lambda n: pool_factory(cfg.env, n, cfg.env_kwargs or None, transport=cfg.env_backend,
-                                                     ray_address=cfg.ray_address)))
+                    make_pool=cfg.open_pool))
                 gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
 
                 def write(ep, k: int) -> None:
