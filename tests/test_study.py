@@ -57,7 +57,13 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
                                                      "steps_to_plan": 1}, split="unseen") for i, w in enumerate(won[m])]
             save_trajectories(plain, run / "eval" / m / "episodes.jsonl")
             save_trajectories(injected, run / "eval" / m / "injected.jsonl")
+    # a study that runs for days reports each seed it has finished, and says it is not done
+    interim = write_study(tmp_path, [0], "steptune study test", planned=[0, 1])
+    assert interim["interim"] == {"seeds_done": [0], "seeds_planned": [0, 1]} and interim["seeds"] == [0]
+    assert "**Interim: 1 of the 2 seeds (0, 1) are done; the study is still running.**" in \
+        (tmp_path / "study.md").read_text()
     s = write_study(tmp_path, [0, 1], "steptune study test")
+    assert "interim" not in s and "Interim" not in (tmp_path / "study.md").read_text()
     assert s["test_episodes_per_split_per_seed"] == {"unseen": 4}
     assert s["success"]["step"]["unseen"]["mean"] == 75.0 and s["success"]["golden_d1"]["unseen"]["mean"] == 25.0
     diff = s["step_minus_golden_d1_unseen"]

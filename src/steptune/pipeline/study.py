@@ -49,9 +49,13 @@ def run_study(cfg: PipelineConfig, seeds: list[int], out: Path, command: str | N
     from steptune.pipeline.run import console, run_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         console.rule(f"[bold]study: seed {seed}")
         run_pipeline(cfg.model_copy(update={"seed": seed}), seed_dir(out, seed), reuse_from=runs_of_seed(out, seed))
+        if i + 1 < len(seeds):  # a study of a real model runs for days: each finished seed updates its report
+            write_study(out, seeds[: i + 1], command, planned=seeds)
+            console.print(f"[green]✓ interim study of seed{'s' * (i > 0)} {', '.join(map(str, seeds[: i + 1]))}"
+                          f"[/green] in {out / 'study.md'}")
     return write_study(out, seeds, command)
 
 
@@ -239,6 +243,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
           f"Seeds {', '.join(map(str, s['seeds']))}; test episodes per split per seed: "
           + ", ".join(f"{sp} {n[sp]}" for sp in splits) + ". 95% confidence intervals from a two-level bootstrap "
           "(seeds, then episodes within a seed); differences are paired on the same task and seed.", ""]
+    if interim := s.get("interim"):
+        md += [f"**Interim: {len(interim['seeds_done'])} of the {len(interim['seeds_planned'])} seeds "
+               f"({', '.join(map(str, interim['seeds_planned']))}) are done; the study is still running.**", ""]
     if command:
         md += ["Command:", "", f"    {command}", ""]
     md += ["## Success rate (%)", "", "| method | " + " | ".join(splits) + " | per seed (" + " / ".join(splits) + ") |",
@@ -326,8 +333,9 @@ def plot_study(s: dict, path: Path) -> Path:
     return grouped_bars(splits, means, path, "success % (95% CI)", errors)
 
 
-def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict:
-    """study.json, study.md and study.html (with the plot) in `out`."""
+def write_study(out: Path, seeds: list[int], command: str | None = None, planned: list[int] | None = None) -> dict:
+    """study.json, study.md and study.html (with the plot) in `out`; of `seeds`, finished, when the study runs
+    `planned` (an interim report, which says so)."""
     import base64
 
     from steptune.evaluation.report import html_page, markdown_to_html
@@ -335,6 +343,8 @@ def write_study(out: Path, seeds: list[int], command: str | None = None) -> dict
     from steptune.pipeline.epochs import study_sections
 
     s = aggregate(out, seeds)
+    if planned is not None and planned != seeds:
+        s["interim"] = {"seeds_done": seeds, "seeds_planned": planned}
     s.update(study_sections(out, seeds))  # the epoch curve and the equal-steps row, where they were run
     (out / "study.json").write_text(json.dumps(s, indent=2))
     md = study_markdown(s, command)
