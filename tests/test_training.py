@@ -469,3 +469,34 @@ def test_steptune_train_prints_one_warning_line_per_old_key(tmp_path):
                       "warning: config key `lora.alpha` is deprecated and will be removed in 0.3: use "
                       "`lora.lora_alpha`"]
     assert proc.returncode == 2 and lines[-1].startswith("error:") and len(lines) == 3  # then the missing model
+
+
+def test_status_of_an_interrupted_training_gives_its_pace_and_the_time_left(tiny_model_dir, data_file, tmp_path):
+    """A real training of 6 steps, checkpoints at 2, 4 and 6, interrupted before step 6 was saved: `steptune status`
+    says step 4 of 6 is saved and, from when checkpoints 2 and 4 were written, the pace and the time left; nothing
+    of the kind when a pause between two runs lies between the checkpoints."""
+    import os
+    import time
+
+    from steptune.pipeline.layout import RunLayout
+    from steptune.pipeline.status import run_status
+
+    run = tmp_path / "run"
+    out = RunLayout(run).model_dir("golden_d1")
+    train(base_cfg(tiny_model_dir, data_file, out, max_steps=6, save_steps=2, save_total_limit=3,
+                   keep_checkpoints=True))
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")  # killed before step 6 was saved
+    for name in ("model.safetensors", "train_summary.json"):
+        (out / name).unlink()
+    t = time.time() - 3600
+    os.utime(out / "checkpoints" / "checkpoint-2" / "trainer_state.json", (t, t))
+    os.utime(out / "checkpoints" / "checkpoint-4" / "trainer_state.json", (t + 40, t + 40))
+
+    def progress(started: float) -> str:
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+        stage = {"status": "running", "key": "k", "started": at}
+        (run / "manifest.json").write_text(json.dumps({"stages": {"train:golden_d1": stage}}))
+        return run_status(run)[0][0]["progress"]
+
+    assert progress(t - 10) == "step 4 of 6 saved; 20 s a step lately, ~1 min of training left"
+    assert progress(t + 10) == "step 4 of 6 saved"  # checkpoint 2 came from an earlier run

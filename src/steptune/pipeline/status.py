@@ -37,7 +37,7 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         state = "copied" if status == "done" and rec.get("reused_from") else \
             {"running": "unfinished"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
-            if status == "failed" else _progress(layout, name)
+            if status == "failed" else _progress(layout, name, rec.get("started"))
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
                      "progress": progress})
     try:
@@ -58,16 +58,23 @@ def _done(manifest: Manifest, layout: RunLayout, stage: str, env: str) -> str:
     return "; ".join(notes)
 
 
-def _progress(layout: RunLayout, stage: str) -> str:
-    """What an unfinished stage has written: the files a rerun resumes from."""
+def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
+    """What an unfinished stage has written: the files a rerun resumes from (training: and how long the rest takes at
+    the pace of its last two checkpoints, if the run that started at `started` saved both)."""
     kind, _, name = stage.partition(":")
     if kind == "train":
-        from steptune.training.sft import CHECKPOINTS, TRAINER_STATE, last_complete_checkpoint
+        from steptune.training.sft import CHECKPOINTS, TRAINER_STATE, complete_checkpoints
 
-        if (checkpoint := last_complete_checkpoint(layout.model_dir(name) / CHECKPOINTS)) is None:
+        if not (checkpoints := complete_checkpoints(layout.model_dir(name) / CHECKPOINTS)):
             return "no checkpoint yet"
-        s = json.loads((checkpoint / TRAINER_STATE).read_text())
-        return f"step {s.get('global_step')} of {s.get('max_steps')} saved"
+        s = json.loads((checkpoints[-1] / TRAINER_STATE).read_text())
+        step, total = s.get("global_step"), s.get("max_steps")
+        saved = f"step {step} of {total} saved"
+        if (pace := _seconds_per_step(checkpoints[-2:], started, TRAINER_STATE)) is None or not step or not total:
+            return saved
+        left = (total - step) * pace
+        return f"{saved}; {pace:.0f} s a step lately, ~{left / 60:.0f} min of training left" if left < 5400 else \
+            f"{saved}; {pace:.0f} s a step lately, ~{left / 3600:.1f} h of training left"
     if kind == "eval":
         plain, injected = (_written(layout.eval_dir(name) / file, what) for file, what in
                            ((EPISODES_FILE, "episodes written"), (INJECTED_FILE, "with the injected error")))
@@ -75,6 +82,20 @@ def _progress(layout: RunLayout, stage: str) -> str:
     if kind == "synthesize":
         return _written(layout.dataset("synthesized"), "stage-2 episodes written")
     return ""
+
+
+def _seconds_per_step(checkpoints: list[Path], started: str | None, state_file: str) -> float | None:
+    """Seconds per optimizer step between two checkpoints (when each wrote its state, the last file it writes), if
+    the run that started at `started` saved both (a pause between runs is no step's time)."""
+    import time
+
+    if len(checkpoints) < 2 or started is None:
+        return None
+    first, last = ((c / state_file).stat().st_mtime for c in checkpoints)
+    steps = int(checkpoints[1].name.rsplit("-", 1)[1]) - int(checkpoints[0].name.rsplit("-", 1)[1])
+    if first < time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S")) or steps <= 0 or last <= first:
+        return None
+    return (last - first) / steps
 
 
 def _written(path: Path, what: str) -> str:

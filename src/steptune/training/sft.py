@@ -372,9 +372,14 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()]
 
 
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints under `ckpt_dir`, oldest first; reads only."""
+    return sorted(filter(_checkpoint_complete, _checkpoints(ckpt_dir)), key=_step)
+
+
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint under `ckpt_dir`, what a rerun resumes from; reads only."""
-    return max(filter(_checkpoint_complete, _checkpoints(ckpt_dir)), key=_step, default=None)
+    return next(reversed(complete_checkpoints(ckpt_dir)), None)
 
 
 def _last_checkpoint(ckpt_dir: Path) -> Path | None:
