@@ -45,6 +45,47 @@ def test_eval_writes_episodes_and_summary(react_model_dir, tmp_path):
     assert (tmp_path / "run" / "episodes.jsonl").read_bytes() == before
 
 
+def test_plain_and_injected_episodes_in_two_processes_are_the_ones_one_process_plays(react_model_dir, tmp_path):
+    """`processes: 2`: the injected episodes play in a spawned process of their own (seen running beside this one)
+    while the plain ones play in another, and both files and the summary hold what one process writes."""
+    import threading
+
+    import psutil
+
+    from steptune.agent.injection import InjectionConfig
+
+    def config(name: str, processes: int) -> EvalConfig:
+        return EvalConfig(model=str(react_model_dir), env="twx", splits=["seen", "unseen"], limit=3, workers=2,
+                          out=str(tmp_path / name), max_new_tokens=40, env_kwargs=twx_kwargs(),
+                          inject=InjectionConfig(step=None, max_step=2, seed=0), processes=processes)
+
+    spawned, done = set(), threading.Event()
+
+    def watch() -> None:  # a spawned process runs multiprocessing's spawn_main (its env workers, forked, too)
+        while not done.is_set():
+            for child in psutil.Process().children():
+                try:
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        spawned.add(child.pid)
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        two = evaluate(config("two", 2), progress=False)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(spawned) == 2
+    one = evaluate(config("one", 1), progress=False)
+    for name in ("episodes.jsonl", "injected.jsonl"):
+        by_id = [{t.id: t.model_dump() for t in load_trajectories(tmp_path / run / name)} for run in ("one", "two")]
+        assert len(by_id[0]) == 6 and by_id[0] == by_id[1]
+    assert {k: v for k, v in two.items() if k != "name"} == {k: v for k, v in one.items() if k != "name"}
+
+
 RUNNER = """
 import torch
 torch.set_num_threads(1)

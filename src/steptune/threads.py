@@ -31,3 +31,10 @@ def set_thread_wait_defaults(environ: dict | None = None) -> dict[str, str]:
     if environ is os.environ:
         ADDED.update(added)
     return added
+
+
+def one_torch_thread() -> None:
+    """A process started to run beside others (stages, an evaluation's runs): one torch thread, one core."""
+    import torch
+
+    torch.set_num_threads(1)

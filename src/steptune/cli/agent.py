@@ -82,6 +82,9 @@ def eval_cmd(
     max_repeats: Annotated[int | None, typer.Option(
         min=2, help="End an episode, lost, once the agent took one action with one result this many times in a row "
         "(default: play to the step budget).")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="2: with --inject-error, the plain and the injected episodes in two processes, one torch thread "
+        "each (a small model on CPU keeps one core busy).")] = None,
 ) -> None:
     """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json (and with
     --inject-error, injected.jsonl and the recovery metrics)."""
@@ -100,6 +103,8 @@ def eval_cmd(
         base["temperature"] = temperature
     if max_repeats is not None:
         base["max_repeats"] = max_repeats
+    if processes is not None:
+        base["processes"] = processes
     if inject_error:
         base["inject"] = {"step": inject_step, "max_step": inject_max_step, "seed": inject_seed}
     summary = evaluate(check_eval_config(base), progress=not quiet)

@@ -57,17 +57,20 @@ class EvalSettings(BaseModel):
 
 
 class EvalConfig(EvalSettings, PoolSettings):
+    speed_only: ClassVar[frozenset[str]] = PoolSettings.speed_only | {"processes"}
     model: str | BackendConfig  # a backend spec string (see steptune.backends) or a full config
     tasks: list[str] | None = None  # only these task ids (TaskRef.id), e.g. the U2 tasks of a run
     workers: int = 4
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
+    # 2: the plain and the injected episodes each in a process of its own, one torch thread each. On this project's
+    # 2-core machine an evaluation played as fast on 2 threads as on 1 (117 s and 120 s for 16 SmolLM2 episodes),
+    # and two at once, one thread each, took 134 s: a lone evaluation left a core idle
+    processes: int = Field(1, ge=1)
 
 
 def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     """Run the not-yet-finished episodes of every split, then (re)write and return the summary."""
-    from steptune.agent.rollout import run_episodes
-
     backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
     if backend_cfg.kind != "openai":
         from steptune.models.gguf import check_model_path
@@ -76,17 +79,32 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
+    if cfg.processes > 1 and len(runs) > 1:
+        _play_in_processes(cfg, runs, progress)
+    else:
+        _play(cfg, runs, progress)
+    summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
+    if cfg.inject:
+        summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str) -> None:
+    """Play the episodes of `runs` ((file, injection) pairs) that their files do not hold yet, in this process."""
+    from steptune.agent.rollout import run_episodes
+
+    backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed)
-
     pool = cfg.open_pool()
     backend = None
     try:
         wanted = set(cfg.tasks) if cfg.tasks is not None else None
         tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
-        runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
         for filename, injection in runs:
-            with TrajectoryWriter(out / filename, planned=len(tasks)) as writer:
+            with TrajectoryWriter(Path(cfg.out) / filename, planned=len(tasks)) as writer:
                 todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
                 if todo:
                     backend = backend or make_backend(backend_cfg)
@@ -98,11 +116,24 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
         pool.close()
         if backend is not None:
             backend.close()
-    summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
-    if cfg.inject:
-        summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def _play_in_processes(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]],
+                       progress: bool | str) -> None:
+    """Each run (plain, injected) in a fresh process of its own (spawned: this one may hold torch's threads), one
+    torch thread each; the first failure is raised once both have ended."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from steptune.threads import one_torch_thread
+
+    label = progress if isinstance(progress, str) else Path(cfg.out).name
+    with ProcessPoolExecutor(len(runs), mp_context=mp.get_context("spawn"), initializer=one_torch_thread) as workers:
+        futures = [workers.submit(_play, cfg, [run], progress and f"{label} ({'injected' if run[1] else 'plain'})")
+                   for run in runs]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise errors[0]
 
 
 def load_episodes(run_dir: str | Path, filename: str = EPISODES_FILE) -> list[Trajectory]:

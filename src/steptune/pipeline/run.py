@@ -511,12 +511,6 @@ def _give_back_memory() -> None:
         pass
 
 
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, str]], processes: int,
                  only: set[str] | None) -> None:
     """Independent stages, `processes` at a time, each in a fresh process (spawned: this one may hold torch's
@@ -526,16 +520,20 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from steptune.threads import one_torch_thread
+
     width = min(processes, len(ready))
     console.rule(f"[bold]{len(ready)} stages, {width} at a time")
     console.print(", ".join(s.name for s, _, _ in ready), soft_wrap=True)
     queue, running, failures = list(ready), {}, []
-    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=_one_torch_thread,
+    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=one_torch_thread,
                              max_tasks_per_child=1) as pool:
         while queue or running:
             while queue and len(running) < width:
                 stage, config, key = queue.pop(0)
                 t0 = _begin(run, stages, stage, key, only)
+                if isinstance(config, BaseModel) and "processes" in type(config).model_fields:  # beside others
+                    config = config.model_copy(update={"processes": 1})
                 running[pool.submit(stage.fn, config, progress=stage.name)] = (stage, t0)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
