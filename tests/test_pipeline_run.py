@@ -272,6 +272,24 @@ def _pid(config, progress=None) -> dict:
     return {"pid": os.getpid()}
 
 
+def _processes(config, progress=None) -> dict:
+    return {"processes": config.processes}
+
+
+def test_an_evaluation_run_beside_others_plays_in_its_own_process_only(tmp_path):
+    """An evaluation alone may split its plain and injected episodes over `eval.processes`; beside others it is one
+    of the processes already, and plays in it."""
+    from steptune.evaluation.eval import EvalConfig
+    from steptune.pipeline.run import Stage, _run_at_once
+
+    run = Run(load_config(PRESET), tmp_path / "run")
+    run.open()
+    config = EvalConfig(model="unused", env="twx", out=str(tmp_path / "eval"), processes=2)
+    stages = [Stage(f"eval:{i}", [], [], lambda: None, _processes, parallel=True) for i in range(3)]
+    _run_at_once(run, stages, [(s, config, f"key{i}") for i, s in enumerate(stages)], processes=2, only=None)
+    assert [run.manifest.data["stages"][s.name]["info"]["processes"] for s in stages] == [1, 1, 1]
+
+
 def test_stages_run_at_once_each_get_a_fresh_process(tmp_path):
     """Evaluations that run side by side (`eval.processes`) each start in a new process, never in one that held an
     earlier evaluation's model."""
