@@ -34,6 +34,15 @@ def test_config_loads_and_its_files_exist(path):
         assert "key" not in str(teacher.base_url).lower()  # keys come from the environment only
 
 
+def test_evaluations_in_several_processes_with_a_vllm_student_is_a_config_error():
+    from steptune.pipeline.config import ConfigError
+
+    preset = ROOT / "src/steptune/resources/presets/smoke.yaml"  # eval.processes: 2
+    with pytest.raises(ConfigError, match="eval.processes > 1 with student.kind vllm"):
+        load_config(preset, {"student.kind": "vllm"})
+    assert load_config(preset, {"student.kind": "vllm", "eval.processes": 1}).student.kind == "vllm"
+
+
 def test_there_is_a_config_for_each_paper_benchmark_and_the_cpu_model():
     names = {p.stem for p in CONFIGS}
     assert {"sciworld-llama2-7b", "sciworld-tiny-cpu", "alfworld-llama2-7b", "webshop-llama2-7b", "smollm2-cpu",

@@ -163,6 +163,13 @@ class PipelineConfig(_Strict):
             raise ValueError(f"methods must include {BASE_AGENT}: it trains the base agent that stage 2 runs")
         return methods
 
+    @model_validator(mode="after")
+    def _one_vllm_engine(self) -> PipelineConfig:
+        if self.eval.processes > 1 and self.student.kind == "vllm":
+            raise ValueError("eval.processes > 1 with student.kind vllm would start a vLLM engine in each process, "
+                             "all on the same GPU: set eval.processes: 1 (vLLM batches every episode's turns itself)")
+        return self
+
 
 class ConfigError(UserError, ValueError):
     pass
