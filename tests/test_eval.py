@@ -45,19 +45,24 @@ def test_eval_writes_episodes_and_summary(react_model_dir, tmp_path):
     assert (tmp_path / "run" / "episodes.jsonl").read_bytes() == before
 
 
-def test_plain_and_injected_episodes_in_two_processes_are_the_ones_one_process_plays(react_model_dir, tmp_path):
-    """`processes: 2`: the injected episodes play in a spawned process of their own (seen running beside this one)
-    while the plain ones play in another, and both files and the summary hold what one process writes."""
+def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_killed_one(react_model_dir, tmp_path):
+    """`processes: 2`: two spawned processes play the plain and the injected episodes in shards, each shard into a
+    file of its own, gathered at the end into the files and summary one process writes. A shard's file that a kill
+    left (its last line torn) is gathered by the rerun, which plays the torn episode again."""
     import threading
 
     import psutil
 
     from steptune.agent.injection import InjectionConfig
+    from steptune.evaluation.eval import part_path, part_paths
 
     def config(name: str, processes: int) -> EvalConfig:
         return EvalConfig(model=str(react_model_dir), env="twx", splits=["seen", "unseen"], limit=3, workers=2,
                           out=str(tmp_path / name), max_new_tokens=40, env_kwargs=twx_kwargs(),
                           inject=InjectionConfig(step=None, max_step=2, seed=0), processes=processes)
+
+    def records(name: str, file: str) -> dict:
+        return {t.id: t.model_dump() for t in load_trajectories(tmp_path / name / file)}
 
     spawned, done = set(), threading.Event()
 
@@ -80,10 +85,17 @@ def test_plain_and_injected_episodes_in_two_processes_are_the_ones_one_process_p
         watcher.join()
     assert len(spawned) == 2
     one = evaluate(config("one", 1), progress=False)
-    for name in ("episodes.jsonl", "injected.jsonl"):
-        by_id = [{t.id: t.model_dump() for t in load_trajectories(tmp_path / run / name)} for run in ("one", "two")]
-        assert len(by_id[0]) == 6 and by_id[0] == by_id[1]
+    for file in ("episodes.jsonl", "injected.jsonl"):
+        assert len(records("one", file)) == 6 and records("two", file) == records("one", file)
+        assert not part_paths(tmp_path / "two" / file)
     assert {k: v for k, v in two.items() if k != "name"} == {k: v for k, v in one.items() if k != "name"}
+
+    injected = tmp_path / "two" / "injected.jsonl"
+    lines = injected.read_text().splitlines(keepends=True)
+    injected.write_text("".join(lines[:3]))
+    part_path(injected, 1).write_text("".join(lines[3:5]) + lines[5][:40])  # killed while writing the 6th
+    evaluate(config("two", 2), progress=False)
+    assert records("two", "injected.jsonl") == records("one", "injected.jsonl") and not part_paths(injected)
 
 
 RUNNER = """

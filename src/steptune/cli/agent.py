@@ -83,8 +83,8 @@ def eval_cmd(
         min=2, help="End an episode, lost, once the agent took one action with one result this many times in a row "
         "(default: play to the step budget).")] = None,
     processes: Annotated[int | None, typer.Option(
-        min=1, help="2: with --inject-error, the plain and the injected episodes in two processes, one torch thread "
-        "each (a small model on CPU keeps one core busy).")] = None,
+        min=1, help="The episodes in this many processes, in shards, one torch thread each (a small model on a CPU "
+        "keeps one core busy).")] = None,
 ) -> None:
     """Evaluate an agent on an environment split; resumable; writes episodes.jsonl and summary.json (and with
     --inject-error, injected.jsonl and the recovery metrics)."""

@@ -25,7 +25,7 @@ from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
 from steptune.data.react import REACT_MAX_NEW_TOKENS
-from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
+from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories, planned_path
 from steptune.envs.pool import PoolSettings
 from steptune.evaluation.recovery import injection_summary
 
@@ -63,9 +63,10 @@ class EvalConfig(EvalSettings, PoolSettings):
     workers: int = 4
     out: str
     name: str | None = None  # label in reports; defaults to the out directory's name
-    # 2: the plain and the injected episodes each in a process of its own, one torch thread each. On this project's
-    # 2-core machine an evaluation played as fast on 2 threads as on 1 (117 s and 120 s for 16 SmolLM2 episodes),
-    # and two at once, one thread each, took 134 s: a lone evaluation left a core idle
+    # N > 1: the episodes in N shards, each in a process of its own with one torch thread, each writing a file of its
+    # own (episodes.part<k>.jsonl, gathered into episodes.jsonl as the evaluation ends). On this project's 2-core
+    # machine an evaluation played as fast on 2 threads as on 1 (117 s and 120 s for 16 SmolLM2 episodes), and two
+    # at once, one thread each, took 134 s: one process left a core idle
     processes: int = Field(1, ge=1)
 
 
@@ -80,8 +81,10 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
-    if cfg.processes > 1 and len(runs) > 1:
-        _play_in_processes(cfg, runs, progress)
+    for filename, _ in runs:  # what a killed sharded run wrote
+        gather_parts(out / filename)
+    if cfg.processes > 1:
+        _play_in_shards(cfg, runs, progress)
     else:
         _play(cfg, runs, progress)
     summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
@@ -91,8 +94,10 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     return summary
 
 
-def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str) -> None:
-    """Play the episodes of `runs` ((file, injection) pairs) that their files do not hold yet, in this process."""
+def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str,
+          shard: tuple[int, int] | None = None) -> None:
+    """Play the episodes of `runs` ((file, injection) pairs) that their files do not hold yet, in this process;
+    with `shard` (k, n), only every n-th task from the k-th, into the file's part k."""
     from steptune.agent.rollout import run_episodes
 
     backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
@@ -104,8 +109,16 @@ def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progr
         wanted = set(cfg.tasks) if cfg.tasks is not None else None
         tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
         for filename, injection in runs:
-            with TrajectoryWriter(Path(cfg.out) / filename, planned=len(tasks)) as writer:
-                todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
+            path = Path(cfg.out) / filename
+            if shard is None:
+                writer, mine = TrajectoryWriter(path, planned=len(tasks)), tasks
+            else:
+                planned_path(path).write_text(f"{len(tasks)}\n")  # the whole file's, for `steptune status`
+                done = {t.id for t in iter_trajectories(path, errors=[])} if path.exists() else set()
+                writer = TrajectoryWriter(part_path(path, shard[0]))
+                mine = [t for t in tasks[shard[0]:: shard[1]] if f"{t.split}:{t.id}" not in done]
+            with writer:
+                todo = [t for t in mine if f"{t.split}:{t.id}" not in writer.done_ids]
                 if todo:
                     backend = backend or make_backend(backend_cfg)
                     run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
@@ -118,22 +131,51 @@ def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progr
             backend.close()
 
 
-def _play_in_processes(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]],
-                       progress: bool | str) -> None:
-    """Each run (plain, injected) in a fresh process of its own (spawned: this one may hold torch's threads), one
-    torch thread each; the first failure is raised once both have ended."""
+def _play_in_shards(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str) -> None:
+    """`cfg.processes` processes (spawned: this one may hold torch's threads), one torch thread each, play every
+    run's shards, the injected run's first (its episodes, lost more often, run longer); then each file gathers its
+    parts. The first failure is raised once every shard has ended."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     from steptune.threads import one_torch_thread
 
+    n = cfg.processes
     label = progress if isinstance(progress, str) else Path(cfg.out).name
-    with ProcessPoolExecutor(len(runs), mp_context=mp.get_context("spawn"), initializer=one_torch_thread) as workers:
-        futures = [workers.submit(_play, cfg, [run], progress and f"{label} ({'injected' if run[1] else 'plain'})")
-                   for run in runs]
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=one_torch_thread) as workers:
+        futures = [workers.submit(_play, cfg, [run], progress and
+                                  f"{label} ({'injected' if run[1] else 'plain'} {k + 1}/{n})", (k, n))
+                   for run in reversed(runs) for k in range(n)]
         errors = [e for e in (f.exception() for f in futures) if e is not None]
+    for filename, _ in runs:
+        gather_parts(Path(cfg.out) / filename)
     if errors:
         raise errors[0]
+
+
+def part_path(path: Path, k: int) -> Path:
+    """Shard k's file of an evaluation file: episodes.jsonl -> episodes.part<k>.jsonl."""
+    return path.with_name(f"{path.stem}.part{k}{path.suffix}")
+
+
+def part_paths(path: Path) -> list[Path]:
+    """The shards' files of an evaluation file that are there (a sharded evaluation playing, or killed)."""
+    return sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+
+
+def gather_parts(path: Path) -> None:
+    """Append the shards' records that `path` lacks to it, then delete the shards' files. A torn last line (a kill)
+    is left out, of `path` as of a shard's file: its episode plays again. Killed half-way, it is done again with the
+    same result."""
+    parts = part_paths(path)
+    if not parts and not path.exists():
+        return
+    with TrajectoryWriter(path) as writer:
+        for part in parts:
+            for t in iter_trajectories(part, errors=[]):
+                writer.write(t)
+    for part in parts:
+        part.unlink()
 
 
 def load_episodes(run_dir: str | Path, filename: str = EPISODES_FILE) -> list[Trajectory]:

@@ -113,11 +113,11 @@ class EvalSection(EvalSettings):
     base_agent_u2: bool = True  # also run the base agent alone (greedy) on the U2 tasks: does it succeed on 30-70%?
     # evaluations (and stage 2, beside the base agent's) that run at once, each in a process of its own with one torch
     # thread: a small model on CPU keeps one core busy and leaves the others idle. An evaluation that runs alone
-    # plays its plain and its injected episodes in two such processes. 1: one after another, in this process.
+    # plays its episodes in that many such processes, in shards. 1: one after another, in this process.
     # Changes how fast, and the float rounding of the model's sums (one thread instead of several can flip a
     # close greedy choice), not a setting: left out of stage keys
     processes: int = Field(1, ge=1)
-    # each method's evaluation right after its training (alone: its plain and injected episodes side by side, see
+    # each method's evaluation right after its training (alone: its episodes in shards side by side, see
     # processes) instead of all evaluations after all trainings, two at a time: slower where evaluations could share
     # the cores (an evaluation without injection runs in one process), but a run that
     # is killed has whole models, each evaluated, whose weights `steptune prune` can release, where it had only

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE
+from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, part_paths
 from steptune.pipeline.layout import RunLayout
 from steptune.pipeline.manifest import Manifest, some_of
 
@@ -106,8 +106,10 @@ def _written(path: Path, what: str) -> str:
     planned = planned_path(path)
     if not path.exists() and not planned.exists():
         return ""
-    # a line torn by a kill is set aside (the writer drops it when the run resumes)
-    records = list(iter_trajectories(path, errors=[])) if path.exists() else []
+    # with the shards' files of an evaluation in several processes; a line torn by a kill is set aside (the writer
+    # drops it when the run resumes)
+    records = list({t.id: t for p in [path, *part_paths(path)] if p.exists()
+                    for t in iter_trajectories(p, errors=[])}.values())
     of = f" of {planned.read_text().strip()}" if planned.exists() else ""
     won = f" ({sum(t.success for t in records)} won)" if records else ""
     return f"{len(records)}{of} {what}{won}"
