@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
-from steptune.data.trajectory import load_trajectories
+from steptune.data.trajectory import iter_trajectories, load_trajectories
 from steptune.pipeline.methods import title
 
 pytestmark = pytest.mark.slow
@@ -111,23 +111,28 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     run = tmp_path / "killed"
     _without_evaluations(clean, run, RERUN)
     proc = quickstart(run, start_new_session=True)
-    target = run / "eval" / "golden_d1" / "episodes.jsonl"
+    # golden D1's evaluation runs alone (its neighbours are done), so it plays in shards, each into a file of its
+    # own, the injected episodes first
+    shards = run / "eval" / "golden_d1"
     deadline = time.time() + 600
-    while time.time() < deadline and not (target.exists() and target.read_text().count("\n") >= 2):
+    while time.time() < deadline and sum(p.read_text().count("\n") for p in shards.glob("*.part*.jsonl")) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and everything it started
     proc.wait()
     assert json.loads((run / "manifest.json").read_text())["stages"]["eval:golden_d1"]["status"] == "running"
     # `steptune status` tells what the kill left: the evaluation unfinished with the episodes a rerun keeps
-    # (of how many the evaluation plays, and how many it has won so far)
+    # (of how many the evaluation plays, and how many it has won so far), its shards' included
     wide = {**os.environ, "COLUMNS": "200"}  # one table row a stage
     killed = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True, env=wide).stdout
     row = next(line for line in killed.splitlines() if line.startswith("eval:golden_d1 "))
-    written = load_trajectories(run / "eval" / "golden_d1" / "episodes.jsonl")
     planned = len(load_trajectories(clean / "eval" / "golden_d1" / "episodes.jsonl"))
-    assert "unfinished" in row and len(written) >= 2
-    assert row.split("│")[-1].strip() == \
-        f"{len(written)} of {planned} episodes written ({sum(t.success for t in written)} won)"
+    said = []
+    for file, what in (("episodes", "episodes written"), ("injected", "with the injected error")):
+        written = {t.id: t for p in shards.glob(f"{file}*.jsonl") for t in iter_trajectories(p, errors=[])}
+        if (shards / f"{file}.jsonl.planned").exists():
+            said.append(f"{len(written)} of {planned} {what} ({sum(t.success for t in written.values())} won)")
+    assert "unfinished" in row and said
+    assert row.split("│")[-1].strip() == "; ".join(said)
     assert all(" done " in line for line in killed.splitlines() if line.startswith("train:"))
     proc = quickstart(run)
     log, _ = proc.communicate(timeout=600)

@@ -78,7 +78,7 @@ def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
     if kind == "eval":
         plain, injected = (_written(layout.eval_dir(name) / file, what) for file, what in
                            ((EPISODES_FILE, "episodes written"), (INJECTED_FILE, "with the injected error")))
-        return plain + (f"; {injected}" if injected else "")
+        return "; ".join(part for part in (plain, injected) if part)
     if kind == "synthesize":
         return _written(layout.dataset("synthesized"), "stage-2 episodes written")
     return ""
