@@ -64,7 +64,7 @@ def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_ki
     def records(name: str, file: str) -> dict:
         return {t.id: t.model_dump() for t in load_trajectories(tmp_path / name / file)}
 
-    spawned, done = set(), threading.Event()
+    spawned, env_workers, done = set(), set(), threading.Event()
 
     def watch() -> None:  # a spawned process runs multiprocessing's spawn_main (its env workers, forked, too)
         while not done.is_set():
@@ -72,6 +72,7 @@ def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_ki
                 try:
                     if "spawn_main" in " ".join(child.cmdline()):
                         spawned.add(child.pid)
+                        env_workers.update(c.pid for c in child.children())
                 except psutil.Error:
                     pass
             time.sleep(0.05)
@@ -84,6 +85,8 @@ def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_ki
         done.set()
         watcher.join()
     assert len(spawned) == 2
+    # one pool a process, for its plain and its injected episodes: 2 slots and 2 spares, one env process each
+    assert 0 < len(env_workers) <= 2 * 4
     one = evaluate(config("one", 1), progress=False)
     for file in ("episodes.jsonl", "injected.jsonl"):
         assert len(records("one", file)) == 6 and records("two", file) == records("one", file)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +26,8 @@ from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
 from steptune.data.react import REACT_MAX_NEW_TOKENS
-from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories, planned_path
+from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
+from steptune.envs.base import TaskRef
 from steptune.envs.pool import PoolSettings
 from steptune.evaluation.recovery import injection_summary
 
@@ -81,12 +83,18 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     runs = [(EPISODES_FILE, None)] + ([(INJECTED_FILE, cfg.inject)] if cfg.inject else [])
-    for filename, _ in runs:  # what a killed sharded run wrote
-        gather_parts(out / filename)
+    tasks = _tasks(cfg)
+    plays = []
+    for filename, injection in runs:
+        path = out / filename
+        gather_parts(path)  # what a killed sharded run wrote
+        with TrajectoryWriter(path, planned=len(tasks)) as writer:  # notes the count for `steptune status`
+            todo = [t for t in tasks if f"{t.split}:{t.id}" not in writer.done_ids]
+        plays.append(_Play(path, injection, todo))
     if cfg.processes > 1:
-        _play_in_shards(cfg, runs, progress)
+        _play_in_shards(cfg, backend_cfg, plays, progress)
     else:
-        _play(cfg, runs, progress)
+        _play(cfg, backend_cfg, plays, progress)
     summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
     if cfg.inject:
         summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
@@ -94,47 +102,52 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     return summary
 
 
-def _play(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str,
-          shard: tuple[int, int] | None = None) -> None:
-    """Play the episodes of `runs` ((file, injection) pairs) that their files do not hold yet, in this process;
-    with `shard` (k, n), only every n-th task from the k-th, into the file's part k."""
+def _tasks(cfg: EvalConfig) -> list[TaskRef]:
+    from steptune.envs.registry import make_env
+
+    spec = make_env(cfg.env, **cfg.env_kwargs)  # lists tasks; starts no simulator
+    wanted = set(cfg.tasks) if cfg.tasks is not None else None
+    return [t for split in cfg.splits for t in spec.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
+
+
+@dataclass
+class _Play:
+    """Episodes to play into a file: the tasks, with one injected error each or none."""
+
+    path: Path
+    injection: InjectionConfig | None
+    tasks: list[TaskRef]
+    label: bool | str = True  # the progress bar's
+
+
+def _play(cfg: EvalConfig, backend_cfg: BackendConfig, plays: list[_Play], progress: bool | str) -> None:
+    """Play `plays` in this process, one environment pool and one model for all of them."""
     from steptune.agent.rollout import run_episodes
 
-    backend_cfg = parse_backend_spec(cfg.model) if isinstance(cfg.model, str) else cfg.model
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=cfg.seed)
+    if not any(p.tasks for p in plays):
+        return
     pool = cfg.open_pool()
-    backend = None
+    backend = make_backend(backend_cfg)
     try:
-        wanted = set(cfg.tasks) if cfg.tasks is not None else None
-        tasks = [t for split in cfg.splits for t in pool.tasks(split)[: cfg.limit] if wanted is None or t.id in wanted]
-        for filename, injection in runs:
-            path = Path(cfg.out) / filename
-            if shard is None:
-                writer, mine = TrajectoryWriter(path, planned=len(tasks)), tasks
-            else:
-                planned_path(path).write_text(f"{len(tasks)}\n")  # the whole file's, for `steptune status`
-                done = {t.id for t in iter_trajectories(path, errors=[])} if path.exists() else set()
-                writer = TrajectoryWriter(part_path(path, shard[0]))
-                mine = [t for t in tasks[shard[0]:: shard[1]] if f"{t.split}:{t.id}" not in done]
-            with writer:
-                todo = [t for t in mine if f"{t.split}:{t.id}" not in writer.done_ids]
-                if todo:
-                    backend = backend or make_backend(backend_cfg)
+        for play in plays:
+            with TrajectoryWriter(play.path) as writer:
+                if todo := [t for t in play.tasks if f"{t.split}:{t.id}" not in writer.done_ids]:
                     run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
-                                 example=cfg.example, progress=progress, injection=injection,
+                                 example=cfg.example, progress=progress and play.label, injection=play.injection,
                                  max_repeats=cfg.max_repeats,
                                  on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
     finally:
         pool.close()
-        if backend is not None:
-            backend.close()
+        backend.close()
 
 
-def _play_in_shards(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | None]], progress: bool | str) -> None:
-    """`cfg.processes` processes (spawned: this one may hold torch's threads), one torch thread each, play every
-    run's shards, the injected run's first (its episodes, lost more often, run longer); then each file gathers its
-    parts. The first failure is raised once every shard has ended."""
+def _play_in_shards(cfg: EvalConfig, backend_cfg: BackendConfig, plays: list[_Play], progress: bool | str) -> None:
+    """`cfg.processes` processes (spawned: this one may hold torch's threads), one torch thread each; process k
+    plays every n-th task of each file from the k-th, the injected ones first (lost more often, they run longer),
+    into the file's part k; then each file gathers its parts. The first failure is raised once every process has
+    ended."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -142,13 +155,14 @@ def _play_in_shards(cfg: EvalConfig, runs: list[tuple[str, InjectionConfig | Non
 
     n = cfg.processes
     label = progress if isinstance(progress, str) else Path(cfg.out).name
+    shards = [[_Play(part_path(p.path, k), p.injection, p.tasks[k::n],
+                     f"{label} ({'injected' if p.injection else 'plain'} {k + 1}/{n})") for p in reversed(plays)]
+              for k in range(n)]
     with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=one_torch_thread) as workers:
-        futures = [workers.submit(_play, cfg, [run], progress and
-                                  f"{label} ({'injected' if run[1] else 'plain'} {k + 1}/{n})", (k, n))
-                   for run in reversed(runs) for k in range(n)]
+        futures = [workers.submit(_play, cfg, backend_cfg, shard, progress) for shard in shards]
         errors = [e for e in (f.exception() for f in futures) if e is not None]
-    for filename, _ in runs:
-        gather_parts(Path(cfg.out) / filename)
+    for p in plays:
+        gather_parts(p.path)
     if errors:
         raise errors[0]
 

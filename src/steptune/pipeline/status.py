@@ -70,7 +70,7 @@ def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
         s = json.loads((checkpoints[-1] / TRAINER_STATE).read_text())
         step, total = s.get("global_step"), s.get("max_steps")
         saved = f"step {step} of {total} saved"
-        if (pace := _seconds_per_step(checkpoints[-2:], started, TRAINER_STATE)) is None or not step or not total:
+        if (pace := _seconds_per_step(checkpoints[-2:], started)) is None or not step or not total:
             return saved
         left = (total - step) * pace
         return f"{saved}; {pace:.0f} s a step lately, ~{left / 60:.0f} min of training left" if left < 5400 else \
@@ -84,15 +84,17 @@ def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
     return ""
 
 
-def _seconds_per_step(checkpoints: list[Path], started: str | None, state_file: str) -> float | None:
+def _seconds_per_step(checkpoints: list[Path], started: str | None) -> float | None:
     """Seconds per optimizer step between two checkpoints (when each wrote its state, the last file it writes), if
     the run that started at `started` saved both (a pause between runs is no step's time)."""
     import time
 
+    from steptune.training.sft import TRAINER_STATE, checkpoint_step
+
     if len(checkpoints) < 2 or started is None:
         return None
-    first, last = ((c / state_file).stat().st_mtime for c in checkpoints)
-    steps = int(checkpoints[1].name.rsplit("-", 1)[1]) - int(checkpoints[0].name.rsplit("-", 1)[1])
+    first, last = ((c / TRAINER_STATE).stat().st_mtime for c in checkpoints)
+    steps = checkpoint_step(checkpoints[1]) - checkpoint_step(checkpoints[0])
     if first < time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S")) or steps <= 0 or last <= first:
         return None
     return (last - first) / steps
