@@ -18,6 +18,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from steptune.pipeline.lock import LOCK_FILE
 from steptune.pipeline.manifest import Manifest
 from steptune.pipeline.status import find_runs
 from steptune.training.sft import SUMMARY, TRAIN_LOG
@@ -37,7 +38,7 @@ def copy_run(run: Path, dest: Path) -> list[str]:
             return skip
         if here.parent == run / "models":  # a released model: its weights are gone; its tokenizer comes with steptune
             return set(names) - MODEL_RECORDS
-        return {n for n in names if n.endswith((".tmp", ".partial"))}
+        return {n for n in names if n.endswith((".tmp", ".partial")) or n == LOCK_FILE}  # whose process is gone
 
     shutil.copytree(run, dest, ignore=ignore)
     return left_out

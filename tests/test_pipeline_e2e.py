@@ -120,7 +120,7 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the pipeline and everything it started
     proc.wait()
     assert json.loads((run / "manifest.json").read_text())["stages"]["eval:golden_d1"]["status"] == "running"
-    # `steptune status` tells what the kill left: the evaluation unfinished with the episodes a rerun keeps
+    # `steptune status` tells what the kill left: the evaluation interrupted with the episodes a rerun keeps
     # (of how many the evaluation plays, and how many it has won so far), its shards' included
     wide = {**os.environ, "COLUMNS": "200"}  # one table row a stage
     killed = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True, env=wide).stdout
@@ -131,14 +131,14 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
         written = {t.id: t for p in shards.glob(f"{file}*.jsonl") for t in iter_trajectories(p, errors=[])}
         if (shards / f"{file}.jsonl.planned").exists():
             said.append(f"{len(written)} of {planned} {what} ({sum(t.success for t in written.values())} won)")
-    assert "unfinished" in row and said
+    assert " interrupted " in row and said
     assert row.split("│")[-1].strip() == "; ".join(said)
     assert all(" done " in line for line in killed.splitlines() if line.startswith("train:"))
     proc = quickstart(run)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     finished = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True).stdout
-    assert "unfinished" not in finished and "not started" not in finished and "report" in finished
+    assert "interrupted" not in finished and "not started" not in finished and "report" in finished
     assert "eval:golden_d1" in log and "train:golden_d1: up to date, skipped" in log
     for m in RERUN:
         assert episodes(run, m) == episodes(clean, m)

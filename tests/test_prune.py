@@ -5,6 +5,7 @@ again says how to get them back."""
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,3 +125,42 @@ def test_a_run_whose_config_this_version_cannot_read_is_left_alone(tmp_path):
     with pytest.raises(UserError, match="nothing deleted"):
         prune_run(tmp_path)
     assert (model / "model.safetensors").exists()
+
+
+def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_process(tmp_path):
+    """While a process works in a run directory (a study, say), `steptune prune` and a second run there are refused
+    in one line naming that process, before they read or write anything; `steptune status` tells its running stage
+    from one a kill interrupted. The lock is the kernel's: a killed holder leaves none."""
+    from steptune.pipeline.config import load_config
+    from steptune.pipeline.lock import RunInUse
+    from steptune.pipeline.status import run_status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stages = {"stages": {"train:golden_d1": {"status": "running", "started": "2026-12-06T20:00:00"}}}
+    (run / "manifest.json").write_text(json.dumps(stages))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from steptune.pipeline.lock import hold_run\n"
+                               f"with hold_run(Path({str(run)!r}), 'x'):\n    print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUse, match=rf"in use by pid {holder.pid} .*steptune prune cannot start beside it"):
+            prune_run(run)
+        (tmp_path / "c.yaml").write_text("model: {base: some/model}\n")
+        with pytest.raises(RunInUse, match=rf"pid {holder.pid} .*this run cannot start beside it"):
+            run_pipeline(load_config(tmp_path / "c.yaml"), run)
+        assert json.loads((run / "manifest.json").read_text()) == stages  # neither wrote a thing
+        assert [r["state"] for r in run_status(run)[0]] == [f"running, pid {holder.pid} (-c)"]
+        with pytest.raises(UserError, match="nothing deleted"):  # a dry run reads only: past the lock to the config
+            prune_run(run, dry_run=True)
+        # `steptune prune` on a study leaves its running seed as it is and goes on with the others
+        cli = subprocess.run([*CLI, "prune", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "COLUMNS": "400"})
+        assert cli.returncode == 0 and f"all kept: {run} is in use by pid {holder.pid}" in cli.stdout, cli.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["state"] for r in run_status(run)[0]] == ["interrupted"]
+    with pytest.raises(UserError, match="nothing deleted"):  # past the lock now
+        prune_run(run)

@@ -169,7 +169,7 @@ def status(
                                 help="A run directory, or a study's (every run below it)."),
 ) -> None:
     """Where a run or a study stands, from its files alone: each stage done (how long it took) or copied from
-    another run, unfinished (still running, or interrupted: rerunning the same command resumes it) with what it has
+    another run, running (in which process) or interrupted (rerunning the same command resumes it) with what it has
     written so far, failed, or not started."""
     from rich.console import Console
 
@@ -189,10 +189,11 @@ def prune(
     """Delete the weights of every model whose readers (stage 2, its evaluations) have all finished, keeping its
     summary, log and config: the run stays up to date (the same command skips what is done and writes the same
     reports), and a finished study shrinks to its data and results. A stage that needs deleted weights again stops
-    and says how to retrain them."""
+    and says how to retrain them. A run that a process is working in (a study's running seed) is left as it is."""
     from rich.console import Console
     from rich.table import Table
 
+    from steptune.pipeline.lock import RunInUse
     from steptune.pipeline.prune import prune_run
     from steptune.pipeline.status import find_runs
 
@@ -204,7 +205,12 @@ def prune(
         table.add_column(col, overflow="fold")
     freed = 0
     for run in runs:
-        for row in prune_run(run, dry_run):
+        try:
+            rows = prune_run(run, dry_run)
+        except RunInUse as e:  # a study's running seed: the others are pruned
+            table.add_row(str(run), f"all kept: {e}", "", style="yellow")
+            continue
+        for row in rows:
             why = f" (waiting for {', '.join(row.waiting_for)})" if row.waiting_for else ""
             table.add_row(str(row.model), row.state + why, f"{row.bytes / 2**20:.0f}" if row.bytes else "",
                           style="yellow" if row.state == "kept" else None)

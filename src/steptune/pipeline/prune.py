@@ -42,7 +42,17 @@ def _size(path: Path) -> int:
 def prune_run(run_dir: Path, dry_run: bool = False) -> list[Pruned]:
     """Release the weights of every model in `run_dir` whose stage finished and whose readers (of the stages the run
     runs) all finished and released the models they made: a model that must train again (a copy without its
-    weights) still finds its start model. One row per model, in pipeline order."""
+    weights) still finds its start model. One row per model, in pipeline order. Refused (RunInUse) while a run
+    works in `run_dir`: its next save of the manifest would drop the releases; a dry run only reads."""
+    from steptune.pipeline.lock import hold_run
+
+    if dry_run:
+        return _prune(run_dir, dry_run)
+    with hold_run(run_dir, "steptune prune"):
+        return _prune(run_dir, dry_run)
+
+
+def _prune(run_dir: Path, dry_run: bool) -> list[Pruned]:
     from pydantic import ValidationError
 
     from steptune.errors import UserError

@@ -28,6 +28,7 @@ from rich.console import Console
 from steptune.data.trajectory import load_trajectories, save_trajectories
 from steptune.pipeline.config import EvalSection, PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
+from steptune.pipeline.lock import hold_run
 from steptune.pipeline.manifest import (
     Manifest,
     check_stage,
@@ -395,41 +396,43 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         from steptune.models.gguf import find_gguf
 
         find_gguf(cfg.model.gguf_package)  # a package that is not installed: one line, before anything is written
-    run.open(only)
-    if from_stage:
-        clear(run, stages, from_stage)
-    t_start = time.perf_counter()
-    todo = [s for s in (stages[: names.index(until_stage) + 1] if until_stage else stages)
-            if only is None or s.name in only]
-    while todo:
-        n = 1
-        if todo[0].parallel and cfg.eval.processes > 1:
-            while n < len(todo) and todo[n].parallel:
-                n += 1
-        group, todo = todo[:n], todo[n:]
-        ready = []
-        for stage in group:
-            config = stage.config()
-            key = stage_key(config_for_key(config, run.dir),
-                            [run.manifest.digest(p) for p in stage.inputs if p.exists()])
-            if run.manifest.is_done(stage.name, key, stage.outputs):
-                console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
-                if changed := run.manifest.code_changes(stage.name, cfg.env.name):
-                    console.print(f"[yellow]  {stage.name} was made by other code ({some_of(changed)} changed since): "
-                                  f"`--from {stage.name}` makes it again with this code[/yellow]")
-            elif source := _reuse(run, stages, stage, key, reuse_from, only):
-                console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied from "
-                              f"{source}")
-            else:
-                check_weights(run, stages, stage)
-                ready.append((stage, config, key))
-        if len(ready) > 1:
-            _run_at_once(run, stages, ready, cfg.eval.processes, only)
-        elif ready:
-            _run_stage(run, stages, *ready[0], only)
-    run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    run.manifest.save()
-    return run.dir
+    with hold_run(run.dir, "this run"):
+        run.manifest = Manifest(run.dir)  # as the last process that held the lock left it
+        run.open(only)
+        if from_stage:
+            clear(run, stages, from_stage)
+        t_start = time.perf_counter()
+        todo = [s for s in (stages[: names.index(until_stage) + 1] if until_stage else stages)
+                if only is None or s.name in only]
+        while todo:
+            n = 1
+            if todo[0].parallel and cfg.eval.processes > 1:
+                while n < len(todo) and todo[n].parallel:
+                    n += 1
+            group, todo = todo[:n], todo[n:]
+            ready = []
+            for stage in group:
+                config = stage.config()
+                key = stage_key(config_for_key(config, run.dir),
+                                [run.manifest.digest(p) for p in stage.inputs if p.exists()])
+                if run.manifest.is_done(stage.name, key, stage.outputs):
+                    console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+                    if changed := run.manifest.code_changes(stage.name, cfg.env.name):
+                        console.print(f"[yellow]  {stage.name} was made by other code ({some_of(changed)} changed "
+                                      f"since): `--from {stage.name}` makes it again with this code[/yellow]")
+                elif source := _reuse(run, stages, stage, key, reuse_from, only):
+                    console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
+                                  f"from {source}")
+                else:
+                    check_weights(run, stages, stage)
+                    ready.append((stage, config, key))
+            if len(ready) > 1:
+                _run_at_once(run, stages, ready, cfg.eval.processes, only)
+            elif ready:
+                _run_stage(run, stages, *ready[0], only)
+        run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        run.manifest.save()
+        return run.dir
 
 
 def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Sequence[Path],

@@ -1,7 +1,7 @@
 """Where a run or a study stands (`steptune status`): each stage of each run under a directory, done (how long it
-took) or copied from another run, unfinished (still running, or interrupted: a rerun resumes it) with what it has
-written so far, failed, or not started. A SmolLM2 study runs for a day over many restarts; this answers "how far is it" from the
-files alone, without starting anything."""
+took) or copied from another run, running (in which process) or interrupted (a rerun resumes it) with what it has
+written so far, failed, or not started. A SmolLM2 study runs for a day over many restarts; this answers "how far is
+it" from the files alone, without starting anything."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, part_paths
 from steptune.pipeline.layout import RunLayout
+from steptune.pipeline.lock import holder as hold_by
 from steptune.pipeline.manifest import Manifest, some_of
 
 def find_runs(path: Path) -> list[Path]:
@@ -31,11 +32,12 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     layout = RunLayout(run)
     manifest = Manifest(run)
     env = manifest.data.get("config", {}).get("env", {}).get("name", "")
+    holder = hold_by(run)
     rows = []
     for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
-            {"running": "unfinished"}.get(status, status)
+            {"running": f"running, {holder}" if holder else "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
@@ -89,12 +91,13 @@ def _seconds_per_step(checkpoints: list[Path], started: str | None) -> float | N
     the run that started at `started` saved both (a pause between runs is no step's time)."""
     import time
 
-    from steptune.training.sft import TRAINER_STATE, checkpoint_step
+    from steptune.training.sft import TRAINER_STATE
 
     if len(checkpoints) < 2 or started is None:
         return None
-    first, last = ((c / TRAINER_STATE).stat().st_mtime for c in checkpoints)
-    steps = checkpoint_step(checkpoints[1]) - checkpoint_step(checkpoints[0])
+    (first, a), (last, b) = ((p.stat().st_mtime, json.loads(p.read_text())["global_step"])
+                             for p in (c / TRAINER_STATE for c in checkpoints))
+    steps = b - a
     if first < time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S")) or steps <= 0 or last <= first:
         return None
     return (last - first) / steps

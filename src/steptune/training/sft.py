@@ -346,8 +346,7 @@ def _safetensors_whole(path: Path) -> bool:
     return path.stat().st_size == 8 + size + end
 
 
-def checkpoint_step(ckpt: Path) -> int:
-    """The optimizer step a checkpoint folder (checkpoint-<step>) was saved at."""
+def _step(ckpt: Path) -> int:
     return int(ckpt.name.rsplit("-", 1)[1])
 
 
@@ -357,7 +356,7 @@ def _checkpoint_complete(ckpt: Path) -> bool:
     try:
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         names = {p.name for p in ckpt.iterdir()}
-        if state.get("global_step") != checkpoint_step(ckpt):
+        if state.get("global_step") != _step(ckpt):
             return False
         if any((ckpt / n).is_dir() for n in names):
             return True  # a DeepSpeed / FSDP layout: its engine checks its own shards
@@ -375,7 +374,7 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """The complete checkpoints under `ckpt_dir`, oldest first; reads only."""
-    return sorted(filter(_checkpoint_complete, _checkpoints(ckpt_dir)), key=checkpoint_step)
+    return sorted(filter(_checkpoint_complete, _checkpoints(ckpt_dir)), key=_step)
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
