@@ -151,7 +151,7 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
         with pytest.raises(RunInUse, match=rf"pid {holder.pid} .*this run cannot start beside it"):
             run_pipeline(load_config(tmp_path / "c.yaml"), run)
         assert json.loads((run / "manifest.json").read_text()) == stages  # neither wrote a thing
-        assert [r["state"] for r in run_status(run)[0]] == [f"running, pid {holder.pid} (-c)"]
+        assert [r["state"] for r in run_status(run)[0]] == [f"running (pid {holder.pid})"]
         with pytest.raises(UserError, match="nothing deleted"):  # a dry run reads only: past the lock to the config
             prune_run(run, dry_run=True)
         # `steptune prune` on a study leaves its running seed as it is and goes on with the others

@@ -34,8 +34,10 @@ def hold_run(run_dir: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunInUse(f"{run_dir} is in use by {holder(run_dir) or 'another process'}, so {what} cannot start "
-                           f"beside it: stop that one first, or let it finish") from None
+            held = holder(run_dir)
+            by = f"pid {held[0]} ({held[1]})" if held else "another process"
+            raise RunInUse(f"{run_dir} is in use by {by}, so {what} cannot start beside it: stop that one first, or "
+                           f"let it finish") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()} {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}\n")
@@ -48,8 +50,8 @@ def hold_run(run_dir: Path, what: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def holder(run_dir: Path) -> str | None:
-    """"pid N (command)" of the live process that holds or last held `run_dir`'s lock; None if none is alive."""
+def holder(run_dir: Path) -> tuple[int, str] | None:
+    """The pid and command of the live process that holds or last held `run_dir`'s lock; None if none is alive."""
     try:
         pid, _, command = (run_dir / LOCK_FILE).read_text().strip().partition(" ")
         os.kill(int(pid), 0)  # only asks whether it is alive
@@ -57,4 +59,4 @@ def holder(run_dir: Path) -> str | None:
         pass  # alive, another user's
     except (OSError, ValueError):
         return None
-    return f"pid {pid} ({command})"
+    return int(pid), command

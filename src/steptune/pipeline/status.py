@@ -37,7 +37,7 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
-            {"running": f"running, {holder}" if holder else "interrupted"}.get(status, status)
+            {"running": f"running (pid {holder[0]})" if holder else "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
