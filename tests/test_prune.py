@@ -131,6 +131,10 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
     """While a process works in a run directory (a study, say), `steptune prune` and a second run there are refused
     in one line naming that process, before they read or write anything; `steptune status` tells its running stage
     from one a kill interrupted. The lock is the kernel's: a killed holder leaves none."""
+    import signal
+
+    import psutil
+
     from steptune.pipeline.config import load_config
     from steptune.pipeline.lock import RunInUse
     from steptune.pipeline.status import run_status
@@ -139,12 +143,16 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
     run.mkdir()
     stages = {"stages": {"train:golden_d1": {"status": "running", "started": "2026-12-06T20:00:00"}}}
     (run / "manifest.json").write_text(json.dumps(stages))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+    # the holder forks a child that outlives it (an environment worker does, for a moment, after a kill)
+    holder = subprocess.Popen([sys.executable, "-c", "import os, time; from pathlib import Path; "
                                "from steptune.pipeline.lock import hold_run\n"
-                               f"with hold_run(Path({str(run)!r}), 'x'):\n    print('held', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
+                               f"with hold_run(Path({str(run)!r}), 'x'):\n"
+                               "    if os.fork() == 0:\n        time.sleep(120); os._exit(0)\n"
+                               "    print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        child = next(iter(psutil.Process(holder.pid).children()))
         with pytest.raises(RunInUse, match=rf"in use by pid {holder.pid} .*steptune prune cannot start beside it"):
             prune_run(run)
         (tmp_path / "c.yaml").write_text("model: {base: some/model}\n")
@@ -158,9 +166,13 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
         cli = subprocess.run([*CLI, "prune", str(tmp_path)], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "COLUMNS": "400"})
         assert cli.returncode == 0 and f"all kept: {run} is in use by pid {holder.pid}" in cli.stdout, cli.stdout
-    finally:
         holder.kill()
         holder.wait()
-    assert [r["state"] for r in run_status(run)[0]] == ["interrupted"]
-    with pytest.raises(UserError, match="nothing deleted"):  # past the lock now
-        prune_run(run)
+        assert child.is_running()
+        assert [r["state"] for r in run_status(run)[0]] == ["interrupted"]
+        with pytest.raises(UserError, match="nothing deleted"):  # past the lock now, the child still there
+            prune_run(run)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the child too
+        holder.wait()

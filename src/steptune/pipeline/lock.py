@@ -21,6 +21,24 @@ class RunInUse(UserError):
     pass
 
 
+_held: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _let_go_in_child() -> None:
+    """A forked child (an environment worker) shares the lock's open file, and so would keep the lock held after a
+    kill of this process until it noticed and exited: its copy is pointed at /dev/null, which keeps the number valid
+    for whatever still holds it."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _held:
+        os.dup2(null, fd)
+    os.close(null)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 @contextmanager
 def hold_run(run_dir: Path, what: str) -> Iterator[None]:
     """Hold `run_dir`'s lock for the block, or raise RunInUse at once, naming the process that holds it."""
@@ -42,12 +60,15 @@ def hold_run(run_dir: Path, what: str) -> Iterator[None]:
         fh.truncate()
         fh.write(f"{os.getpid()} {' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))}\n")
         fh.flush()
+        _held.add(fh.fileno())
         try:
             yield
         finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if fh.fileno() in _held:  # not in a forked child that came back this way
+                _held.discard(fh.fileno())
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def holder(run_dir: Path) -> tuple[int, str] | None:
