@@ -404,35 +404,43 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         t_start = time.perf_counter()
         todo = [s for s in (stages[: names.index(until_stage) + 1] if until_stage else stages)
                 if only is None or s.name in only]
-        while todo:
-            n = 1
-            if todo[0].parallel and cfg.eval.processes > 1:
-                while n < len(todo) and todo[n].parallel:
-                    n += 1
-            group, todo = todo[:n], todo[n:]
-            ready = []
-            for stage in group:
-                config = stage.config()
-                key = stage_key(config_for_key(config, run.dir),
-                                [run.manifest.digest(p) for p in stage.inputs if p.exists()])
-                if run.manifest.is_done(stage.name, key, stage.outputs):
-                    console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
-                    if changed := run.manifest.code_changes(stage.name, cfg.env.name):
-                        console.print(f"[yellow]  {stage.name} was made by other code ({some_of(changed)} changed "
-                                      f"since): `--from {stage.name}` makes it again with this code[/yellow]")
-                elif source := _reuse(run, stages, stage, key, reuse_from, only):
-                    console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
-                                  f"from {source}")
-                else:
-                    check_weights(run, stages, stage)
-                    ready.append((stage, config, key))
-            if len(ready) > 1:
-                _run_at_once(run, stages, ready, cfg.eval.processes, only)
-            elif ready:
-                _run_stage(run, stages, *ready[0], only)
+        _run_stages(run, stages, todo, reuse_from, only)
         run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
         run.manifest.save()
-        return run.dir
+    return run.dir
+
+
+def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Sequence[Path],
+                only: set[str] | None) -> None:
+    """Run the stages of `todo` that are not up to date or copied from `reuse_from`, in order; consecutive evaluations
+    at once where `eval.processes` allows."""
+    cfg = run.cfg
+    while todo:
+        n = 1
+        if todo[0].parallel and cfg.eval.processes > 1:
+            while n < len(todo) and todo[n].parallel:
+                n += 1
+        group, todo = todo[:n], todo[n:]
+        ready = []
+        for stage in group:
+            config = stage.config()
+            key = stage_key(config_for_key(config, run.dir),
+                            [run.manifest.digest(p) for p in stage.inputs if p.exists()])
+            if run.manifest.is_done(stage.name, key, stage.outputs):
+                console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
+                if changed := run.manifest.code_changes(stage.name, cfg.env.name):
+                    console.print(f"[yellow]  {stage.name} was made by other code ({some_of(changed)} changed "
+                                  f"since): `--from {stage.name}` makes it again with this code[/yellow]")
+            elif source := _reuse(run, stages, stage, key, reuse_from, only):
+                console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
+                              f"from {source}")
+            else:
+                check_weights(run, stages, stage)
+                ready.append((stage, config, key))
+        if len(ready) > 1:
+            _run_at_once(run, stages, ready, cfg.eval.processes, only)
+        elif ready:
+            _run_stage(run, stages, *ready[0], only)
 
 
 def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Sequence[Path],
