@@ -130,7 +130,8 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     for file, what in (("episodes", "episodes written"), ("injected", "with the injected error")):
         written = {t.id: t for p in shards.glob(f"{file}*.jsonl") for t in iter_trajectories(p, errors=[])}
         if (shards / f"{file}.jsonl.planned").exists():
-            said.append(f"{len(written)} of {planned} {what} ({sum(t.success for t in written.values())} won)")
+            won = f" ({sum(t.success for t in written.values())} won)" if written else ""
+            said.append(f"{len(written)} of {planned} {what}{won}")
     assert " interrupted " in row and said
     assert row.split("│")[-1].strip() == "; ".join(said)
     assert all(" done " in line for line in killed.splitlines() if line.startswith("train:"))
