@@ -131,13 +131,12 @@ def _play(cfg: EvalConfig, backend_cfg: BackendConfig, plays: list[_Play], progr
     pool = cfg.open_pool()
     backend = make_backend(backend_cfg)
     try:
-        for play in plays:
+        for play in (p for p in plays if p.tasks):  # what `evaluate` found missing from its file
             with TrajectoryWriter(play.path) as writer:
-                if todo := [t for t in play.tasks if f"{t.split}:{t.id}" not in writer.done_ids]:
-                    run_episodes(pool, todo, backend, gen, max_context_tokens=cfg.max_context_tokens,
-                                 example=cfg.example, progress=progress and (play.label or progress),
-                                 injection=play.injection, max_repeats=cfg.max_repeats,
-                                 on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
+                run_episodes(pool, play.tasks, backend, gen, max_context_tokens=cfg.max_context_tokens,
+                             example=cfg.example, progress=progress and (play.label or progress),
+                             injection=play.injection, max_repeats=cfg.max_repeats,
+                             on_episode_end=lambda ep, w=writer: w.write(ep.trajectory))
     finally:
         pool.close()
         backend.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, part_paths
 from steptune.pipeline.layout import RunLayout
-from steptune.pipeline.lock import holder as hold_by
+from steptune.pipeline.lock import holder
 from steptune.pipeline.manifest import Manifest, some_of
 
 def find_runs(path: Path) -> list[Path]:
@@ -32,12 +32,12 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     layout = RunLayout(run)
     manifest = Manifest(run)
     env = manifest.data.get("config", {}).get("env", {}).get("name", "")
-    holder = hold_by(run)
+    held = holder(run)
     rows = []
     for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
         state = "copied" if status == "done" and rec.get("reused_from") else \
-            {"running": f"running (pid {holder[0]})" if holder else "interrupted"}.get(status, status)
+            {"running": f"running (pid {held[0]})" if held else "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
