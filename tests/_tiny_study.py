@@ -13,5 +13,5 @@ TINY = {
     "synthesis": {"teacher": "expert"},
     "filter": {"max_errors": 8},
     "methods": ["golden_d1", "golden_all", "step"],
-    "eval": {"splits": ["seen", "unseen"], "limit": 2, "max_new_tokens": 16, "inject": {"step": 1}},
+    "eval": {"splits": ["seen", "unseen"], "limit": 2, "inject": {"step": 1}},
 }

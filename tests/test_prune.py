@@ -46,6 +46,7 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
         assert r.bytes > 0 and not weight_files(r.model) and not list(r.model.rglob("*.safetensors"))
     assert all((run / "models" / m / "train_summary.json").exists() for m in cfg.methods)
     assert set(manifest(run)["released"]) == {f"models/{m}" for m in released}
+    manifest_released = manifest(run)["released"]
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -55,11 +56,25 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
         assert again[key] == before[key], key
     assert {r.state for r in prune_run(run)} == {"already released"}
 
-    # a stage that needs the weights again (a new evaluation setting) stops before any work, naming the retraining
+    # a stage that needs the weights again (a new evaluation setting) trains them again in place, by the unchanged
+    # training stage: the same model, so what else read it (stage 2) stays up to date
     changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 3})})
-    with pytest.raises(UserError, match=r"eval:golden_d1 must run .* --from train:golden_d1"):
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
         run_pipeline(changed, run)
-    assert manifest(run)["stages"]["eval:golden_d1"] == stages["eval:golden_d1"]
+    text = " ".join(log.getvalue().split())
+    after = manifest(run)
+    assert "eval:golden_d1 must run and reads golden_d1, whose weights `steptune prune` released" in text
+    assert "golden_d1: the same loss at all" in text  # the training repeated exactly
+    assert not after.get("released") and after["retrained"] == manifest_released  # the digests readers hashed
+    for name in ("golden", "split", "synthesize", "filter"):
+        assert after["stages"][name] == stages[name], name
+    for method in cfg.methods:
+        assert after["stages"][f"train:{method}"]["key"] == stages[f"train:{method}"]["key"]
+        assert after["stages"][f"eval:{method}"]["key"] != stages[f"eval:{method}"]["key"]
+        assert weight_files(run / "models" / method)
+    assert {r.state for r in prune_run(run)} == {"released"}
+    assert manifest(run)["released"] == manifest_released and not manifest(run)["retrained"]
 
 
 @pytest.mark.slow

@@ -147,15 +147,27 @@ class Manifest:
 
     def release(self, path: Path, digest: str) -> None:
         self.data.setdefault("released", {})[self._inside(path)] = digest
+        self.data.get("retrained", {}).pop(self._inside(path), None)
+        self.save()
+
+    # released models trained again in place by their unchanged stage (same settings, data and seed: the same
+    # model), keeping the digest their readers hashed: a new train_summary.json's length must not rerun stage 2
+    def retrained(self, path: Path) -> str | None:
+        return self.data.get("retrained", {}).get(self._inside(path))
+
+    def mark_retrained(self, path: Path) -> None:
+        self.data.setdefault("retrained", {})[self._inside(path)] = self.data["released"].pop(self._inside(path))
         self.save()
 
     def unrelease(self, path: Path) -> None:
         """`path` is written anew (its stage runs again): its own digest counts from now on."""
-        self.data.get("released", {}).pop(self._inside(path), None)
+        for kind in ("released", "retrained"):
+            self.data.get(kind, {}).pop(self._inside(path), None)
 
     def digest(self, path: Path) -> str:
-        """What a stage's key hashes of an input: its contents, or the digest of weights that were released."""
-        return self.released(path) or file_digest(path)
+        """What a stage's key hashes of an input: its contents, or the digest of weights that were released (or
+        released and trained again in place)."""
+        return self.released(path) or self.retrained(path) or file_digest(path)
 
     def _inside(self, path: Path) -> str:
         try:

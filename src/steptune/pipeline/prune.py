@@ -6,7 +6,8 @@ nothing in the run needs its weights again. `prune` deletes them and keeps every
 (train_summary.json, the train log, its config and tokenizer), and the manifest records the digest the model had.
 The stages that read it keep that digest in their keys, so they stay up to date: the same command skips them, the
 report and the study are written from what is left, and a pruned run directory is small enough to copy or commit.
-A stage that needs the weights again (a new stage, a changed setting) stops with an error that says how to retrain.
+A stage that needs the weights again (a new stage, a changed setting) first trains the model again in place, by
+its unchanged training stage (steptune.pipeline.run.retrain_released), and the model keeps the digest it had.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from steptune.pipeline.manifest import Manifest, file_digest
+from steptune.pipeline.manifest import Manifest
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # transformers' and peft's weight files
 CHECKPOINTS = "checkpoints"  # the trainer's resumable checkpoints (kept only with train.keep_checkpoints)
@@ -92,7 +93,7 @@ def _prune(run_dir: Path, dry_run: bool) -> list[Pruned]:
                 continue
             gone.add(model)
             if not dry_run:
-                digest = file_digest(model)  # before: what the readers' keys hashed
+                digest = manifest.digest(model)  # before: what the readers' keys hashed
                 for f in files:
                     shutil.rmtree(f) if f.is_dir() else f.unlink()
                 manifest.release(model, digest)

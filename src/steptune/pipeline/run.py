@@ -435,7 +435,9 @@ def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Se
                 console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
                               f"from {source}")
             else:
-                check_weights(run, stages, stage)
+                if any(run.manifest.released(p) for p in stage.inputs):
+                    retrain_released(run, stages, stage, only)
+                check_budget(run, stage)
                 ready.append((stage, config, key))
         if len(ready) > 1:
             _run_at_once(run, stages, ready, cfg.eval.processes, only)
@@ -473,16 +475,69 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
     return None
 
 
-def check_weights(run: Run, stages: list[Stage], stage: Stage) -> None:
-    """A stage about to run that reads a model whose weights `steptune prune` released: say how to get them back."""
+def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str] | None) -> None:
+    """A stage about to run that reads a model whose weights `steptune prune` released: train the model again in
+    place by its training stage, whose settings, data and seed are unchanged (its key is), so the model is the one
+    its other readers saw and they stay up to date (stage 2 of a SmolLM2 seed costs an hour). The losses are
+    compared with the released model's log, which says whether the training repeated exactly."""
     from steptune.errors import UserError
 
     for path in stage.inputs:
-        if run.manifest.released(path):
-            maker = next(s.name for s in stages if path in s.outputs)
+        if not run.manifest.released(path):
+            continue
+        maker = next(s for s in stages if path in s.outputs)
+        config = maker.config()
+        key = stage_key(config_for_key(config, run.dir), [run.manifest.digest(p) for p in maker.inputs if p.exists()])
+        if not run.manifest.is_done(maker.name, key, maker.outputs) or (only is not None and maker.name not in only):
             raise UserError(f"{stage.name} must run (it is new, or its settings changed) and reads {path}, whose "
-                            f"weights `steptune prune` deleted: make them again with `steptune run <config> --output "
-                            f"{run.dir} --from {maker}` (which also reruns what depends on it), or restore them")
+                            f"weights `steptune prune` deleted, and {maker.name} cannot make them again as they were "
+                            f"(its settings or inputs changed): `steptune run <config> --output {run.dir} --from "
+                            f"{maker.name}` makes them anew and reruns what depends on them")
+        retrain_released(run, stages, maker, only)  # its own start model first
+        console.print(f"[yellow]{stage.name} must run and reads {path.name}, whose weights `steptune prune` "
+                      f"released: {maker.name} trains them again in place (same settings, data and seed)[/yellow]")
+        before = _losses(path)
+        _run_stage(run, stages, maker, config, key, only)
+        run.manifest.mark_retrained(path)
+        after = _losses(path)
+        if before and before == after:
+            console.print(f"[dim]  {path.name}: the same loss at all {len(after)} logged steps as before[/dim]")
+        elif before:
+            console.print(f"[yellow]  {path.name}: its losses differ from the released model's (first logged "
+                          f"{before[0]} then, {after[0] if after else None} now): another machine or library "
+                          "version, so its readers that run now see a slightly different model[/yellow]")
+
+
+def check_budget(run: Run, stage: Stage) -> None:
+    """Before a stage spends its time: the token budget of the turns it generates (or, for a training, those its
+    model's evaluation will) holds the longest turn the model learns; a UserError with both numbers if not."""
+    from steptune.errors import UserError
+    from steptune.pipeline.budget import budget_problem
+
+    kind, _, name = stage.name.partition(":")
+    if kind == "synthesize":
+        method, setting, budget = METHODS[BASE_AGENT], "synthesis.max_new_tokens", run.cfg.synthesis.max_new_tokens
+        tokenizer = run.paths.model_dir(BASE_AGENT)
+    elif kind in ("train", "eval"):
+        method, setting, budget = METHODS[BASE_AGENT if name == BASE_AGENT_U2 else name], "eval.max_new_tokens", \
+            run.cfg.eval.max_new_tokens
+        tokenizer = run.start_model(method) if kind == "train" else run.paths.model_dir(method.name)
+    else:
+        return
+    learned = dict.fromkeys([*method.data, *(METHODS[BASE_AGENT].data if method.start == "base_agent" else ())])
+    if problem := budget_problem(budget, setting, f"{stage.name}'s model", [run.paths.dataset(d) for d in learned],
+                                 tokenizer):
+        raise UserError(f"{stage.name} did not start: {problem}")
+
+
+def _losses(model: Path) -> list[float]:
+    """The logged training losses in a model's train log (empty for a model with no log: a built one)."""
+    from steptune.pipeline.layout import TRAIN_LOG
+
+    log = model / TRAIN_LOG
+    if not log.exists():
+        return []
+    return [e["loss"] for e in map(json.loads, log.read_text().splitlines()) if "loss" in e]
 
 
 def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:
