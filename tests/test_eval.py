@@ -34,7 +34,7 @@ def test_eval_writes_episodes_and_summary(react_model_dir, tmp_path):
         assert agg["avg_reward"] == pytest.approx(100 * sum(t.reward for t in part) / 3, abs=0.01)
         assert agg["success_rate"] == pytest.approx(100 * sum(t.success for t in part) / 3, abs=0.01)
         assert summary["task_types"][split]["coin"]["episodes"] == 3
-    assert summary["overall"]["success_rate"] > 50
+    assert summary["overall"]["success_rate"] > 50 and summary["overall"]["steps_without_action"] == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
     t = trajs[0]
     assert t.instruction and t.task and t.steps and {"steps_taken", "invalid_actions", "truncations"} <= t.meta.keys()
@@ -43,6 +43,18 @@ def test_eval_writes_episodes_and_summary(react_model_dir, tmp_path):
     before = (tmp_path / "run" / "episodes.jsonl").read_bytes()
     assert evaluate(cfg, progress=False) == summary
     assert (tmp_path / "run" / "episodes.jsonl").read_bytes() == before
+
+
+def test_turns_cut_by_the_token_budget_are_counted_and_said_on_the_console(react_model_dir, tmp_path, capsys):
+    cfg = EvalConfig(model=str(react_model_dir), env="twx", splits=["seen"], limit=2, workers=2,
+                     out=str(tmp_path / "run"), max_new_tokens=3, env_kwargs=twx_kwargs())  # "Thought: I ..." cut
+    summary = evaluate(cfg, progress=False)
+    steps = [s for t in load_trajectories(tmp_path / "run" / "episodes.jsonl") for s in t.steps]
+    assert steps and all(s.action == "" for s in steps) and summary["overall"]["success_rate"] == 0
+    assert summary["overall"]["steps_without_action"] == len(steps)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run (episodes.jsonl): {len(steps)} of {len(steps)} agent steps had no `Action:`" in err
+    assert "max_new_tokens = 3" in err
 
 
 def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_killed_one(react_model_dir, tmp_path):

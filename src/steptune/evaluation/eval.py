@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
-from steptune.data.react import REACT_MAX_NEW_TOKENS
+from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import PoolSettings
@@ -99,7 +99,23 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
     if cfg.inject:
         summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    warn_of_replies_without_action(cfg, out)
     return summary
+
+
+def warn_of_replies_without_action(cfg: EvalConfig, out: Path, share: float = 0.05) -> None:
+    """Say on the console when more than `share` of an evaluation's steps had no action: an agent whose turns are
+    cut by `max_new_tokens` loses those steps, and the success rate measures the budget, not the agent."""
+    from rich.console import Console
+
+    for filename in (EPISODES_FILE, INJECTED_FILE):
+        steps = [s for t in load_episodes(out, filename) for s in t.steps if s.kind != "injected"]
+        missing = sum(s.observation == INVALID_FORMAT_OBSERVATION for s in steps)
+        if steps and missing > share * len(steps):
+            Console(stderr=True).print(
+                f"[yellow]warning: {cfg.name or out.name} ({filename}): {missing} of {len(steps)} agent steps had no "
+                f"`Action:`; turns cut at max_new_tokens = {cfg.max_new_tokens}, or text that never reached an "
+                "action (a model that rambles)[/yellow]")
 
 
 def _tasks(cfg: EvalConfig) -> list[TaskRef]:
@@ -204,6 +220,8 @@ def _aggregate(trajs: list[Trajectory]) -> dict[str, float | int]:
         "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
         "avg_steps": round(sum(t.meta.get("steps_taken", len(t.steps)) for t in trajs) / n, 2) if n else 0.0,
         "invalid_actions": sum(t.meta.get("invalid_actions", 0) for t in trajs),
+        # replies with no `Action:` at all: cut by the token budget, or text that never reached one
+        "steps_without_action": sum(s.observation == INVALID_FORMAT_OBSERVATION for t in trajs for s in t.steps),
         "truncations": sum(t.meta.get("truncations", 0) for t in trajs),
         "failures": sum(t.meta.get("failure") is not None for t in trajs),
         "stopped_repeating": sum(t.meta.get("stopped") == "repeating" for t in trajs),  # by `max_repeats`
