@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from steptune.cli import app
+from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Step, Trajectory, save_trajectories
 from steptune.evaluation.eval import summarize
 from steptune.evaluation.report import write_report
@@ -39,9 +40,12 @@ def test_summary_numbers():
     trajs = [Trajectory(id=str(i), env="e", task_id=f"e/a/{i}", split="s", task="t", reward=r, success=r == 1.0,
                         meta={"task_type": "a", "invalid_actions": 2, **({"stopped": "repeating"} if r == 0.0 else {})})
              for i, r in enumerate([1.0, 0.5, 0.0, 0.3])]
+    trajs[2].steps = [Step(action="", observation=INVALID_FORMAT_OBSERVATION),  # a reply cut before its action
+                      Step(action="look", observation="You are in the kitchen.")]
     agg = summarize(trajs)["splits"]["s"]
-    assert agg == {"episodes": 4, "avg_reward": 45.0, "success_rate": 25.0, "avg_steps": 0.0,
-                   "invalid_actions": 8, "truncations": 0, "failures": 0, "stopped_repeating": 1}
+    assert agg == {"episodes": 4, "avg_reward": 45.0, "success_rate": 25.0, "avg_steps": 0.5,
+                   "invalid_actions": 8, "truncations": 0, "failures": 0, "stopped_repeating": 1,
+                   "steps_without_action": 1}
 
 
 def test_report_tables_and_html(runs, tmp_path):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.data.trajectory import Step, Trajectory
 from steptune.evaluation.recovery import REPEATED
 from steptune.pipeline.study import _bootstrap, _ratio
@@ -53,6 +54,8 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
                                        action="take coin")]
             if m == "golden_d1":  # lost the last episode repeating an invalid action, as greedy agents do
                 plain[3].steps = [Step(action="move west", observation="You cannot go that way.")] * REPEATED
+            if m == "step_unmasked":  # a reply cut before its action, in the last episode of each seed
+                plain[3].steps = [Step(thought="I tried to", action="", observation=INVALID_FORMAT_OBSERVATION)]
             injected = [_ep(i, bool(w) and i == 0, {"step": 1, "action": "move west", "error": "off_plan",
                                                      "steps_to_plan": 1}, split="unseen") for i, w in enumerate(won[m])]
             save_trajectories(plain, run / "eval" / m / "episodes.jsonl")
@@ -78,11 +81,14 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert refl["golden_d1"]["plain"]["with_reflection"] == 0 and refl["step"]["injected"]["with_reflection"] == 0
     assert refl["step"]["plain"]["examples"][0]["before"]["action"] == "move west"
     assert refl["golden_d1"]["plain"]["ended_repeating"] == 2 and refl["step"]["plain"]["ended_repeating"] == 0
+    assert (refl["step_unmasked"]["plain"]["steps_without_action"], refl["step_unmasked"]["plain"]["agent_steps"]) \
+        == (2, 8) and refl["step"]["plain"]["steps_without_action"] == 0
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
     md = (tmp_path / "study.md").read_text()
-    assert "STeP − golden D1" in md and "| 2 / 8 (2 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 |" in md
+    assert "STeP − golden D1" in md and "| 2 / 8 (2 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 0 / 10; 0 / 8 |" in md
     assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won) | 0 / 8 (0 won) | 2 / 8 | 0 / 8 |" in md
+    assert "| STeP without masking | 0 / 8 (0 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
     assert (tmp_path / "study.html").stat().st_size > 5000
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from steptune.data.react import INVALID_FORMAT_OBSERVATION
 from steptune.teacher.base import REFLECTION_OPENINGS
 
 
@@ -63,7 +64,8 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     Counts the episodes with at least one, how many of those succeeded, and keeps up to `examples` of the successful
     ones (the step before the reflection, the reflection and what the agent did next), its own mistakes first: an
     injected step (the recovery benchmark) is not the agent's. Also counts the episodes lost repeating one action
-    (`ends_repeating`): mistakes the agent did not repair."""
+    (`ends_repeating`): mistakes the agent did not repair, and the agent's steps whose reply had no `Action:`
+    (`steps_without_action`, of `agent_steps`): a turn cut by the token budget is one."""
     found, shown = [], []
     for t in trajs:
         injected_at = (t.meta.get("injection") or {}).get("step")  # 1-based
@@ -82,6 +84,8 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     return {"episodes": len(trajs), "with_reflection": len(found), "succeeded": sum(t.success for t in found),
             "reflection_steps": sum(_reflects(st.thought) for t in found for st in t.steps[1:]),
             "ended_repeating": sum(map(ends_repeating, trajs)),
+            "agent_steps": sum(st.kind != "injected" for t in trajs for st in t.steps),
+            "steps_without_action": sum(st.observation == INVALID_FORMAT_OBSERVATION for t in trajs for st in t.steps),
             "examples": shown[:examples]}
 
 

@@ -113,7 +113,7 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
         found = [reflections_at_test_time(load_trajectories(p))
                  for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
         out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded",
-                                                          "ended_repeating")}
+                                                          "ended_repeating", "agent_steps", "steps_without_action")}
         out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
     return out
 
@@ -126,17 +126,22 @@ def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -
     def repeating(c: dict[str, Any]) -> str:  # a study.json written before the count has none
         return f"{c['ended_repeating']} / {c['episodes']}" if c["episodes"] and "ended_repeating" in c else "–"
 
+    def no_action(c: dict[str, Any]) -> str:  # a study.json written before the count has none
+        return f"{c['steps_without_action']:,} / {c['agent_steps']:,}" if c.get("agent_steps") else "–"
+
     rows = [f"| {labels[m]} | {cell(c['plain'])} | {cell(c['injected'])} | {repeating(c['plain'])} | "
-            f"{repeating(c['injected'])} |" for m, c in counts.items()
-            if c["plain"]["episodes"] or c["injected"]["episodes"]]
+            f"{repeating(c['injected'])} | {no_action(c['plain'])}; {no_action(c['injected'])} |"
+            for m, c in counts.items() if c["plain"]["episodes"] or c["injected"]["episodes"]]
     header = ["| method | reflected: plain episodes | reflected: with one injected error | lost repeating one action: "
-              "plain | lost repeating: injected |", "|---|---:|---:|---:|---:|"]
+              "plain | lost repeating: injected | agent steps without an action: plain; injected |",
+              "|---|---:|---:|---:|---:|---:|"]
     return [*header, *rows] if rows else []
 
 
-# how the reports describe `reflection_rows`' last two columns
-REPEATING_COLUMNS = (f"and the episodes it lost repeating one action over its last {REPEATED} steps (a mistake it "
-                     "never repaired).")
+# how the reports describe `reflection_rows`' last three columns
+REPEATING_COLUMNS = (f"the episodes it lost repeating one action over its last {REPEATED} steps (a mistake it "
+                     "never repaired), and its steps whose reply had no `Action:` (a turn cut by the token budget is "
+                     "one; the environment answers \"Invalid format\").")
 
 
 def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
