@@ -31,7 +31,7 @@ def quickstart(out: Path, *args: str, **kw) -> subprocess.Popen:
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     proc = quickstart(out)
-    log, _ = proc.communicate(timeout=600)
+    log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     return out, log
 
@@ -136,7 +136,7 @@ def test_kill9_mid_run_then_resume_gives_the_same_records(smoke_run, tmp_path):
     assert row.split("│")[-1].strip() == "; ".join(said)
     assert all(" done " in line for line in killed.splitlines() if line.startswith("train:"))
     proc = quickstart(run)
-    log, _ = proc.communicate(timeout=600)
+    log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     finished = subprocess.run([*CLI, "status", str(run)], capture_output=True, text=True, check=True).stdout
     assert "interrupted" not in finished and "not started" not in finished and "report" in finished
@@ -154,7 +154,7 @@ def test_evaluations_side_by_side_write_what_one_after_another_writes(smoke_run,
     run = tmp_path / "one_by_one"
     _without_evaluations(clean, run, RERUN)
     proc = quickstart(run, "--set", "eval.processes=1")
-    log, _ = proc.communicate(timeout=600)
+    log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     assert "at a time" not in log and "eval:golden_all: up to date, skipped" in log  # only RERUN ran again
     for m in RERUN:

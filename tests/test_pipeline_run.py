@@ -22,7 +22,7 @@ CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
 FAST = ["--set", "golden.limit=12", "--set", "train.num_train_epochs=1"]
 
 
-def steptune(*args, timeout=600) -> subprocess.CompletedProcess:
+def steptune(*args, timeout=1200) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 

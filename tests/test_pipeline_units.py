@@ -130,10 +130,14 @@ def test_stage_keys_survive_moving_the_run_and_ignore_speed_settings(tmp_path):
     assert "dtype" not in student and "prefix_cache_gb" not in student
     bf16 = keys(tmp_path / "a", **{"student.dtype": "bfloat16"})
     assert all((bf16[n] != here[n]) == n.startswith("eval:") for n in here)
-    # the same for an evaluation's max_repeats: None is how every evaluation ran before it existed
-    assert keys(tmp_path / "a", **{"eval.max_repeats": None}) == here
-    repeats = keys(tmp_path / "a", **{"eval.max_repeats": 10})
-    assert all((repeats[n] != here[n]) == n.startswith("eval:") for n in here)
+    # the same for an evaluation's max_repeats (the preset's is 3): None is how every evaluation ran before it
+    # existed, so it is left out of the keys, while any number changes the evaluations'
+    unbounded = keys(tmp_path / "a", **{"eval.max_repeats": None})
+    eval_step = next(s.config() for s in Run(load_config(preset, {"eval.max_repeats": None}), tmp_path / "a").stages()
+                     if s.name == "eval:step")
+    assert "max_repeats" not in config_for_key(eval_step)
+    for other in (unbounded, keys(tmp_path / "a", **{"eval.max_repeats": 10})):
+        assert all((other[n] != here[n]) == n.startswith("eval:") for n in here)
     # both exceptions are the classes' own: another setting that happens to share a name stays in a key, be it in
     # another config class or in an environment's kwargs (a plain dict, hashed whole)
     from pydantic import BaseModel
