@@ -76,6 +76,17 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
     assert {r.state for r in prune_run(run)} == {"released"}
     assert manifest(run)["released"] == manifest_released and not manifest(run)["retrained"]
 
+    # a retraining in place that was killed resumes the next time, once: nothing trains it a second time
+    data = manifest(run)
+    data["stages"]["train:golden_d1"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(data))
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run_pipeline(changed.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 4})}), run)
+    text = log.getvalue()
+    assert text.count("train:golden_d1 ─") == 1 and manifest(run)["stages"]["train:golden_d1"]["status"] == "done"
+    assert manifest(run)["retrained"] == manifest_released and not manifest(run).get("released")
+
 
 @pytest.mark.slow
 def test_a_model_whose_reader_has_not_finished_keeps_its_weights(tiny_study, tmp_path):

@@ -488,7 +488,8 @@ def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str]
         maker = next(s for s in stages if path in s.outputs)
         config = maker.config()
         key = stage_key(config_for_key(config, run.dir), [run.manifest.digest(p) for p in maker.inputs if p.exists()])
-        if not run.manifest.is_done(maker.name, key, maker.outputs) or (only is not None and maker.name not in only):
+        # done, or a retraining in place that was interrupted (it resumes): the same key either way
+        if run.manifest.key(maker.name) != key or (only is not None and maker.name not in only):
             raise UserError(f"{stage.name} must run (it is new, or its settings changed) and reads {path}, whose "
                             f"weights `steptune prune` deleted, and {maker.name} cannot make them again as they were "
                             f"(its settings or inputs changed): `steptune run <config> --output {run.dir} --from "
@@ -498,7 +499,6 @@ def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str]
                       f"released: {maker.name} trains them again in place (same settings, data and seed)[/yellow]")
         before = _losses(path)
         _run_stage(run, stages, maker, config, key, only)
-        run.manifest.mark_retrained(path)
         after = _losses(path)
         if before and before == after:
             console.print(f"[dim]  {path.name}: the same loss at all {len(after)} logged steps as before[/dim]")
@@ -548,6 +548,9 @@ def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str]
 
 def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:
     run.manifest.finish(stage.name, t0, stage.outputs, info)
+    for path in stage.outputs:  # released, yet written by this very key (a changed key unreleases): retrained in place
+        if run.manifest.released(path):
+            run.manifest.mark_retrained(path)
     console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
 
 
