@@ -25,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from steptune.agent.injection import InjectionConfig
 from steptune.backends import BackendConfig, make_backend, parse_backend_spec
 from steptune.backends.base import GenerationConfig
-from steptune.data.react import INVALID_FORMAT_OBSERVATION, REACT_MAX_NEW_TOKENS
+from steptune.data.react import REACT_MAX_NEW_TOKENS
 from steptune.data.trajectory import Trajectory, TrajectoryWriter, iter_trajectories
 from steptune.envs.base import TaskRef
 from steptune.envs.pool import PoolSettings
-from steptune.evaluation.recovery import injection_summary
+from steptune.evaluation.recovery import injection_summary, steps_without_action
 
 EPISODES_FILE = "episodes.jsonl"
 INJECTED_FILE = "injected.jsonl"
@@ -95,26 +95,26 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
         _play_in_shards(cfg, backend_cfg, plays, progress)
     else:
         _play(cfg, backend_cfg, plays, progress)
-    summary = summarize(load_episodes(out), name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
+    played = {filename: load_episodes(out, filename) for filename, _ in runs}
+    summary = summarize(played[EPISODES_FILE], name=cfg.name or out.name, model=backend_cfg.model, env=cfg.env)
     if cfg.inject:
-        summary["injection"] = injection_summary(load_episodes(out), load_episodes(out, INJECTED_FILE))
+        summary["injection"] = injection_summary(played[EPISODES_FILE], played[INJECTED_FILE])
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    warn_of_replies_without_action(cfg, out)
+    warn_of_replies_without_action(cfg, played)
     return summary
 
 
-def warn_of_replies_without_action(cfg: EvalConfig, out: Path, share: float = 0.05) -> None:
+def warn_of_replies_without_action(cfg: EvalConfig, played: dict[str, list[Trajectory]], share: float = 0.05) -> None:
     """Say on the console when more than `share` of an evaluation's steps had no action: an agent whose turns are
     cut by `max_new_tokens` loses those steps, and the success rate measures the budget, not the agent."""
     from rich.console import Console
 
-    for filename in (EPISODES_FILE, INJECTED_FILE):
-        steps = [s for t in load_episodes(out, filename) for s in t.steps if s.kind != "injected"]
-        missing = sum(s.observation == INVALID_FORMAT_OBSERVATION for s in steps)
-        if steps and missing > share * len(steps):
+    for filename, trajs in played.items():
+        missing, steps = steps_without_action(trajs)
+        if steps and missing > share * steps:
             Console(stderr=True).print(
-                f"[yellow]warning: {cfg.name or out.name} ({filename}): {missing} of {len(steps)} agent steps had no "
-                f"`Action:`; turns cut at max_new_tokens = {cfg.max_new_tokens}, or text that never reached an "
+                f"[yellow]warning: {cfg.name or Path(cfg.out).name} ({filename}): {missing} of {steps} agent steps had "
+                f"no `Action:`; turns cut at max_new_tokens = {cfg.max_new_tokens}, or text that never reached an "
                 "action (a model that rambles)[/yellow]")
 
 
@@ -221,7 +221,7 @@ def _aggregate(trajs: list[Trajectory]) -> dict[str, float | int]:
         "avg_steps": round(sum(t.meta.get("steps_taken", len(t.steps)) for t in trajs) / n, 2) if n else 0.0,
         "invalid_actions": sum(t.meta.get("invalid_actions", 0) for t in trajs),
         # replies with no `Action:` at all: cut by the token budget, or text that never reached one
-        "steps_without_action": sum(s.observation == INVALID_FORMAT_OBSERVATION for t in trajs for s in t.steps),
+        "steps_without_action": steps_without_action(trajs)[0],
         "truncations": sum(t.meta.get("truncations", 0) for t in trajs),
         "failures": sum(t.meta.get("failure") is not None for t in trajs),
         "stopped_repeating": sum(t.meta.get("stopped") == "repeating" for t in trajs),  # by `max_repeats`

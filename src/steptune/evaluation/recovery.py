@@ -84,9 +84,15 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     return {"episodes": len(trajs), "with_reflection": len(found), "succeeded": sum(t.success for t in found),
             "reflection_steps": sum(_reflects(st.thought) for t in found for st in t.steps[1:]),
             "ended_repeating": sum(map(ends_repeating, trajs)),
-            "agent_steps": sum(st.kind != "injected" for t in trajs for st in t.steps),
-            "steps_without_action": sum(st.observation == INVALID_FORMAT_OBSERVATION for t in trajs for st in t.steps),
+            **dict(zip(("steps_without_action", "agent_steps"), steps_without_action(trajs))),
             "examples": shown[:examples]}
+
+
+def steps_without_action(trajs: list) -> tuple[int, int]:
+    """(the agent's steps whose reply had no `Action:`, all the agent's steps): an injected step is not the agent's,
+    and a turn cut by the token budget is one without."""
+    steps = [st for t in trajs for st in t.steps if st.kind != "injected"]
+    return sum(st.observation == INVALID_FORMAT_OBSERVATION for st in steps), len(steps)
 
 
 def _reflects(thought: str | None) -> bool:

@@ -424,8 +424,7 @@ def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Se
         ready = []
         for stage in group:
             config = stage.config()
-            key = stage_key(config_for_key(config, run.dir),
-                            [run.manifest.digest(p) for p in stage.inputs if p.exists()])
+            key = _key(run, stage, config)
             if run.manifest.is_done(stage.name, key, stage.outputs):
                 console.print(f"[dim]✓ {stage.name}: up to date, skipped[/dim]")
                 if changed := run.manifest.code_changes(stage.name, cfg.env.name):
@@ -435,14 +434,18 @@ def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Se
                 console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
                               f"from {source}")
             else:
-                if any(run.manifest.released(p) for p in stage.inputs):
-                    retrain_released(run, stages, stage, only)
+                retrain_released(run, stages, stage, only)
                 check_budget(run, stage)
                 ready.append((stage, config, key))
         if len(ready) > 1:
             _run_at_once(run, stages, ready, cfg.eval.processes, only)
         elif ready:
             _run_stage(run, stages, *ready[0], only)
+
+
+def _key(run: Run, stage: Stage, config: Any) -> str:
+    """The stage's key in the manifest: its settings and the digests of its inputs (those of released weights too)."""
+    return stage_key(config_for_key(config, run.dir), [run.manifest.digest(p) for p in stage.inputs if p.exists()])
 
 
 def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Sequence[Path],
@@ -487,7 +490,7 @@ def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str]
             continue
         maker = next(s for s in stages if path in s.outputs)
         config = maker.config()
-        key = stage_key(config_for_key(config, run.dir), [run.manifest.digest(p) for p in maker.inputs if p.exists()])
+        key = _key(run, maker, config)
         # done, or a retraining in place that was interrupted (it resumes): the same key either way
         if run.manifest.key(maker.name) != key or (only is not None and maker.name not in only):
             raise UserError(f"{stage.name} must run (it is new, or its settings changed) and reads {path}, whose "
