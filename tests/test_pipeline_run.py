@@ -225,6 +225,37 @@ def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_pat
     assert sizes() == [4, 3, 1]
 
 
+def test_status_says_which_finished_stages_the_next_run_makes_again(tmp_path):
+    """`steptune status` reads a stage "done" by its record only while its key (settings and inputs) is the one the
+    run's config gives now: golden and split of a real run, then the recorded config changed as the next run writes it
+    (before that run got to them), then an interrupted stage whose settings changed."""
+    from steptune.pipeline.status import RESTARTS, run_status
+
+    from steptune.pipeline.run import run_pipeline
+
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(PRESET, {"golden.limit": 4}), run_dir, until_stage="split")
+
+    def states(**settings):
+        data = manifest(run_dir)
+        data["config"] = load_config(PRESET, {"golden.limit": 4, **settings}).model_dump(mode="json")
+        (run_dir / "manifest.json").write_text(json.dumps(data))
+        return {r["stage"]: (r["state"], r["progress"]) for r in run_status(run_dir)[0]}
+
+    assert states() == {"golden": ("done", ""), "split": ("done", "")}
+    assert states(**{"split.d1_fraction": 0.75}) == {
+        "golden": ("done", ""), "split": ("out of date", "its settings or inputs changed since: the next run makes it "
+                                                          "again")}
+    assert {s for s, _ in states(**{"golden.limit": 5}).values()} == {"out of date"}  # split reads what golden wrote
+    assert states(**{"env.workers": 3}) == {"golden": ("done", ""), "split": ("done", "")}  # speed only: same key
+
+    data = manifest(run_dir)
+    data["stages"]["split"]["status"] = "running"  # killed while splitting, then its settings changed
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    assert states()["split"] == ("interrupted", "")
+    assert states(**{"split.d1_fraction": 0.75})["split"] == ("interrupted", RESTARTS)
+
+
 def test_a_stage_made_by_other_code_stays_but_says_which_files_changed(tmp_path, monkeypatch, capsys):
     """Golden and split in process (real TextWorldExpress expert) from a copy of steptune's sources: after the expert's
     module changes, golden stays up to date (a rerun can cost hours, and most changes leave results as they were),

@@ -1,5 +1,5 @@
 """Where a run or a study stands (`steptune status`): each stage of each run under a directory, done (how long it
-took) or copied from another run, running (in which process) or interrupted (a rerun resumes it) with what it has
+took), out of date (the next run makes it again) or copied from another run, running (in which process) or interrupted (a rerun resumes it) with what it has
 written so far, failed, or not started. A SmolLM2 study runs for a day over many restarts; this answers "how far is
 it" from the files alone, without starting anything."""
 
@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, part_paths
 from steptune.pipeline.layout import RunLayout
 from steptune.pipeline.lock import holder
 from steptune.pipeline.manifest import Manifest, some_of
+
+if TYPE_CHECKING:
+    from steptune.pipeline.run import Run, Stage
 
 def find_runs(path: Path) -> list[Path]:
     """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
@@ -33,21 +36,55 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     manifest = Manifest(run)
     env = manifest.data.get("config", {}).get("env", {}).get("name", "")
     held = holder(run)
+    try:
+        stages = (pipeline := Run(PipelineConfig.model_validate(manifest.data["config"]), run)).stages()
+        outdated = _out_of_date(pipeline, stages)
+    except Exception:  # noqa: BLE001 - a manifest from another version: show what it records
+        stages, outdated = [], set()
     rows = []
     for name, rec in manifest.data.get("stages", {}).items():
         status = rec.get("status", "?")
-        state = "copied" if status == "done" and rec.get("reused_from") else \
+        state = "out of date" if status == "done" and name in outdated else \
+            "copied" if status == "done" and rec.get("reused_from") else \
             {"running": f"running (pid {held[0]})" if held else "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
+        if name in outdated:
+            progress = "; ".join(p for p in (OUT_OF_DATE if status == "done" else RESTARTS, progress) if p)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
                      "progress": progress})
-    try:
-        planned = [s.name for s in Run(PipelineConfig.model_validate(manifest.data["config"]), run).stages()]
-    except Exception:  # noqa: BLE001 - a manifest from another version: show what it records
-        planned = []
     started = {r["stage"] for r in rows}
-    return rows, [name for name in planned if name not in started]
+    return rows, [s.name for s in stages if s.name not in started]
+
+
+OUT_OF_DATE = "its settings or inputs changed since: the next run makes it again"
+RESTARTS = "its settings or inputs changed since it started: the next run starts it over"
+
+
+def _out_of_date(run: Run, stages: list[Stage]) -> set[str]:
+    """The recorded stages the next run of the config it last ran with makes again (or starts over): those whose key
+    (settings and inputs) is no longer the one recorded, and everything that reads what they write. A config edited
+    since, but not run, is not known here. Empty where the key cannot be computed without work a status must not do
+    (a GGUF model not converted on this machine)."""
+    from steptune.pipeline.run import _key, dependents
+
+    if (package := run.cfg.model.gguf_package):
+        from steptune.models.gguf import package_model_dir
+
+        if not (package_model_dir(package) / "config.json").exists():
+            return set()
+    out: set[str] = set()
+    for stage in stages:
+        recorded = run.manifest.data["stages"].get(stage.name, {})
+        if stage.name in out or not recorded:
+            continue
+        try:
+            key = _key(run, stage, stage.config())
+        except Exception:  # noqa: BLE001 - e.g. an input deleted by hand: the next run will say what is wrong
+            continue
+        if recorded.get("key") != key:
+            out.update(dependents(stages, stage.name))
+    return out
 
 
 def _done(manifest: Manifest, layout: RunLayout, stage: str, env: str) -> str:
