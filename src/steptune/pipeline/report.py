@@ -110,12 +110,34 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for kind, injected in (("plain", False), ("injected", True)):
-        found = [reflections_at_test_time(load_trajectories(p))
+        found = [(r.name, reflections_at_test_time(load_trajectories(p)))
                  for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
-        out[kind] = {k: sum(f[k] for f in found) for k in ("episodes", "with_reflection", "succeeded",
-                                                          "ended_repeating", "agent_steps", "steps_without_action")}
-        out[kind]["examples"] = [e for f in found for e in f["examples"]][:3]
+        out[kind] = {k: sum(f[k] for _, f in found) for k in ("episodes", "with_reflection", "succeeded",
+                                                             "ended_repeating", "agent_steps",
+                                                             "steps_without_action")}
+        # the agent's own mistakes first, from any run; one example per reflection text (a tiny model writes the
+        # same few reflections in every run)
+        pooled = sorted(({**e, "run": name} for name, f in found for e in f["examples"]),
+                        key=lambda e: not e["own_mistake"])
+        firsts: dict[str, dict] = {}
+        for e in pooled:
+            firsts.setdefault(e["reflection"], e)
+        out[kind]["examples"] = list(firsts.values())[:3]
     return out
+
+
+def reflection_examples(counts: dict[str, dict[str, Any]], runs: bool = False) -> list[str]:
+    """Markdown bullets of up to three STeP episodes won after a reflection (`reflection_counts`' examples, plain
+    ones first); `runs`: name the run (seed) each came from."""
+    shown = (counts[STEP]["plain"]["examples"] + counts[STEP]["injected"]["examples"])[:3] if STEP in counts else []
+    md = ["STeP episodes that it won after a reflection:", ""] if shown else []
+    for e in shown:
+        where = f"{e['run']}, " if runs and e.get("run") else ""
+        md.append(f"- `{e['id']}` ({where}{e['split']}, step {e['step'] + 1} of {e['steps']}, "
+                  f"{'after its own mistake' if e['own_mistake'] else 'after the injected error'}): it did "
+                  f"`{e['before']['action']}` → \"{one_line(e['before']['observation'], 120)}\", then thought "
+                  f"\"{e['reflection']}\" and did `{e['action']}` → \"{one_line(e['observation'], 120)}\".")
+    return md + ([""] if shown else [])
 
 
 def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
@@ -155,15 +177,7 @@ def reflections_section(run_dir: Path, methods: list[str]) -> list[str]:
           "Episodes in which the agent wrote a reflection on its previous step (a thought that opens as stage 2's "
           "reflections do: \"I tried to …\"), of all its episodes, and how many of those it won; "
           + REPEATING_COLUMNS, "", *table, ""]
-    shown = (counts[STEP]["plain"]["examples"] + counts[STEP]["injected"]["examples"])[:3] if STEP in counts else []
-    if shown:
-        md += ["STeP episodes that it won after a reflection:", ""]
-    for e in shown:
-        md.append(f"- `{e['id']}` ({e['split']}, step {e['step'] + 1} of {e['steps']}, "
-                  f"{'after its own mistake' if e['own_mistake'] else 'after the injected error'}): it did "
-                  f"`{e['before']['action']}` → \"{one_line(e['before']['observation'], 120)}\", then thought "
-                  f"\"{e['reflection']}\" and did `{e['action']}`.")
-    return md + ([""] if shown else [])
+    return md + reflection_examples(counts)
 
 
 # STeP's premise: the base agent succeeds on some of the synthesis tasks U2, not most and not few (the paper's agents:

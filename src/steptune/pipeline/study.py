@@ -19,7 +19,8 @@ from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
-from steptune.pipeline.report import REPEATING_COLUMNS, premise_note, reflection_counts, reflection_rows
+from steptune.pipeline.report import (REPEATING_COLUMNS, premise_note, reflection_counts, reflection_examples,
+                                      reflection_rows)
 from steptune.teacher.expert import NOT_VALID
 
 BOOTSTRAP = 2000
@@ -276,6 +277,8 @@ def study_markdown(s: dict, command: str | None = None) -> str:
                "Episodes in which the agent reflected on its previous step (a thought that opens as stage 2's "
                "reflections do), of all its episodes, seeds pooled, and how many of those it won; "
                + REPEATING_COLUMNS, "", *table]
+        if examples := reflection_examples(s["reflections_at_test_time"], runs=True):
+            md += ["", *examples[:-1]]
     md += ["", "## Stage 2 and the base agent", "",
            f"Base agent alone on U2 (greedy), success % per seed: {base['per_seed']} (mean {base['mean']}).", "",
            *([f"**Note:** {s['premise_note']}.", ""] if s.get("premise_note") else []),
