@@ -1,8 +1,7 @@
 """Where a run or a study stands (`steptune status`): each stage of each run under a directory, done (how long it
 took), out of date (the next run makes it again) or copied from another run, running (in which process) or
-interrupted (a rerun resumes it) with what it has
-written so far, failed, or not started. A SmolLM2 study runs for a day over many restarts; this answers "how far is
-it" from the files alone, without starting anything."""
+interrupted (a rerun resumes it) with what it has written so far, failed, or not started. A SmolLM2 study runs for a
+day over many restarts; this answers "how far is it" from the files alone, without starting anything."""
 
 from __future__ import annotations
 
