@@ -88,7 +88,7 @@ def _epoch_counts(text: str) -> list[float]:
 def study(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Pipeline YAML (see configs/ and presets)."),
     seeds: list[int] = typer.Option([0, 1, 2], "--seeds", help="Training seeds, one whole run each (repeatable)."),
-    output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: seed-<S>/ runs + study.*"),
+    output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: a run per seed (seed-0/, seed-1/ ...) and study.*"),
     quick: bool = typer.Option(False, help="Smaller runs: 30 test episodes per split, 1 synthesis sample per task."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field in every run: --set eval.limit=200"),
     epoch_curve: Optional[str] = typer.Option(
@@ -168,9 +168,9 @@ def status(
     path: Path = typer.Argument(Path("runs"), exists=True, file_okay=False,
                                 help="A run directory, or a study's (every run below it)."),
 ) -> None:
-    """Where a run or a study stands, from its files alone: each stage done (how long it took) or copied from
-    another run, running (in which process) or interrupted (rerunning the same command resumes it) with what it has
-    written so far, failed, or not started."""
+    """Where a run or a study stands, from its files alone: each stage done (how long it took), out of date (its
+    settings or inputs changed: the next run makes it again) or copied from another run, running (in which process)
+    or interrupted (rerunning the same command resumes it) with what it has written so far, failed, or not started."""
     from rich.console import Console
 
     from steptune.pipeline.status import find_runs, print_status
@@ -188,8 +188,10 @@ def prune(
 ) -> None:
     """Delete the weights of every model whose readers (stage 2, its evaluations) have all finished, keeping its
     summary, log and config: the run stays up to date (the same command skips what is done and writes the same
-    reports), and a finished study shrinks to its data and results. A stage that needs deleted weights again stops
-    and says how to retrain them. A run that a process is working in (a study's running seed) is left as it is."""
+    reports), and a finished study shrinks to its data and results. A stage that needs deleted weights again
+    (a new evaluation, say) has them trained again in place by their unchanged training stage, or, where that stage's
+    settings changed, stops and says how to retrain them. A run that a process is working in (a study's running seed)
+    is left as it is."""
     from rich.console import Console
     from rich.table import Table
 
