@@ -228,7 +228,8 @@ def test_a_changed_stage_setting_reruns_that_stage_and_what_follows_only(tmp_pat
 def test_status_says_which_finished_stages_the_next_run_makes_again(tmp_path):
     """`steptune status` reads a stage "done" by its record only while its key (settings and inputs) is the one the
     run's config gives now: golden and split of a real run, then the recorded config changed as the next run writes it
-    (before that run got to them), then an interrupted stage whose settings changed."""
+    (before that run got to them), then an interrupted stage whose settings changed. A partial run names as not
+    started only the stages it runs."""
     from steptune.pipeline.status import RESTARTS, run_status
 
     from steptune.pipeline.run import run_pipeline
@@ -248,6 +249,11 @@ def test_status_says_which_finished_stages_the_next_run_makes_again(tmp_path):
                                                           "again")}
     assert {s for s, _ in states(**{"golden.limit": 5}).values()} == {"out of date"}  # split reads what golden wrote
     assert states(**{"env.workers": 3}) == {"golden": ("done", ""), "split": ("done", "")}  # speed only: same key
+    assert {"init_model", "train:golden_d1", "synthesize", "report"} <= set(run_status(run_dir)[1])
+    data = manifest(run_dir)
+    data["only"] = ["split", "init_model"]  # a partial run (equal steps) lists only what it runs as not started
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    assert run_status(run_dir)[1] == ["init_model"]
 
     data = manifest(run_dir)
     data["stages"]["split"]["status"] = "running"  # killed while splitting, then its settings changed

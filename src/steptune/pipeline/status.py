@@ -28,7 +28,7 @@ def find_runs(path: Path) -> list[Path]:
 
 def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The stages the run has started, in the order it started them ({stage, state, seconds, parts, progress}), and the
-    names of the pipeline's stages it has not started (a partial run, such as an epoch-curve point, never will)."""
+    names of the stages it runs that it has not started yet."""
     from steptune.pipeline.config import PipelineConfig
     from steptune.pipeline.run import Run
 
@@ -53,8 +53,9 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
             progress = "; ".join(p for p in (OUT_OF_DATE if status == "done" else RESTARTS, progress) if p)
         rows.append({"stage": name, "state": state, "seconds": rec.get("seconds"), "parts": rec.get("parts", 1),
                      "progress": progress})
-    started = {r["stage"] for r in rows}
-    return rows, [s.name for s in stages if s.name not in started]
+    started, only = {r["stage"] for r in rows}, manifest.data.get("only")
+    # a partial run (an equal-steps or epoch-curve run) never runs the stages outside `only`
+    return rows, [s.name for s in stages if s.name not in started and (only is None or s.name in only)]
 
 
 OUT_OF_DATE = "its settings or inputs changed since: the next run makes it again"
