@@ -88,7 +88,8 @@ def _epoch_counts(text: str) -> list[float]:
 def study(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Pipeline YAML (see configs/ and presets)."),
     seeds: list[int] = typer.Option([0, 1, 2], "--seeds", help="Training seeds, one whole run each (repeatable)."),
-    output: Path = typer.Option(Path("runs/study"), "--output", "-o", help="Study directory: a run per seed (seed-0/, seed-1/ ...) and study.*"),
+    output: Path = typer.Option(Path("runs/study"), "--output", "-o",
+                                help="Study directory: a run per seed (seed-0/, seed-1/ ...) and study.*"),
     quick: bool = typer.Option(False, help="Smaller runs: 30 test episodes per split, 1 synthesis sample per task."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field in every run: --set eval.limit=200"),
     epoch_curve: Optional[str] = typer.Option(

@@ -17,6 +17,7 @@ from steptune.pipeline.manifest import Manifest, some_of
 if TYPE_CHECKING:
     from steptune.pipeline.run import Run, Stage
 
+
 def find_runs(path: Path) -> list[Path]:
     """`path` if it is a run directory, else every run below it (a study's seed-<S>, epoch-curve/epochs-<E>/seed-<S>,
     equal-steps/seed-<S> ...), in path order."""
