@@ -498,5 +498,7 @@ def test_status_of_an_interrupted_training_gives_its_pace_and_the_time_left(tiny
         (run / "manifest.json").write_text(json.dumps({"stages": {"train:golden_d1": stage}}))
         return run_status(run)[0][0]["progress"]
 
-    assert progress(t - 10) == "step 4 of 6 saved; 20 s a step lately, ~1 min of training left"
+    assert progress(t - 10) == "step 4 of 6 saved; 20 s a step lately, ~40 s of training left"
     assert progress(t + 10) == "step 4 of 6 saved"  # checkpoint 2 came from an earlier run
+    os.utime(out / "checkpoints" / "checkpoint-4" / "trainer_state.json", (t + 1, t + 1))  # a tiny model's pace
+    assert progress(t - 10) == "step 4 of 6 saved; 0.5 s a step lately, ~1 s of training left"

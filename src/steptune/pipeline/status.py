@@ -113,9 +113,8 @@ def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
         saved = f"step {step} of {total} saved"
         if (pace := _seconds_per_step(checkpoints[-2:], started)) is None or not step or not total:
             return saved
-        left = (total - step) * pace
-        return f"{saved}; {pace:.0f} s a step lately, ~{left / 60:.0f} min of training left" if left < 5400 else \
-            f"{saved}; {pace:.0f} s a step lately, ~{left / 3600:.1f} h of training left"
+        lately = f"{pace:.0f}" if pace >= 10 else f"{pace:.2g}"  # a tiny model's step: 0.4 s
+        return f"{saved}; {lately} s a step lately, ~{_duration((total - step) * pace)} of training left"
     if kind == "eval":
         plain, injected = (_written(layout.eval_dir(name) / file, what) for file, what in
                            ((EPISODES_FILE, "episodes written"), (INJECTED_FILE, "with the injected error")))
@@ -123,6 +122,11 @@ def _progress(layout: RunLayout, stage: str, started: str | None = None) -> str:
     if kind == "synthesize":
         return _written(layout.dataset("synthesized"), "stage-2 episodes written")
     return ""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def _seconds_per_step(checkpoints: list[Path], started: str | None) -> float | None:
