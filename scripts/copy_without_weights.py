@@ -6,10 +6,12 @@ keeps in git between sessions, and what anyone can re-aggregate or inspect witho
     # on a new machine: cp -r docs/results/study-smollm2-runs /work/runs/study-smollm2, then the same study command
 
 Every run's manifest, data sets, evaluations and report are copied as they are (a stage that was writing resumes
-from its partial file). A model's folder is copied only when `steptune prune` released it, and then only its
-train_summary.json and train log: its stage stays done and so do its readers. Any other model is left out, so where
-only the copy exists its training runs again with the same settings (the same stage key), and the stages that read
-it run again with the new model. The destination is replaced.
+from its partial file). Of a model only its train_summary.json and train log come along: one that `steptune prune`
+released stays released, and a finished one that was not is recorded as released in the copy, with the digest its
+readers hashed. Its stage stays done and so do its readers; a stage that still needs its weights trains it again in
+place with the same settings, data and seed (`steptune.pipeline.run.retrain_released`), so nothing that read it
+(stage 2, say) runs again. A model whose training had not finished is left out: its training starts over. The
+destination is replaced.
 """
 
 from __future__ import annotations
@@ -26,22 +28,34 @@ from steptune.training.sft import SUMMARY, TRAIN_LOG
 MODEL_RECORDS = {SUMMARY, TRAIN_LOG}  # what the reports and the study read of a finished model
 
 
-def copy_run(run: Path, dest: Path) -> list[str]:
-    """Copy one run directory; the models left out (not released)."""
+def finished(manifest: Manifest, model: Path) -> bool:
+    """Whether the stage that writes `model` (train:<name>, or init_model for the tiny model's start) is done."""
+    stage = "init_model" if model.name == "init" else f"train:{model.name}"
+    return manifest.data.get("stages", {}).get(stage, {}).get("status") == "done"
+
+
+def copy_run(run: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Copy one run directory; (the models released in the copy only, the models left out)."""
     manifest, left_out = Manifest(run), []
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         here = Path(folder)
         if here == run / "models":
-            skip = {n for n in names if (here / n).is_symlink() or not manifest.released(here / n)}
+            skip = {n for n in names if (here / n).is_symlink()
+                    or not (manifest.released(here / n) or finished(manifest, here / n))}
             left_out.extend(sorted(skip))
             return skip
-        if here.parent == run / "models":  # a released model: its weights are gone; its tokenizer comes with steptune
+        if here.parent == run / "models":  # its weights stay behind; its tokenizer comes with steptune
             return set(names) - MODEL_RECORDS
         return {n for n in names if n.endswith((".tmp", ".partial")) or n == LOCK_FILE}  # whose process is gone
 
     shutil.copytree(run, dest, ignore=ignore)
-    return left_out
+    copied, released_here = Manifest(dest), []
+    for model in sorted((dest / "models").iterdir() if (dest / "models").exists() else []):
+        if not copied.released(model):
+            copied.release(model, manifest.digest(run / "models" / model.name))
+            released_here.append(model.name)
+    return released_here, left_out
 
 
 def main() -> None:
@@ -57,9 +71,11 @@ def main() -> None:
             raise SystemExit(f"{args.dest} holds something other than an earlier copy: not replacing it")
         shutil.rmtree(args.dest)
     for run in runs:
-        left_out = copy_run(run, args.dest / run.relative_to(args.source))
-        print(f"{run}: copied" + (f"; models left out (weights not released): {', '.join(left_out)}"
-                                   if left_out else ""))
+        released_here, left_out = copy_run(run, args.dest / run.relative_to(args.source))
+        print(f"{run}: copied"
+              + (f"; released in the copy (they train again in place where needed): {', '.join(released_here)}"
+                 if released_here else "")
+              + (f"; left out (training not finished): {', '.join(left_out)}" if left_out else ""))
     if runs != [args.source]:  # a study: its own files too (study.json, epoch_curve.json ...)
         for path in sorted(p for p in args.source.glob("*") if p.is_file()):
             shutil.copy2(path, args.dest / path.name)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from steptune.errors import UserError
+from steptune.pipeline.manifest import Manifest
 from steptune.pipeline.prune import prune_run, weight_files
 from steptune.pipeline.run import run_pipeline
 from steptune.pipeline.study import run_study, seed_dir
@@ -115,7 +116,8 @@ def test_a_model_whose_reader_has_not_finished_keeps_its_weights(tiny_study, tmp
 @pytest.mark.slow
 def test_a_copy_without_weights_resumes_where_only_unreleased_models_train_again(tiny_study, tmp_path):
     """scripts/copy_without_weights.py: what a long study keeps between machines. Released models come along
-    (their readers stay done); a model still read by an unfinished stage is left out and trains again there."""
+    (their readers stay done); a finished model still read by an unfinished stage is released in the copy and
+    trains again in place there, so nothing else runs again."""
     cfg, out = copy_of(tiny_study, tmp_path)
     run = seed_dir(out, 0)
     data = manifest(run)
@@ -126,11 +128,13 @@ def test_a_copy_without_weights_resumes_where_only_unreleased_models_train_again
     proc = subprocess.run([sys.executable, "scripts/copy_without_weights.py", str(out), str(dest)],
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
-    # the tiny model's start (init) stays too: the left-out step model trains again from it
-    assert "models left out (weights not released): init, step" in proc.stdout
+    # the tiny model's start (init) was kept by prune too: step trains again from it
+    assert "released in the copy (they train again in place where needed): init, step" in proc.stdout
     copy = seed_dir(dest, 0)
     assert not list(dest.rglob("*.safetensors")) and (dest / "study.json").exists()
-    assert not (copy / "models" / "step").exists() and (copy / "models" / "golden_all" / "train_summary.json").exists()
+    assert (copy / "models" / "step" / "train_summary.json").exists()
+    assert (copy / "models" / "golden_all" / "train_summary.json").exists()
+    assert manifest(copy)["released"]["models/step"] == Manifest(run).digest(run / "models" / "step")
 
     before = manifest(copy)["stages"]
     log = io.StringIO()
