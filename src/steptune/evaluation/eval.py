@@ -106,7 +106,8 @@ def evaluate(cfg: EvalConfig, progress: bool | str = True) -> dict:
 
 def warn_of_replies_without_action(cfg: EvalConfig, played: dict[str, list[Trajectory]], share: float = 0.05) -> None:
     """Say on the console when more than `share` of an evaluation's steps had no action: an agent whose turns are
-    cut by `max_new_tokens` loses those steps, and the success rate measures the budget, not the agent."""
+    cut by `max_new_tokens` loses those steps, and the success rate measures the budget, not the agent (the tiny
+    coin study's were mostly replies without the label or with two action lines, which the budget does not cause)."""
     from rich.console import Console
 
     for filename, trajs in played.items():
@@ -114,8 +115,8 @@ def warn_of_replies_without_action(cfg: EvalConfig, played: dict[str, list[Traje
         if steps and missing > share * steps:
             Console(stderr=True).print(
                 f"[yellow]warning: {cfg.name or Path(cfg.out).name} ({filename}): {missing} of {steps} agent steps had "
-                f"no `Action:`; turns cut at max_new_tokens = {cfg.max_new_tokens}, or text that never reached an "
-                "action (a model that rambles)[/yellow]")
+                f"no `Action:`: replies without an `Action:` line or with more than one, or turns cut at "
+                f"max_new_tokens = {cfg.max_new_tokens}[/yellow]")
 
 
 def _tasks(cfg: EvalConfig) -> list[TaskRef]:
