@@ -106,6 +106,11 @@ def package_model_dir(package: str) -> Path:
     return cache_root() / "models" / f"{package}-{tag}"
 
 
+def is_converted(package: str) -> bool:
+    """Whether converted_package_model has the package's model already (it converts otherwise: minutes)."""
+    return (package_model_dir(package) / "config.json").exists()
+
+
 def converted_package_model(package: str) -> Path:
     """The transformers directory of the GGUF model an installed package ships, converted on first use and kept
     under cache_root()/models/<package>-<version> (538 MB for SmolLM2-135M; a new package version converts again).
@@ -117,7 +122,7 @@ def converted_package_model(package: str) -> Path:
 
     gguf = find_gguf(package)
     target = package_model_dir(package)
-    if (target / "config.json").exists():
+    if is_converted(package):
         return target
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -118,10 +118,10 @@ class Run:
     @property
     def base_model(self) -> Path | str:
         if self.cfg.model.gguf_package:
-            from steptune.models.gguf import converted_package_model, package_model_dir
+            from steptune.models.gguf import converted_package_model, is_converted, package_model_dir
 
             package = self.cfg.model.gguf_package
-            if not (package_model_dir(package) / "config.json").exists():
+            if not is_converted(package):
                 console.print(f"converting the GGUF model of {package} once into {package_model_dir(package)} "
                               "(set STEPTUNE_CACHE to choose the place)")
             return converted_package_model(package)

@@ -70,10 +70,10 @@ def _out_of_date(run: Run, stages: list[Stage]) -> set[str]:
     (a GGUF model not converted on this machine)."""
     from steptune.pipeline.run import _key, dependents
 
-    if (package := run.cfg.model.gguf_package):
-        from steptune.models.gguf import package_model_dir
+    if run.cfg.model.gguf_package:
+        from steptune.models.gguf import is_converted
 
-        if not (package_model_dir(package) / "config.json").exists():
+        if not is_converted(run.cfg.model.gguf_package):
             return set()
     out: set[str] = set()
     for stage in stages:
