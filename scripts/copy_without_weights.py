@@ -20,29 +20,38 @@ import argparse
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.lock import LOCK_FILE
 from steptune.pipeline.manifest import Manifest
+from steptune.pipeline.run import Run
 from steptune.pipeline.status import find_runs
 from steptune.training.sft import SUMMARY, TRAIN_LOG
 
 MODEL_RECORDS = {SUMMARY, TRAIN_LOG}  # what the reports and the study read of a finished model
 
 
-def finished(manifest: Manifest, model: Path) -> bool:
-    """Whether the stage that writes `model` (train:<name>, or init_model for the tiny model's start) is done."""
-    stage = "init_model" if model.name == "init" else f"train:{model.name}"
-    return manifest.data.get("stages", {}).get(stage, {}).get("status") == "done"
+def finished_outputs(run: Path, manifest: Manifest) -> set[Path]:
+    """What the run's finished stages wrote (its stages as the pipeline lists them); none for a manifest whose config
+    this version cannot read."""
+    try:
+        stages = Run(PipelineConfig.model_validate(manifest.data["config"]), run).stages()
+    except (KeyError, ValidationError):
+        return set()
+    return {out for s in stages if manifest.data["stages"].get(s.name, {}).get("status") == "done" for out in s.outputs}
 
 
 def copy_run(run: Path, dest: Path) -> tuple[list[str], list[str]]:
     """Copy one run directory; (the models released in the copy only, the models left out)."""
     manifest, left_out = Manifest(run), []
+    finished = finished_outputs(run, manifest)
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         here = Path(folder)
         if here == run / "models":
             skip = {n for n in names if (here / n).is_symlink()
-                    or not (manifest.released(here / n) or finished(manifest, here / n))}
+                    or not (manifest.released(here / n) or here / n in finished)}
             left_out.extend(sorted(skip))
             return skip
         if here.parent == run / "models":  # its weights stay behind; its tokenizer comes with steptune
