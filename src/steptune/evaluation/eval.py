@@ -221,7 +221,7 @@ def _aggregate(trajs: list[Trajectory]) -> dict[str, float | int]:
         "success_rate": round(100 * sum(t.success for t in trajs) / n, 2) if n else 0.0,
         "avg_steps": round(sum(t.meta.get("steps_taken", len(t.steps)) for t in trajs) / n, 2) if n else 0.0,
         "invalid_actions": sum(t.meta.get("invalid_actions", 0) for t in trajs),
-        # replies with no `Action:` at all: cut by the token budget, or text that never reached one
+        # replies with no single `Action:` line: none, two, or a turn cut by the token budget
         "steps_without_action": steps_without_action(trajs)[0],
         "truncations": sum(t.meta.get("truncations", 0) for t in trajs),
         "failures": sum(t.meta.get("failure") is not None for t in trajs),
