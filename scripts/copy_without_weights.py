@@ -7,11 +7,11 @@ keeps in git between sessions, and what anyone can re-aggregate or inspect witho
 
 Every run's manifest, data sets, evaluations and report are copied as they are (a stage that was writing resumes
 from its partial file). Of a model only its train_summary.json and train log come along: one that `steptune prune`
-released stays released, and a finished one that was not is recorded as released in the copy, with the digest its
-readers hashed. Its stage stays done and so do its readers; a stage that still needs its weights trains it again in
-place with the same settings, data and seed (`steptune.pipeline.run.retrain_released`), so nothing that read it
-(stage 2, say) runs again. A model whose training had not finished is left out: its training starts over. The
-destination is replaced.
+released stays released (with the log of those weights, should they be training again in place), and a finished
+one that was not is recorded as released in the copy, with the digest its readers hashed. Its stage stays done and
+so do its readers; a stage that still needs its weights trains it again in place with the same settings, data and
+seed (`steptune.pipeline.run.retrain_released`), so nothing that read it (stage 2, say) runs again. A model whose
+training had not finished is left out: its training starts over. The destination is replaced.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from steptune.pipeline.config import PipelineConfig
+from steptune.pipeline.layout import RELEASED_LOG
 from steptune.pipeline.lock import LOCK_FILE
 from steptune.pipeline.manifest import Manifest
 from steptune.pipeline.run import Run
 from steptune.pipeline.status import find_runs
 from steptune.training.sft import SUMMARY, TRAIN_LOG
 
-MODEL_RECORDS = {SUMMARY, TRAIN_LOG}  # what the reports and the study read of a finished model
+MODEL_RECORDS = {SUMMARY, TRAIN_LOG, RELEASED_LOG}  # what the reports and the study read of a finished model
 
 
 def finished_outputs(run: Path, manifest: Manifest) -> set[Path]:
@@ -61,6 +62,8 @@ def copy_run(run: Path, dest: Path) -> tuple[list[str], list[str]]:
     shutil.copytree(run, dest, ignore=ignore)
     copied, released_here = Manifest(dest), []
     for model in sorted((dest / "models").iterdir() if (dest / "models").exists() else []):
+        if copied.released(model) and (model / RELEASED_LOG).exists():  # being trained again in place: the copy
+            shutil.copy2(model / RELEASED_LOG, model / TRAIN_LOG)  # is of the model its readers saw, not a part
         if not copied.released(model):
             copied.release(model, manifest.digest(run / "models" / model.name))
             released_here.append(model.name)

@@ -77,15 +77,26 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
     assert {r.state for r in prune_run(run)} == {"released"}
     assert manifest(run)["released"] == manifest_released and not manifest(run)["retrained"]
 
-    # a retraining in place that was killed resumes the next time, once: nothing trains it a second time
+    # a retraining in place that was killed (its log rewritten up to where it stopped) resumes the next time, once:
+    # nothing trains it a second time, and its losses are compared with the released model's, kept aside
+    model = run / "models" / "golden_d1"
+    full_log = (model / "train_log.jsonl").read_text()
+    assert (model / "train_log.released.jsonl").read_text() == full_log
     data = manifest(run)
     data["stages"]["train:golden_d1"]["status"] = "running"
     (run / "manifest.json").write_text(json.dumps(data))
+    (model / "train_log.jsonl").write_text(full_log.splitlines(keepends=True)[0])
+    # a copy taken now is of the model its readers saw: the whole log, not the part the retraining has written
+    proc = subprocess.run([sys.executable, "scripts/copy_without_weights.py", str(out), str(tmp_path / "mid")],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert (seed_dir(tmp_path / "mid", 0) / "models" / "golden_d1" / "train_log.jsonl").read_text() == full_log
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         run_pipeline(changed.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 4})}), run)
-    text = log.getvalue()
+    text = " ".join(log.getvalue().split())
     assert text.count("train:golden_d1 ─") == 1 and manifest(run)["stages"]["train:golden_d1"]["status"] == "done"
+    assert "golden_d1: the same loss at all" in text
     assert manifest(run)["retrained"] == manifest_released and not manifest(run).get("released")
 
 

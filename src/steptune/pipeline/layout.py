@@ -7,7 +7,9 @@ read them, so the layout is written down here only.
     data/synthesized.jsonl              stage 2: the base agent on U2 with the teacher's judgements
     data/synthesized_teacher.json       the teacher's accounting over the synthesis file
     data/dr.jsonl, data/filter_stats.json   Dr: what the filter kept (success, at most k wrong steps), and why
-    models/<method>/                    one trained model per method (models/init: a tiny model built from scratch)
+    models/<method>/                    one trained model per method (models/init: a tiny model built from scratch);
+                                        train_log.released.jsonl: the log of weights `steptune prune` released,
+                                        kept while they train again in place
     eval/<method>/                      episodes.jsonl, injected.jsonl, summary.json (eval/base_agent_u2: the base
                                         agent alone on U2)
     report/                             report.md, report.html and the plots
@@ -15,6 +17,7 @@ read them, so the layout is written down here only.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,15 @@ from steptune.synthesis.synthesize import teacher_stats_path
 from steptune.training.sft import SUMMARY as TRAIN_SUMMARY
 from steptune.training.sft import TRAIN_LOG
 
+RELEASED_LOG = "train_log.released.jsonl"
 BASE_AGENT_U2 = "base_agent_u2"  # the eval folder of the base agent alone on the synthesis tasks U2
+
+
+def keep_released_log(model: Path) -> None:
+    """Before released weights train again in place: their train log, which the training rewrites (from its start,
+    or from a checkpoint when it resumes), kept as RELEASED_LOG the first time, to compare the losses with."""
+    if (model / TRAIN_LOG).exists() and not (model / RELEASED_LOG).exists():
+        shutil.copy2(model / TRAIN_LOG, model / RELEASED_LOG)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from steptune.data.trajectory import load_trajectories, save_trajectories
 from steptune.pipeline.config import EvalSection, PipelineConfig
-from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
+from steptune.pipeline.layout import BASE_AGENT_U2, RELEASED_LOG, TRAIN_LOG, RunLayout, keep_released_log
 from steptune.pipeline.lock import hold_run
 from steptune.pipeline.manifest import (
     Manifest,
@@ -500,15 +500,19 @@ def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str]
         retrain_released(run, stages, maker, only)  # its own start model first
         console.print(f"[yellow]{stage.name} must run and reads {path.name}, whose weights `steptune prune` "
                       f"released: {maker.name} trains them again in place (same settings, data and seed)[/yellow]")
-        before = _losses(path)
         _run_stage(run, stages, maker, config, key, only)
-        after = _losses(path)
-        if before and before == after:
-            console.print(f"[dim]  {path.name}: the same loss at all {len(after)} logged steps as before[/dim]")
-        elif before:
-            console.print(f"[yellow]  {path.name}: its losses differ from the released model's (first logged "
-                          f"{before[0]} then, {after[0] if after else None} now): another machine or library "
-                          "version, so its readers that run now see a slightly different model[/yellow]")
+
+
+def _compare_losses(model: Path) -> None:
+    """After a retraining in place: whether it logged the losses the released model had (RELEASED_LOG, kept when
+    the retraining first began, since a resumed one has rewritten the log)."""
+    before, after = _losses(model / RELEASED_LOG), _losses(model / TRAIN_LOG)
+    if before and before == after:
+        console.print(f"[dim]  {model.name}: the same loss at all {len(after)} logged steps as before[/dim]")
+    elif before:
+        console.print(f"[yellow]  {model.name}: its losses differ from the released model's (first logged "
+                      f"{before[0]} then, {after[0] if after else None} now): another machine or library "
+                      "version, so its readers that run now see a slightly different model[/yellow]")
 
 
 def check_budget(run: Run, stage: Stage) -> None:
@@ -533,11 +537,8 @@ def check_budget(run: Run, stage: Stage) -> None:
         raise UserError(f"{stage.name} did not start: {problem}")
 
 
-def _losses(model: Path) -> list[float]:
-    """The logged training losses in a model's train log (empty for a model with no log: a built one)."""
-    from steptune.pipeline.layout import TRAIN_LOG
-
-    log = model / TRAIN_LOG
+def _losses(log: Path) -> list[float]:
+    """The logged training losses in a train log (empty where there is none: a built model)."""
     if not log.exists():
         return []
     return [e["loss"] for e in map(json.loads, log.read_text().splitlines()) if "loss" in e]
@@ -546,6 +547,9 @@ def _losses(model: Path) -> list[float]:
 def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str] | None) -> float:
     if run.manifest.key(stage.name) != key:  # not a resume of this very stage: what is there is stale
         clear(run, stages, stage.name, only)
+    for path in stage.outputs:  # released: a retraining in place, whose log is written anew (keep the old one)
+        if run.manifest.released(path):
+            keep_released_log(path)
     return run.manifest.start(stage.name, key, code_digests(stage.name, run.cfg.env.name))
 
 
@@ -554,6 +558,7 @@ def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:
     for path in stage.outputs:  # released, yet written by this very key (a changed key unreleases): retrained in place
         if run.manifest.released(path):
             run.manifest.mark_retrained(path)
+            _compare_losses(path)
     console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
 
 
