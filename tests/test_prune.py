@@ -17,7 +17,7 @@ from steptune.errors import UserError
 from steptune.pipeline.manifest import Manifest
 from steptune.pipeline.prune import prune_run, weight_files
 from steptune.pipeline.run import run_pipeline
-from steptune.pipeline.study import run_study, seed_dir
+from steptune.pipeline.study import aggregate, run_study, seed_dir
 
 CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
 
@@ -68,6 +68,11 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
     assert "eval:golden_d1 must run and reads golden_d1, whose weights `steptune prune` released" in text
     assert "golden_d1: the same loss at all" in text  # the training repeated exactly
     assert not after.get("released") and after["retrained"] == manifest_released  # the digests readers hashed
+    # the study says which models trained again, and whether their losses repeated
+    retrained = {r["model"]: r for r in aggregate(out, [0])["retrained_in_place"]}
+    assert set(retrained) == set(cfg.methods) and all(r["same_losses"] for r in retrained.values())
+    logged = [json.loads(x) for x in (run / "models/golden_d1/train_log.jsonl").read_text().splitlines()]
+    assert retrained["golden_d1"]["logged_steps"] == sum("loss" in x for x in logged) > 0
     for name in ("golden", "split", "synthesize", "filter"):
         assert after["stages"][name] == stages[name], name
     for method in cfg.methods:

@@ -44,8 +44,12 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
         run = tmp_path / f"seed-{seed}"
         (run / "eval" / "base_agent_u2").mkdir(parents=True)
         (run / "eval" / "base_agent_u2" / "summary.json").write_text(json.dumps({"overall": {"success_rate": 40.0}}))
-        (run / "manifest.json").write_text(json.dumps({"config": {"methods": methods,
-                                                                  "eval": {"splits": ["unseen"]}}}))
+        # seed 1's golden D1 was released and trained again in place on another machine
+        again = {"golden_d1": {"logged_steps": 2, "same_losses": False, "first_loss_released": 1.0901947,
+                               "first_loss_now": 1.0902009}}
+        stages = {"train:golden_d1": {"status": "done", "info": {"retrained_in_place": again}}} if seed else {}
+        (run / "manifest.json").write_text(json.dumps({"config": {"methods": methods, "eval": {"splits": ["unseen"]}},
+                                                       "stages": stages}))
         for m in methods:
             plain = [_ep(i, bool(w), split="unseen") for i, w in enumerate(won[m])]
             if m == "step":  # STeP reflects at test time in episode 1 (won) of each seed, in other words in each
@@ -98,6 +102,9 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
             'and did `take coin` → "Taken.".') in md
     assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won) | 0 / 8 (0 won) | 2 / 8 | 0 / 8 |" in md
     assert "| STeP without masking | 0 / 8 (0 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
+    assert s["retrained_in_place"] == [{"seed": 1, "model": "golden_d1", **again["golden_d1"]}]
+    assert "- seed 1, Golden SFT on D1 (base agent): **its losses differ** (first logged 1.0901947 then, 1.0902009 " \
+           "now: another machine or library version)" in " ".join(md.split())
     assert (tmp_path / "study.html").stat().st_size > 5000
 
 

@@ -503,16 +503,21 @@ def retrain_released(run: Run, stages: list[Stage], stage: Stage, only: set[str]
         _run_stage(run, stages, maker, config, key, only)
 
 
-def _compare_losses(model: Path) -> None:
+def _compare_losses(model: Path) -> dict[str, Any] | None:
     """After a retraining in place: whether it logged the losses the released model had (RELEASED_LOG, kept when
-    the retraining first began, since a resumed one has rewritten the log)."""
+    the retraining first began, since a resumed one has rewritten the log). Said, and returned for the manifest;
+    None for a model built, not trained (the tiny model's init)."""
     before, after = _losses(model / RELEASED_LOG), _losses(model / TRAIN_LOG)
+    if not before and not after:
+        return None
     if before and before == after:
         console.print(f"[dim]  {model.name}: the same loss at all {len(after)} logged steps as before[/dim]")
     elif before:
         console.print(f"[yellow]  {model.name}: its losses differ from the released model's (first logged "
                       f"{before[0]} then, {after[0] if after else None} now): another machine or library "
                       "version, so its readers that run now see a slightly different model[/yellow]")
+    return {"logged_steps": len(after), "same_losses": before == after if before else None,
+            "first_loss_released": before[0] if before else None, "first_loss_now": after[0] if after else None}
 
 
 def check_budget(run: Run, stage: Stage) -> None:
@@ -554,11 +559,14 @@ def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str]
 
 
 def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:
+    # released, yet written by this very key (a changed key unreleases): trained again in place
+    retrained = [p for p in stage.outputs if run.manifest.released(p)]
+    if retrained:
+        compared = {p.name: found for p in retrained if (found := _compare_losses(p))}
+        info = {**(info or {}), **({"retrained_in_place": compared} if compared else {})}
     run.manifest.finish(stage.name, t0, stage.outputs, info)
-    for path in stage.outputs:  # released, yet written by this very key (a changed key unreleases): retrained in place
-        if run.manifest.released(path):
-            run.manifest.mark_retrained(path)
-            _compare_losses(path)
+    for path in retrained:
+        run.manifest.mark_retrained(path)
     console.print(f"[green]✓ {stage.name}[/green] in {run.manifest.data['stages'][stage.name]['seconds']:.1f} s")
 
 

@@ -171,11 +171,21 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
                         for r in runs]
     result["training"] = {m: [json.loads(p.read_text()) if (p := RunLayout(r).train_summary(m)).exists()
                               else None for r in runs] for m in methods}
+    result["retrained_in_place"] = [x for seed, r in zip(seeds, runs) for x in retrained_in_place(seed, r)]
     result["stage2_quality"] = [stage2_quality(r) for r in runs]
     result["reflections_at_test_time"] = {m: reflection_counts(runs, m) for m in methods}
     result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
                                       for s in success[m]] for m in methods}
     return result
+
+
+def retrained_in_place(seed: int, run: Path) -> list[dict[str, Any]]:
+    """The models of a run trained again in place after `steptune prune` released them (steptune.pipeline.run
+    .retrain_released), each with whether its losses repeated the released model's: where they did not (another
+    machine), what read it afterwards saw a slightly different model than what read it before."""
+    stages = json.loads(RunLayout(run).manifest.read_text()).get("stages", {})
+    return [{"seed": seed, "model": model, **found} for rec in stages.values()
+            for model, found in ((rec.get("info") or {}).get("retrained_in_place") or {}).items()]
 
 
 def _spread(xs: list[int]) -> dict[str, float]:
@@ -296,10 +306,29 @@ def study_markdown(s: dict, command: str | None = None) -> str:
         cells = [" / ".join(str(r.get(k, "–")) if r else "–" for r in runs)
                  for k in ("epochs", "steps", "trained_tokens")]
         md.append(f"| {s['methods'][m]} | " + " | ".join(cells) + " |")
+    md += retrained_markdown(s.get("retrained_in_place") or [], s["methods"])
     from steptune.pipeline.epochs import study_markdown_sections
 
     md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
+
+
+def retrained_markdown(retrained: list[dict], titles: dict[str, str]) -> list[str]:
+    if not retrained:
+        return []
+    md = ["", "Trained again in place (weights released by `steptune prune` between sessions, needed again; the same "
+          "settings, data and seed):", ""]
+    for r in retrained:
+        name = titles.get(r["model"], r["model"])
+        if r["same_losses"]:
+            md.append(f"- seed {r['seed']}, {name}: the same loss at all {r['logged_steps']} logged steps.")
+        elif r["same_losses"] is None:
+            md.append(f"- seed {r['seed']}, {name}: no log of the released model to compare with.")
+        else:
+            md.append(f"- seed {r['seed']}, {name}: **its losses differ** (first logged {r['first_loss_released']} "
+                      f"then, {r['first_loss_now']} now: another machine or library version), so the stages that "
+                      "read it afterwards saw a slightly different model than those before.")
+    return md
 
 
 def stage2_quality_markdown(s: dict) -> list[str]:
