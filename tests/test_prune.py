@@ -17,6 +17,7 @@ from steptune.errors import UserError
 from steptune.pipeline.manifest import Manifest
 from steptune.pipeline.prune import prune_run, weight_files
 from steptune.pipeline.run import run_pipeline
+from steptune.pipeline.status import run_status
 from steptune.pipeline.study import aggregate, run_study, seed_dir
 
 CLI = [sys.executable, "-c", "from steptune.cli import main; main()"]
@@ -73,6 +74,8 @@ def test_prune_deletes_finished_weights_and_the_study_is_written_again_without_t
     assert set(retrained) == set(cfg.methods) and all(r["same_losses"] for r in retrained.values())
     logged = [json.loads(x) for x in (run / "models/golden_d1/train_log.jsonl").read_text().splitlines()]
     assert retrained["golden_d1"]["logged_steps"] == sum("loss" in x for x in logged) > 0
+    rows = {r["stage"]: r for r in run_status(run)[0]}
+    assert "golden_d1 trained again in place: the same losses" in rows["train:golden_d1"]["progress"]
     for name in ("golden", "split", "synthesize", "filter"):
         assert after["stages"][name] == stages[name], name
     for method in cfg.methods:

@@ -90,10 +90,14 @@ def _out_of_date(run: Run, stages: list[Stage]) -> set[str]:
 
 
 def _done(manifest: Manifest, layout: RunLayout, stage: str, env: str) -> str:
-    """What is worth knowing of a finished stage: its weights were released, the code it ran has changed since."""
+    """What is worth knowing of a finished stage: its weights were released, or trained again in place (did the
+    losses repeat?), the code it ran has changed since."""
     kind, _, name = stage.partition(":")
     notes = ["weights released (steptune prune)"] if kind == "train" and manifest.released(layout.model_dir(name)) \
         else []
+    for model, found in (manifest.data["stages"][stage].get("info") or {}).get("retrained_in_place", {}).items():
+        notes.append(f"{model} trained again in place: "
+                     + ("the same losses" if found["same_losses"] else "its losses differ from the released model's"))
     if changed := manifest.code_changes(stage, env):
         notes.append(f"made by other code: {some_of(changed, 2)} changed since")
     return "; ".join(notes)
