@@ -96,8 +96,8 @@ def _done(manifest: Manifest, layout: RunLayout, stage: str, env: str) -> str:
     notes = ["weights released (steptune prune)"] if kind == "train" and manifest.released(layout.model_dir(name)) \
         else []
     for model, found in (manifest.data["stages"][stage].get("info") or {}).get("retrained_in_place", {}).items():
-        notes.append(f"{model} trained again in place: "
-                     + ("the same losses" if found["same_losses"] else "its losses differ from the released model's"))
+        same = {True: "the same losses", False: "its losses differ from the released model's"}
+        notes.append(f"{model} trained again in place: {same.get(found['same_losses'], 'no earlier log to compare')}")
     if changed := manifest.code_changes(stage, env):
         notes.append(f"made by other code: {some_of(changed, 2)} changed since")
     return "; ".join(notes)
