@@ -62,8 +62,8 @@ def copy_run(run: Path, dest: Path) -> tuple[list[str], list[str]]:
     shutil.copytree(run, dest, ignore=ignore)
     copied, released_here = Manifest(dest), []
     for model in sorted((dest / "models").iterdir() if (dest / "models").exists() else []):
-        if copied.released(model) and (model / RELEASED_LOG).exists():  # being trained again in place: the copy
-            shutil.copy2(model / RELEASED_LOG, model / TRAIN_LOG)  # is of the model its readers saw, not a part
+        if run / "models" / model.name not in finished and (model / RELEASED_LOG).exists():  # released and being
+            shutil.copy2(model / RELEASED_LOG, model / TRAIN_LOG)  # trained again in place: the whole log, not a part
         if not copied.released(model):
             copied.release(model, manifest.digest(run / "models" / model.name))
             released_here.append(model.name)

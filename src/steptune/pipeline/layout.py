@@ -9,7 +9,7 @@ read them, so the layout is written down here only.
     data/dr.jsonl, data/filter_stats.json   Dr: what the filter kept (success, at most k wrong steps), and why
     models/<method>/                    one trained model per method (models/init: a tiny model built from scratch);
                                         train_log.released.jsonl: the log of weights `steptune prune` released,
-                                        kept while they train again in place
+                                        kept when they first train again in place, to compare the losses with
     eval/<method>/                      episodes.jsonl, injected.jsonl, summary.json (eval/base_agent_u2: the base
                                         agent alone on U2)
     report/                             report.md, report.html and the plots

@@ -561,9 +561,8 @@ def _begin(run: Run, stages: list[Stage], stage: Stage, key: str, only: set[str]
 def _finish(run: Run, stage: Stage, t0: float, info: dict | None) -> None:
     # released, yet written by this very key (a changed key unreleases): trained again in place
     retrained = [p for p in stage.outputs if run.manifest.released(p)]
-    if retrained:
-        compared = {p.name: found for p in retrained if (found := _compare_losses(p))}
-        info = {**(info or {}), **({"retrained_in_place": compared} if compared else {})}
+    if compared := {p.name: found for p in retrained if (found := _compare_losses(p))}:
+        info = {**(info or {}), "retrained_in_place": compared}
     run.manifest.finish(stage.name, t0, stage.outputs, info)
     for path in retrained:
         run.manifest.mark_retrained(path)
