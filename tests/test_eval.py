@@ -175,3 +175,57 @@ def test_eval_cli_on_real_env_pool(react_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["splits"]["unseen"]["episodes"] == 2 == len(load_trajectories(out / "episodes.jsonl"))
     assert "unseen: reward" in result.output
+
+
+SHARDED_RUNNER = """
+import torch
+torch.set_num_threads(1)
+from steptune.evaluation.eval import EvalConfig, evaluate
+cfg = EvalConfig(model={model!r}, env="twx", splits=["seen"], limit={limit}, workers=1, out={out!r},
+                 max_new_tokens=24, temperature=1.0, seed=0, env_kwargs={env_kwargs!r}, processes=2)
+evaluate(cfg, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_the_shards_of_a_stopped_evaluation_end_with_it_and_the_rerun_gathers_them(tiny_model_dir, tmp_path):
+    """SIGTERM to the process that started a sharded evaluation (`steptune study` stopped) ends its shards and
+    their environment workers too: none plays on and writes into the run. The rerun gathers what they wrote."""
+    import psutil
+
+    from steptune.evaluation.eval import part_paths
+
+    limit, out = 16, tmp_path / "run"
+    episodes = out / "episodes.jsonl"
+    script = SHARDED_RUNNER.format(model=str(tiny_model_dir), limit=limit, out=str(out),
+                                   env_kwargs=twx_kwargs(max_steps=20))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
+    descendants = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if sum(p.read_text().count("\n") for p in part_paths(episodes)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the evaluation finished before it could be stopped"
+        shards = psutil.Process(proc.pid).children()
+        descendants = psutil.Process(proc.pid).children(recursive=True)  # the shards' environment workers too
+        assert sum("spawn_main" in " ".join(p.cmdline()) for p in shards) == 2 < len(descendants)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=20)
+        assert not alive, f"still running after their parent ended: {[p.cmdline()[-2:] for p in alive]}"
+    finally:
+        for p in [proc, *descendants]:
+            try:
+                p.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+    written = {p: p.read_bytes() for p in part_paths(episodes)}
+    time.sleep(2)
+    assert {p: p.read_bytes() for p in part_paths(episodes)} == written  # nobody writes into the run any more
+
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, stderr=subprocess.DEVNULL, timeout=300)
+    ids = [t.id for t in load_trajectories(episodes)]
+    assert len(ids) == len(set(ids)) == limit and not part_paths(episodes)

@@ -15,6 +15,9 @@ workers, `accelerate launch`) inherit them. A value the user set wins.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 
 # libgomp (torch's Linux wheels) reads OMP_WAIT_POLICY; Intel's OpenMP (some conda builds) reads KMP_BLOCKTIME
 THREAD_WAIT_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
@@ -38,3 +41,18 @@ def one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def beside_parent(parent_pid: int) -> None:
+    """Set up a pool process spawned to run beside others: one torch thread, and it ends when `parent_pid` does.
+    A pool process busy with its task never reads its pool's queue, so without the watch the shards of a stopped
+    study played on and wrote into its run. Ended this way, a process leaves at most a torn last line, which the
+    rerun plays again; its environment workers watch it in turn."""
+    one_torch_thread()
+    threading.Thread(target=_end_with, args=(parent_pid,), name="end-with-parent", daemon=True).start()
+
+
+def _end_with(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:  # an orphan is handed to init (or a subreaper): its parent id changes
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)

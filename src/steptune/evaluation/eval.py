@@ -15,6 +15,7 @@ episodes that were in flight and never duplicates one.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,14 +168,15 @@ def _play_in_shards(cfg: EvalConfig, backend_cfg: BackendConfig, plays: list[_Pl
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from steptune.threads import one_torch_thread
+    from steptune.threads import beside_parent
 
     n = cfg.processes
     label = progress if isinstance(progress, str) else Path(cfg.out).name
     shards = [[_Play(part_path(p.path, k), p.injection, p.tasks[k::n],
                      f"{label} ({'injected' if p.injection else 'plain'} {k + 1}/{n})") for p in reversed(plays)]
               for k in range(n)]
-    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=one_torch_thread) as workers:
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=beside_parent,
+                             initargs=(os.getpid(),)) as workers:
         futures = [workers.submit(_play, cfg, backend_cfg, shard, progress) for shard in shards]
         errors = [e for e in (f.exception() for f in futures) if e is not None]
     for p in plays:

@@ -15,6 +15,7 @@ inputs' contents, so:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -604,14 +605,14 @@ def _run_at_once(run: Run, stages: list[Stage], ready: list[tuple[Stage, Any, st
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from steptune.threads import one_torch_thread
+    from steptune.threads import beside_parent
 
     width = min(processes, len(ready))
     console.rule(f"[bold]{len(ready)} stages, {width} at a time")
     console.print(", ".join(s.name for s, _, _ in ready), soft_wrap=True)
     queue, running, failures = list(ready), {}, []
-    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=one_torch_thread,
-                             max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(width, mp_context=mp.get_context("spawn"), initializer=beside_parent,
+                             initargs=(os.getpid(),), max_tasks_per_child=1) as pool:
         while queue or running:
             while queue and len(running) < width:
                 stage, config, key = queue.pop(0)
