@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,8 +191,6 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
 
     run = tmp_path / "run"
     run.mkdir()
-    stages = {"stages": {"train:golden_d1": {"status": "running", "started": "2026-12-06T20:00:00"}}}
-    (run / "manifest.json").write_text(json.dumps(stages))
     # the holder forks a child that outlives it (an environment worker does, for a moment, after a kill)
     holder = subprocess.Popen([sys.executable, "-c", "import os, time; from pathlib import Path; "
                                "from steptune.pipeline.lock import hold_run\n"
@@ -201,6 +200,10 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        # the stage it runs, and one that an earlier process left "running" when it was stopped
+        stages = {"stages": {"eval:golden_d1": {"status": "running", "started": "2026-12-06T20:00:00"},
+                             "train:golden_d1": {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}}}
+        (run / "manifest.json").write_text(json.dumps(stages))
         child = next(iter(psutil.Process(holder.pid).children()))
         with pytest.raises(RunInUse, match=rf"in use by pid {holder.pid} .*steptune prune cannot start beside it"):
             prune_run(run)
@@ -208,7 +211,7 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
         with pytest.raises(RunInUse, match=rf"pid {holder.pid} .*this run cannot start beside it"):
             run_pipeline(load_config(tmp_path / "c.yaml"), run)
         assert json.loads((run / "manifest.json").read_text()) == stages  # neither wrote a thing
-        assert [r["state"] for r in run_status(run)[0]] == [f"running (pid {holder.pid})"]
+        assert [r["state"] for r in run_status(run)[0]] == ["interrupted", f"running (pid {holder.pid})"]
         with pytest.raises(UserError, match="nothing deleted"):  # a dry run reads only: past the lock to the config
             prune_run(run, dry_run=True)
         # `steptune prune` on a study leaves its running seed as it is and goes on with the others
@@ -218,7 +221,7 @@ def test_a_run_in_use_is_neither_pruned_nor_run_twice_and_status_names_its_proce
         holder.kill()
         holder.wait()
         assert child.is_running()
-        assert [r["state"] for r in run_status(run)[0]] == ["interrupted"]
+        assert [r["state"] for r in run_status(run)[0]] == ["interrupted", "interrupted"]
         with pytest.raises(UserError, match="nothing deleted"):  # past the lock now, the child still there
             prune_run(run)
     finally:

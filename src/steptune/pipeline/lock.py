@@ -81,3 +81,8 @@ def holder(run_dir: Path) -> tuple[int, str] | None:
     except (OSError, ValueError):
         return None
     return int(pid), command
+
+
+def taken_at(run_dir: Path) -> int:
+    """When the lock of `run_dir` was last taken, in whole seconds (its file is written then, and emptied at release)."""
+    return int((run_dir / LOCK_FILE).stat().st_mtime)

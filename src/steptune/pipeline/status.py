@@ -6,12 +6,13 @@ day over many restarts; this answers "how far is it" from the files alone, witho
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from steptune.evaluation.eval import EPISODES_FILE, INJECTED_FILE, part_paths
 from steptune.pipeline.layout import RunLayout
-from steptune.pipeline.lock import holder
+from steptune.pipeline.lock import holder, taken_at
 from steptune.pipeline.manifest import Manifest, some_of
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     manifest = Manifest(run)
     env = manifest.data.get("config", {}).get("env", {}).get("name", "")
     held = holder(run)
+    # a "running" record older than the holder's lock was left by an earlier process that was stopped or killed
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(taken_at(run))) if held else ""
     try:
         stages = (pipeline := Run(PipelineConfig.model_validate(manifest.data["config"]), run)).stages()
         outdated = _out_of_date(pipeline, stages)
@@ -47,7 +50,8 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         status = rec.get("status", "?")
         state = "out of date" if status == "done" and name in outdated else \
             "copied" if status == "done" and rec.get("reused_from") else \
-            {"running": f"running (pid {held[0]})" if held else "interrupted"}.get(status, status)
+            {"running": f"running (pid {held[0]})" if held and rec.get("started", "") >= since else
+             "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
         if name in outdated:
