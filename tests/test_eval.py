@@ -84,7 +84,9 @@ def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_ki
                 try:
                     if "spawn_main" in " ".join(child.cmdline()):
                         spawned.add(child.pid)
-                        env_workers.update(c.pid for c in child.children())
+                        # an environment worker leads a process group of its own; a library's short-lived
+                        # subprocess does not (`ldconfig -p`, as trio's import looks for libpthread)
+                        env_workers.update(c.pid for c in child.children() if _leads_its_group(c.pid))
                 except psutil.Error:
                     pass
             time.sleep(0.05)
@@ -111,6 +113,13 @@ def test_an_evaluation_in_shards_writes_what_one_process_writes_and_gathers_a_ki
     part_path(injected, 1).write_text("".join(lines[3:5]) + lines[5][:40])  # killed while writing the 6th
     evaluate(config("two", 2), progress=False)
     assert records("two", "injected.jsonl") == records("one", "injected.jsonl") and not part_paths(injected)
+
+
+def _leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
 
 
 RUNNER = """
