@@ -39,7 +39,7 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
     env = manifest.data.get("config", {}).get("env", {}).get("name", "")
     held = holder(run)
     # a "running" record older than the holder's lock was left by an earlier process that was stopped or killed
-    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(taken_at(run))) if held else ""
+    since = taken_at(run) if held else 0
     try:
         stages = (pipeline := Run(PipelineConfig.model_validate(manifest.data["config"]), run)).stages()
         outdated = _out_of_date(pipeline, stages)
@@ -50,7 +50,7 @@ def run_status(run: Path) -> tuple[list[dict[str, Any]], list[str]]:
         status = rec.get("status", "?")
         state = "out of date" if status == "done" and name in outdated else \
             "copied" if status == "done" and rec.get("reused_from") else \
-            {"running": f"running (pid {held[0]})" if held and rec.get("started", "") >= since else
+            {"running": f"running (pid {held[0]})" if held and _started_at(rec.get("started")) >= since else
              "interrupted"}.get(status, status)
         progress = _done(manifest, layout, name, env) if status == "done" else rec.get("error", "") \
             if status == "failed" else _progress(layout, name, rec.get("started"))
@@ -140,8 +140,6 @@ def _duration(seconds: float) -> str:
 def _seconds_per_step(checkpoints: list[Path], started: str | None) -> float | None:
     """Seconds per optimizer step between two checkpoints (when each wrote its state, the last file it writes), if
     the run that started at `started` saved both (a pause between runs is no step's time)."""
-    import time
-
     from steptune.training.sft import TRAINER_STATE
 
     if len(checkpoints) < 2 or started is None:
@@ -149,9 +147,14 @@ def _seconds_per_step(checkpoints: list[Path], started: str | None) -> float | N
     (first, a), (last, b) = ((p.stat().st_mtime, json.loads(p.read_text())["global_step"])
                              for p in (c / TRAINER_STATE for c in checkpoints))
     steps = b - a
-    if first < time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S")) or steps <= 0 or last <= first:
+    if first < _started_at(started) or steps <= 0 or last <= first:
         return None
     return (last - first) / steps
+
+
+def _started_at(started: str | None) -> float:
+    """A stage record's `started` (the manifest's local time, to the second) in seconds since the epoch; 0 if none."""
+    return time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S")) if started else 0.0
 
 
 def _written(path: Path, what: str) -> str:
