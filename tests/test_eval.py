@@ -126,8 +126,8 @@ RUNNER = """
 import torch
 torch.set_num_threads(1)
 from steptune.evaluation.eval import EvalConfig, evaluate
-cfg = EvalConfig(model={model!r}, env="twx", splits=["seen"], limit={limit}, workers=2, out={out!r},
-                 max_new_tokens=24, temperature=1.0, seed=0, env_kwargs={env_kwargs!r})
+cfg = EvalConfig(model={model!r}, env="twx", splits=["seen"], limit={limit}, workers={workers}, out={out!r},
+                 max_new_tokens=24, temperature=1.0, seed=0, env_kwargs={env_kwargs!r}, processes={processes})
 evaluate(cfg, progress=False)
 """
 
@@ -136,7 +136,8 @@ evaluate(cfg, progress=False)
 def test_eval_resumes_after_sigkill_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     # Sampling from a random model writes long invalid turns, so episodes take long enough to kill mid-run.
     limit, out = 12, tmp_path / "run"
-    script = RUNNER.format(model=str(tiny_model_dir), limit=limit, out=str(out), env_kwargs=twx_kwargs(max_steps=20))
+    script = RUNNER.format(model=str(tiny_model_dir), limit=limit, out=str(out), env_kwargs=twx_kwargs(max_steps=20),
+                           workers=2, processes=1)
     episodes = out / "episodes.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
@@ -186,16 +187,6 @@ def test_eval_cli_on_real_env_pool(react_model_dir, tmp_path):
     assert "unseen: reward" in result.output
 
 
-SHARDED_RUNNER = """
-import torch
-torch.set_num_threads(1)
-from steptune.evaluation.eval import EvalConfig, evaluate
-cfg = EvalConfig(model={model!r}, env="twx", splits=["seen"], limit={limit}, workers=1, out={out!r},
-                 max_new_tokens=24, temperature=1.0, seed=0, env_kwargs={env_kwargs!r}, processes=2)
-evaluate(cfg, progress=False)
-"""
-
-
 @pytest.mark.slow
 def test_the_shards_of_a_stopped_evaluation_end_with_it_and_the_rerun_gathers_them(tiny_model_dir, tmp_path):
     """SIGTERM to the process that started a sharded evaluation (`steptune study` stopped) ends its shards and
@@ -206,8 +197,8 @@ def test_the_shards_of_a_stopped_evaluation_end_with_it_and_the_rerun_gathers_th
 
     limit, out = 16, tmp_path / "run"
     episodes = out / "episodes.jsonl"
-    script = SHARDED_RUNNER.format(model=str(tiny_model_dir), limit=limit, out=str(out),
-                                   env_kwargs=twx_kwargs(max_steps=20))
+    script = RUNNER.format(model=str(tiny_model_dir), limit=limit, out=str(out), env_kwargs=twx_kwargs(max_steps=20),
+                           workers=1, processes=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL)
     descendants = []
