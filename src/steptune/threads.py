@@ -36,19 +36,14 @@ def set_thread_wait_defaults(environ: dict | None = None) -> dict[str, str]:
     return added
 
 
-def one_torch_thread() -> None:
-    """A process started to run beside others (stages, an evaluation's runs): one torch thread, one core."""
+def beside_parent(parent_pid: int) -> None:
+    """Set up a pool process spawned to run beside others (stages, an evaluation's shards): one torch thread, one
+    core; and it ends when `parent_pid` does. A pool process busy with its task never reads its pool's queue, so
+    without the watch the shards of a stopped study played on and wrote into its run. Ended this way, a process
+    leaves at most a torn last line, which the rerun plays again; its environment workers watch it in turn."""
     import torch
 
     torch.set_num_threads(1)
-
-
-def beside_parent(parent_pid: int) -> None:
-    """Set up a pool process spawned to run beside others: one torch thread, and it ends when `parent_pid` does.
-    A pool process busy with its task never reads its pool's queue, so without the watch the shards of a stopped
-    study played on and wrote into its run. Ended this way, a process leaves at most a torn last line, which the
-    rerun plays again; its environment workers watch it in turn."""
-    one_torch_thread()
     threading.Thread(target=_end_with, args=(parent_pid,), name="end-with-parent", daemon=True).start()
 
 
