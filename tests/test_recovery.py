@@ -202,3 +202,39 @@ def test_reflections_at_test_time_tell_the_agents_own_mistakes_from_the_injected
     assert (r["episodes"], r["with_reflection"], r["succeeded"], r["reflection_steps"]) == (4, 3, 2, 3)
     assert [(e["id"], e["own_mistake"], e["before"]["action"]) for e in r["examples"]] == \
         [("e2", True, "move 2"), ("e0", False, "move 1")]
+
+
+def test_every_twc_episode_meets_its_injected_error_before_the_game_is_won():
+    """TextWorldExpress's TWC gold path goes on with a move after the put that wins. The expert's plan ends at the
+    win, so an error drawn for step 3 of a task won in two steps (take, put) comes at step 2, before the winning
+    put; with the move left in the plan the expert played the put, and the episode was won with no error at all."""
+    from steptune.agent.rollout import run_episodes
+    from steptune.backends.base import ChatBackend
+
+    params = "numLocations=2,numItemsToPutAway=1,includeDoors=0,limitInventorySize=0"  # study-smollm2's game
+    env = TextWorldExpressEnv(game="twc", game_params=params, max_steps=30)
+    two_steps = []
+    try:
+        for task in env.tasks("seen")[:40]:
+            env.reset(task)
+            plan = env.expert_actions()
+            for i, action in enumerate(plan):  # the whole plan, and only the whole plan, wins
+                res = env.step(action)
+                assert res.info["won"] == res.done == (i == len(plan) - 1), (task, plan, action)
+            if len(plan) == 2:
+                two_steps.append(task)
+    finally:
+        env.close()
+    assert len(two_steps) >= 2
+
+    class Looks(ChatBackend):
+        def complete(self, conversations, gen):
+            return ["Thought: t\nAction: look around"] * len(conversations)
+
+    with EnvPool("twx", 2, {"game": "twc", "game_params": params, "max_steps": 4}, processes=False) as pool:
+        episodes = run_episodes(pool, two_steps[:2], Looks(), GenerationConfig(max_new_tokens=16),
+                                injection=InjectionConfig(step=3), progress=False)
+    for ep in episodes:
+        t = ep.trajectory
+        assert t.meta["injection"]["step"] == 2 and [s.kind for s in t.steps[:2]] == ["expert", "injected"]
+        assert t.steps[0].action.startswith("take ") and not t.success

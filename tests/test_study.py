@@ -108,6 +108,42 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert (tmp_path / "study.html").stat().st_size > 5000
 
 
+
+def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task(tmp_path):
+    """Which mistakes a method repairs: its injected episodes by the injected action's first word, each counted won
+    with the error and, for the same task, won without it; an episode that ended before its injection step is
+    "none"."""
+    from steptune.data.trajectory import save_trajectories
+    from steptune.pipeline.study import write_study
+
+    methods = ["golden_d1", "step"]
+    injected_action = ["put apple in sink", "put apple in oven", "open fridge", None]  # task i's injection
+    won_plain = {"golden_d1": [1, 1, 1, 0], "step": [1, 1, 0, 1]}
+    won_injected = {"golden_d1": [0, 0, 1, 0], "step": [1, 0, 0, 1]}
+    for seed in (0, 1):
+        run = tmp_path / f"seed-{seed}"
+        (run / "manifest.json").parent.mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps({"config": {"methods": methods, "eval": {"splits": ["seen"]}},
+                                                       "stages": {}}))
+        for m in methods:
+            plain = [_ep(i, bool(w)) for i, w in enumerate(won_plain[m])]
+            injected = [_ep(i, bool(w), {"step": 2, "action": a, "error": "off_plan"} if a else None)
+                        for i, (w, a) in enumerate(zip(won_injected[m], injected_action))]
+            save_trajectories(plain[::-1], run / "eval" / m / "episodes.jsonl")  # paired by task, not by line
+            save_trajectories(injected, run / "eval" / m / "injected.jsonl")
+    s = write_study(tmp_path, [0, 1])
+    assert s["recovery_by_injected_action"] == {
+        "golden_d1": {"put": {"episodes": 4, "won": 0, "won_without": 4},
+                      "open": {"episodes": 2, "won": 2, "won_without": 2},
+                      "none": {"episodes": 2, "won": 0, "won_without": 0}},
+        "step": {"put": {"episodes": 4, "won": 2, "won_without": 4},
+                 "open": {"episodes": 2, "won": 0, "won_without": 0},
+                 "none": {"episodes": 2, "won": 2, "won_without": 2}}}
+    md = (tmp_path / "study.md").read_text()
+    assert "| injected action | episodes | Golden SFT on D1 (base agent) | STeP (D1 ∪ Dr, partial masking) |" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| put |", "| open |", "| none |"))]
+    assert rows == ["| put | 4 | 0 / 4 | 2 / 4 |", "| open | 2 | 2 / 2 | 0 / 0 |", "| none | 2 | 0 / 0 | 2 / 2 |"]
+
 def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():
     import subprocess
     import sys

@@ -174,10 +174,28 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     result["retrained_in_place"] = [x for seed, r in zip(seeds, runs) for x in retrained_in_place(seed, r)]
     result["stage2_quality"] = [stage2_quality(r) for r in runs]
     result["reflections_at_test_time"] = {m: reflection_counts(runs, m) for m in methods}
+    result["recovery_by_injected_action"] = {m: injected_by_action(runs, m) for m in methods}
     result["per_seed_success"] = {m: [{sp: round(100 * float(np.mean(list(s[sp].values()))), 1) for sp in s}
                                       for s in success[m]] for m in methods}
     return result
 
+
+def injected_by_action(runs: list[Path], method: str) -> dict[str, dict[str, int]]:
+    """The method's recovery benchmark by the kind of wrong action injected (steptune.evaluation.recovery
+    .by_injected_action), seeds and splits pooled."""
+    from steptune.evaluation.recovery import by_injected_action
+
+    pooled: dict[str, dict[str, int]] = {}
+    for run in runs:
+        layout = RunLayout(run)
+        if not (path := layout.episodes(method, injected=True)).exists():
+            continue
+        plain = load_trajectories(p) if (p := layout.episodes(method)).exists() else []
+        for verb, counts in by_injected_action(plain, load_trajectories(path)).items():
+            row = pooled.setdefault(verb, dict.fromkeys(counts, 0))
+            for k, n in counts.items():
+                row[k] += n
+    return pooled
 
 def retrained_in_place(seed: int, run: Path) -> list[dict[str, Any]]:
     """The models of a run trained again in place after `steptune prune` released them (steptune.pipeline.run
@@ -280,6 +298,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     if rows:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",
                "| comparison | with one injected error |", "|---|---:|", *rows]
+    md += by_injected_action_markdown(s)
     base = s["base_agent_success_u2"]
     table = reflection_rows(s.get("reflections_at_test_time", {}), s["methods"])
     if table:
@@ -312,6 +331,25 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
 
+
+def by_injected_action_markdown(s: dict) -> list[str]:
+    by_method = {m: rows for m, rows in (s.get("recovery_by_injected_action") or {}).items() if rows}
+    if not by_method:
+        return []
+    verbs = sorted({v for rows in by_method.values() for v in rows},  # the most common first, "none" last
+                   key=lambda v: (v == "none", -max(rows.get(v, {}).get("episodes", 0) for rows in by_method.values()),
+                                  v))
+    md = ["", "By the kind of wrong action injected (its first word; \"none\": the episode ended before the injection "
+          "step), seeds and splits pooled: episodes won with the error / the same tasks won without it.", "",
+          "| injected action | episodes | " + " | ".join(s["methods"][m] for m in by_method) + " |",
+          "|---|---:|" + "---:|" * len(by_method)]
+    for v in verbs:
+        cells = [by_method[m].get(v) for m in by_method]
+        n = max(c["episodes"] for c in cells if c)
+        md.append(f"| {v} | {n} | " + " | ".join(
+            "–" if not c else f"{c['won']} / {c['won_without']}" + (f" (of {c['episodes']})" if c["episodes"] != n
+                                                                      else "") for c in cells) + " |")
+    return md
 
 def retrained_markdown(retrained: list[dict], titles: dict[str, str]) -> list[str]:
     if not retrained:
