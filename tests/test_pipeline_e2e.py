@@ -80,6 +80,14 @@ def test_smoke_pipeline_produces_every_artifact(smoke_run):
     errors = {m: sorted((t.id, t.meta["injection"]["action"]) for t in trajs) for m, trajs in injected.items()}
     assert len(errors["step"]) == 16 and all(e == errors["step"] for e in errors.values())
     assert "Recovery benchmark" in report and "## Reflections at test time" in report
+    # ... and by the kind of injected action: each method's wins with the error / without it, on the same tasks
+    plain = {m: {t.id: t.success for t in load_trajectories(run / "eval" / m / "episodes.jsonl")} for m in METHODS}
+    for verb in {t.meta["injection"]["action"].split()[0] for t in injected["step"]}:
+        cells = []
+        for m in METHODS:
+            mine = [t for t in injected[m] if t.meta["injection"]["action"].split()[0] == verb]
+            cells.append(f"{sum(t.success for t in mine)} / {sum(plain[m][t.id] for t in mine)}")
+        assert f"| {verb} | {len(mine)} | " + " | ".join(cells) + " |" in report.splitlines(), verb
     base = json.loads((run / "eval" / "base_agent_u2" / "summary.json").read_text())
     assert base["overall"]["episodes"] == len({t.task_id for t in d2})
     headline = json.loads(log.strip().splitlines()[-1])  # the last line: flat headline figures

@@ -126,6 +126,47 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
     return out
 
 
+
+def injected_by_action(runs: list[Path], method: str) -> dict[str, dict[str, int]]:
+    """The method's recovery benchmark by the kind of wrong action injected (steptune.evaluation.recovery
+    .by_injected_action), runs (seeds) and splits pooled."""
+    from steptune.data.trajectory import load_trajectories
+    from steptune.evaluation.recovery import by_injected_action
+
+    pooled: dict[str, dict[str, int]] = {}
+    for run in runs:
+        layout = RunLayout(run)
+        if not (path := layout.episodes(method, injected=True)).exists():
+            continue
+        plain = load_trajectories(p) if (p := layout.episodes(method)).exists() else []
+        for verb, counts in by_injected_action(plain, load_trajectories(path)).items():
+            row = pooled.setdefault(verb, dict.fromkeys(counts, 0))
+            for k, n in counts.items():
+                row[k] += n
+    return pooled
+
+
+def by_injected_action_markdown(by_method: dict[str, dict[str, dict[str, int]]], titles: dict[str, str],
+                                pooled: str) -> list[str]:
+    """`injected_by_action` of each method as one table: a row per kind of injected action, the most common first."""
+    by_method = {m: rows for m, rows in by_method.items() if rows}
+    if not by_method:
+        return []
+    verbs = sorted({v for rows in by_method.values() for v in rows},  # "none" last
+                   key=lambda v: (v == "none", -max(rows.get(v, {}).get("episodes", 0) for rows in by_method.values()),
+                                  v))
+    md = ["", "By the kind of wrong action injected (its first word; \"none\": the episode ended before the injection "
+          f"step), {pooled}: episodes won with the error / the same tasks won without it.", "",
+          "| injected action | episodes | " + " | ".join(titles.get(m, m) for m in by_method) + " |",
+          "|---|---:|" + "---:|" * len(by_method)]
+    for v in verbs:
+        cells = [by_method[m].get(v) for m in by_method]
+        n = max(c["episodes"] for c in cells if c)
+        md.append(f"| {v} | {n} | " + " | ".join(
+            "–" if not c else f"{c['won']} / {c['won_without']}" + (f" (of {c['episodes']})" if c["episodes"] != n
+                                                                      else "") for c in cells) + " |")
+    return md
+
 def reflection_examples(counts: dict[str, dict[str, Any]], runs: bool = False) -> list[str]:
     """Markdown bullets of up to three STeP episodes won after a reflection (`reflection_counts`' examples, plain
     ones first); `runs`: name the run (seed) each came from."""
@@ -264,7 +305,10 @@ def write_run_report(run_dir: Path) -> dict[str, Path]:
         md += ["## Recovery benchmark: one injected error per episode", "",
                "Each task again, with the expert's steps up to the injection step and then one wrong action "
                "(steptune.agent.injection); recovery rate = success with the error ÷ success without it.", "",
-               injection_table(summaries), ""]
+               injection_table(summaries)]
+        methods = manifest["config"]["methods"]
+        md += [*by_injected_action_markdown({m: injected_by_action([run_dir], m) for m in methods},
+                                            {m: title(m) for m in methods}, "splits pooled"), ""]
     md += reflections_section(run_dir, manifest["config"]["methods"])
     md += ["## Training", "", training_table(run_dir, manifest["config"]["methods"]), ""]
     images: list[tuple[str, Path]] = [("average reward by method and split", plot_rewards(summaries, out / "rewards.png"))]

@@ -19,8 +19,8 @@ from steptune.data.trajectory import load_trajectories
 from steptune.pipeline.config import PipelineConfig
 from steptune.pipeline.layout import BASE_AGENT_U2, RunLayout
 from steptune.pipeline.methods import BASE_AGENT, METHODS, STEP, title
-from steptune.pipeline.report import (REPEATING_COLUMNS, premise_note, reflection_counts, reflection_examples,
-                                      reflection_rows)
+from steptune.pipeline.report import (REPEATING_COLUMNS, by_injected_action_markdown, injected_by_action, premise_note,
+                                      reflection_counts, reflection_examples, reflection_rows)
 from steptune.teacher.expert import NOT_VALID
 
 BOOTSTRAP = 2000
@@ -180,23 +180,6 @@ def aggregate(out: Path, seeds: list[int]) -> dict[str, Any]:
     return result
 
 
-def injected_by_action(runs: list[Path], method: str) -> dict[str, dict[str, int]]:
-    """The method's recovery benchmark by the kind of wrong action injected (steptune.evaluation.recovery
-    .by_injected_action), seeds and splits pooled."""
-    from steptune.evaluation.recovery import by_injected_action
-
-    pooled: dict[str, dict[str, int]] = {}
-    for run in runs:
-        layout = RunLayout(run)
-        if not (path := layout.episodes(method, injected=True)).exists():
-            continue
-        plain = load_trajectories(p) if (p := layout.episodes(method)).exists() else []
-        for verb, counts in by_injected_action(plain, load_trajectories(path)).items():
-            row = pooled.setdefault(verb, dict.fromkeys(counts, 0))
-            for k, n in counts.items():
-                row[k] += n
-    return pooled
-
 def retrained_in_place(seed: int, run: Path) -> list[dict[str, Any]]:
     """The models of a run trained again in place after `steptune prune` released them (steptune.pipeline.run
     .retrain_released), each with whether its losses repeated the released model's: where they did not (another
@@ -298,7 +281,7 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     if rows:
         md += ["", "Paired differences in success with the injected error (percentage points):", "",
                "| comparison | with one injected error |", "|---|---:|", *rows]
-    md += by_injected_action_markdown(s)
+    md += by_injected_action_markdown(s.get("recovery_by_injected_action", {}), s["methods"], "seeds and splits pooled")
     base = s["base_agent_success_u2"]
     table = reflection_rows(s.get("reflections_at_test_time", {}), s["methods"])
     if table:
@@ -331,25 +314,6 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     md += study_markdown_sections(s)
     return "\n".join(md) + "\n"
 
-
-def by_injected_action_markdown(s: dict) -> list[str]:
-    by_method = {m: rows for m, rows in (s.get("recovery_by_injected_action") or {}).items() if rows}
-    if not by_method:
-        return []
-    verbs = sorted({v for rows in by_method.values() for v in rows},  # the most common first, "none" last
-                   key=lambda v: (v == "none", -max(rows.get(v, {}).get("episodes", 0) for rows in by_method.values()),
-                                  v))
-    md = ["", "By the kind of wrong action injected (its first word; \"none\": the episode ended before the injection "
-          "step), seeds and splits pooled: episodes won with the error / the same tasks won without it.", "",
-          "| injected action | episodes | " + " | ".join(s["methods"][m] for m in by_method) + " |",
-          "|---|---:|" + "---:|" * len(by_method)]
-    for v in verbs:
-        cells = [by_method[m].get(v) for m in by_method]
-        n = max(c["episodes"] for c in cells if c)
-        md.append(f"| {v} | {n} | " + " | ".join(
-            "–" if not c else f"{c['won']} / {c['won_without']}" + (f" (of {c['episodes']})" if c["episodes"] != n
-                                                                      else "") for c in cells) + " |")
-    return md
 
 def retrained_markdown(retrained: list[dict], titles: dict[str, str]) -> list[str]:
     if not retrained:
