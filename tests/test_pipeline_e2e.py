@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from steptune.data.tokenize import IGNORE_INDEX, encode_trajectory
 from steptune.data.trajectory import iter_trajectories, load_trajectories
+from steptune.evaluation.recovery import injected_kind
 from steptune.pipeline.methods import title
 
 pytestmark = pytest.mark.slow
@@ -82,10 +83,10 @@ def test_smoke_pipeline_produces_every_artifact(smoke_run):
     assert "Recovery benchmark" in report and "## Reflections at test time" in report
     # ... and by the kind of injected action: each method's wins with the error / without it, on the same tasks
     plain = {m: {t.id: t.success for t in load_trajectories(run / "eval" / m / "episodes.jsonl")} for m in METHODS}
-    for verb in {t.meta["injection"]["action"].split()[0] for t in injected["step"]}:
+    for verb in {injected_kind(t) for t in injected["step"]}:
         cells = []
         for m in METHODS:
-            mine = [t for t in injected[m] if t.meta["injection"]["action"].split()[0] == verb]
+            mine = [t for t in injected[m] if injected_kind(t) == verb]
             cells.append(f"{sum(t.success for t in mine)} / {sum(plain[m][t.id] for t in mine)}")
         assert f"| {verb} | {len(mine)} | " + " | ".join(cells) + " |" in report.splitlines(), verb
     base = json.loads((run / "eval" / "base_agent_u2" / "summary.json").read_text())

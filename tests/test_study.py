@@ -111,15 +111,16 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
 
 def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task(tmp_path):
     """Which mistakes a method repairs: its injected episodes by the injected action's first word, each counted won
-    with the error and, for the same task, won without it; an episode that ended before its injection step is
-    "none"."""
+    with the error and, for the same task, won without it; the action no game accepts is "invalid" (not "take"), and
+    an episode that ended before its injection step is "none"."""
+    from steptune.agent.injection import INVALID_ACTION
     from steptune.data.trajectory import save_trajectories
     from steptune.pipeline.study import write_study
 
     methods = ["golden_d1", "step"]
-    injected_action = ["put apple in sink", "put apple in oven", "open fridge", None]  # task i's injection
-    won_plain = {"golden_d1": [1, 1, 1, 0], "step": [1, 1, 0, 1]}
-    won_injected = {"golden_d1": [0, 0, 1, 0], "step": [1, 0, 0, 1]}
+    injected_action = ["put apple in sink", "put apple in oven", "open fridge", None, INVALID_ACTION]  # task i's
+    won_plain = {"golden_d1": [1, 1, 1, 0, 1], "step": [1, 1, 0, 1, 1]}
+    won_injected = {"golden_d1": [0, 0, 1, 0, 0], "step": [1, 0, 0, 1, 1]}
     for seed in (0, 1):
         run = tmp_path / f"seed-{seed}"
         (run / "manifest.json").parent.mkdir(parents=True)
@@ -127,7 +128,8 @@ def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task
                                                        "stages": {}}))
         for m in methods:
             plain = [_ep(i, bool(w)) for i, w in enumerate(won_plain[m])]
-            injected = [_ep(i, bool(w), {"step": 2, "action": a, "error": "off_plan"} if a else None)
+            injected = [_ep(i, bool(w), {"step": 2, "action": a, "error": "invalid" if a == INVALID_ACTION
+                                         else "off_plan"} if a else None)
                         for i, (w, a) in enumerate(zip(won_injected[m], injected_action))]
             save_trajectories(plain[::-1], run / "eval" / m / "episodes.jsonl")  # paired by task, not by line
             save_trajectories(injected, run / "eval" / m / "injected.jsonl")
@@ -135,14 +137,17 @@ def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task
     assert s["recovery_by_injected_action"] == {
         "golden_d1": {"put": {"episodes": 4, "won": 0, "won_without": 4},
                       "open": {"episodes": 2, "won": 2, "won_without": 2},
-                      "none": {"episodes": 2, "won": 0, "won_without": 0}},
+                      "none": {"episodes": 2, "won": 0, "won_without": 0},
+                      "invalid": {"episodes": 2, "won": 0, "won_without": 2}},
         "step": {"put": {"episodes": 4, "won": 2, "won_without": 4},
                  "open": {"episodes": 2, "won": 0, "won_without": 0},
-                 "none": {"episodes": 2, "won": 2, "won_without": 2}}}
+                 "none": {"episodes": 2, "won": 2, "won_without": 2},
+                 "invalid": {"episodes": 2, "won": 2, "won_without": 2}}}
     md = (tmp_path / "study.md").read_text()
     assert "| injected action | episodes | Golden SFT on D1 (base agent) | STeP (D1 ∪ Dr, partial masking) |" in md
-    rows = [line for line in md.splitlines() if line.startswith(("| put |", "| open |", "| none |"))]
-    assert rows == ["| put | 4 | 0 / 4 | 2 / 4 |", "| open | 2 | 2 / 2 | 0 / 0 |", "| none | 2 | 0 / 0 | 2 / 2 |"]
+    rows = [line for line in md.splitlines() if line.startswith(("| put |", "| open |", "| none |", "| invalid |"))]
+    assert rows == ["| put | 4 | 0 / 4 | 2 / 4 |", "| invalid | 2 | 0 / 2 | 2 / 2 |", "| open | 2 | 2 / 2 | 0 / 0 |",
+                    "| none | 2 | 0 / 0 | 2 / 2 |"]
 
 def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():
     import subprocess

@@ -46,19 +46,27 @@ def injection_summary(normal: list, injected: list) -> dict[str, dict[str, Any]]
 
 
 def by_injected_action(normal: list, injected: list) -> dict[str, dict[str, int]]:
-    """The recovery benchmark by the kind of wrong action injected, its first word (`open`, `put`, `move`, ...;
-    "none" where the episode ended before the injection step): episodes, those won with the error, and those whose
-    task was won without it. Which mistakes a method repairs, not only how many."""
+    """The recovery benchmark by the kind of wrong action injected: its first word for a valid one (`open`, `put`,
+    `move`, ...), "invalid" for the action no environment accepts (steptune.agent.injection.INVALID_ACTION), "none"
+    where the episode ended before the injection step. Counts episodes, those won with the error, and those whose
+    task was won without it: which mistakes a method repairs, not only how many."""
     without = {t.id: t.success for t in normal}
     out: dict[str, dict[str, int]] = {}
     for t in injected:
-        verb = ((t.meta.get("injection") or {}).get("action") or "").split()[:1] or ["none"]
-        row = out.setdefault(verb[0], {"episodes": 0, "won": 0, "won_without": 0})
+        row = out.setdefault(injected_kind(t), {"episodes": 0, "won": 0, "won_without": 0})
         row["episodes"] += 1
         row["won"] += t.success
         row["won_without"] += without.get(t.id, False)
     return out
 
+
+
+def injected_kind(t) -> str:
+    """`by_injected_action`'s row of an injected episode."""
+    injection = t.meta.get("injection") or {}
+    if not injection.get("action"):
+        return "none"
+    return "invalid" if injection.get("error") == "invalid" else injection["action"].split()[0]
 
 # A mistake never repaired: a greedy agent that does not notice one repeats it, step after step, until the step
 # budget ends (every lost episode of the SmolLM2 study's base agent did; docs/smollm2.md)

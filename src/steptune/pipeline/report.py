@@ -155,8 +155,9 @@ def by_injected_action_markdown(by_method: dict[str, dict[str, dict[str, int]]],
     verbs = sorted({v for rows in by_method.values() for v in rows},  # "none" last
                    key=lambda v: (v == "none", -max(rows.get(v, {}).get("episodes", 0) for rows in by_method.values()),
                                   v))
-    md = ["", "By the kind of wrong action injected (its first word; \"none\": the episode ended before the injection "
-          f"step), {pooled}: episodes won with the error / the same tasks won without it.", "",
+    md = ["", "By the kind of wrong action injected (a valid action's first word; \"invalid\": an action the game "
+          "refuses; \"none\": the episode ended before the injection step), "
+          f"{pooled}: episodes won with the error / the same tasks won without it.", "",
           "| injected action | episodes | " + " | ".join(titles.get(m, m) for m in by_method) + " |",
           "|---|---:|" + "---:|" * len(by_method)]
     for v in verbs:
