@@ -127,6 +127,31 @@ def test_expert_teacher_flags_off_plan_steps_and_not_on_plan_ones_on_a_real_game
     assert rewards[0] == (0.0, 0.0) and rewards[4] == (0.25, 0.25) and not verdicts[0] and not verdicts[4]
 
 
+
+def test_expert_teacher_flags_a_walk_away_from_the_goal_on_a_real_twc_game():
+    """TextWorldExpress's TWC gold path ends with a move after the winning put. Where the item and its place are in
+    the starting room, walking out along that move is a mistake; it must not pass as a step the plan takes later."""
+    params = "numLocations=2,numItemsToPutAway=1,includeDoors=0,limitInventorySize=0"  # study-smollm2's game
+    env = TextWorldExpressEnv(game="twc", game_params=params, max_steps=30)
+    teacher, judged = ExpertTeacher(), 0
+    try:
+        for task in env.tasks("train")[:30]:
+            task_text = env.reset(task).task
+            gold = [a.split()[0] for a in env._env.getGoldActionSequence() if a != "look around"]
+            if gold != ["take", "put", "move"]:  # the item and its place in the starting room
+                continue
+            plan, away = env.expert_actions(), env._env.getGoldActionSequence()[-1]
+            res = env.step(away)
+            step = Step(thought="", action=away, observation=res.observation, kind="student")
+            [v] = teacher.judge([StepToJudge(task=task, task_text=task_text, history=[], step=step, reward_before=0.0,
+                                             reward_after=res.reward, done=res.done, plan_before=plan,
+                                             plan_after=env.expert_actions())])
+            assert v.critique.is_error and v.critique.corrected_action == env.expert_actions()[0], (task, plan)
+            judged += 1
+    finally:
+        env.close()
+    assert judged >= 2
+
 # 3. Success means the environment said "won" ------------------------------------------------------------------
 
 SCRIPTS = {  # task name -> (reward, done, won) for each step
