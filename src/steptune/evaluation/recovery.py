@@ -60,13 +60,13 @@ def by_injected_action(normal: list, injected: list) -> dict[str, dict[str, int]
     return out
 
 
-
 def injected_kind(t) -> str:
     """`by_injected_action`'s row of an injected episode."""
     injection = t.meta.get("injection") or {}
     if not injection.get("action"):
         return "none"
     return "invalid" if injection.get("error") == "invalid" else injection["action"].split()[0]
+
 
 # A mistake never repaired: a greedy agent that does not notice one repeats it, step after step, until the step
 # budget ends (every lost episode of the SmolLM2 study's base agent did; docs/smollm2.md)

@@ -126,7 +126,6 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
     return out
 
 
-
 def injected_by_action(runs: list[Path], method: str) -> dict[str, dict[str, int]]:
     """The method's recovery benchmark by the kind of wrong action injected (steptune.evaluation.recovery
     .by_injected_action), runs (seeds) and splits pooled."""
@@ -167,6 +166,7 @@ def by_injected_action_markdown(by_method: dict[str, dict[str, dict[str, int]]],
             "–" if not c else f"{c['won']} / {c['won_without']}" + (f" (of {c['episodes']})" if c["episodes"] != n
                                                                       else "") for c in cells) + " |")
     return md
+
 
 def reflection_examples(counts: dict[str, dict[str, Any]], runs: bool = False) -> list[str]:
     """Markdown bullets of up to three STeP episodes won after a reflection (`reflection_counts`' examples, plain
