@@ -127,7 +127,6 @@ def test_expert_teacher_flags_off_plan_steps_and_not_on_plan_ones_on_a_real_game
     assert rewards[0] == (0.0, 0.0) and rewards[4] == (0.25, 0.25) and not verdicts[0] and not verdicts[4]
 
 
-
 def test_expert_teacher_flags_a_walk_away_from_the_goal_on_a_real_twc_game():
     """TextWorldExpress's TWC gold path ends with a move after the winning put. Where the item and its place are in
     the starting room, walking out along that move is a mistake; it must not pass as a step the plan takes later."""
@@ -151,6 +150,7 @@ def test_expert_teacher_flags_a_walk_away_from_the_goal_on_a_real_twc_game():
     finally:
         env.close()
     assert judged >= 2
+
 
 # 3. Success means the environment said "won" ------------------------------------------------------------------
 

@@ -108,7 +108,6 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert (tmp_path / "study.html").stat().st_size > 5000
 
 
-
 def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task(tmp_path):
     """Which mistakes a method repairs: its injected episodes by the injected action's first word, each counted won
     with the error and, for the same task, won without it; the action no game accepts is "invalid" (not "take"), and
