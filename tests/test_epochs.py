@@ -118,6 +118,12 @@ def test_epoch_curve_and_equal_steps_runs_on_real_games(tiny_study):
     assert (equal / "data" / "dr.jsonl").read_bytes() == (study / "data" / "dr.jsonl").read_bytes()
     assert not (equal / "eval" / "step" / "injected.jsonl").exists()
     stages = json.loads((equal / "manifest.json").read_text())["stages"]
+    # the methods whose study training took the S steps are copied from it (the same training), the others trained
+    for m, n in trained.items():
+        copied = (equal / "models" / m / "model.safetensors").read_bytes() == (
+            study / "models" / m / "model.safetensors").read_bytes()
+        assert (stages[f"train:{m}"].get("reused_from") == str(study)) == copied == (n == target), m
+        assert "reused_from" not in stages[f"eval:{m}"]  # every model plays the row's games (no injected error)
     assert "synthesize" not in stages and "golden" not in stages
     s = write_study(tmp_path, [0])
     assert s["equal_steps"]["steps_per_seed"] == [target] and "step_minus_golden_d1_seen" in s["equal_steps"]

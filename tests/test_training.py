@@ -192,6 +192,23 @@ def test_a_finished_run_deletes_its_checkpoints_unless_kept(tiny_model_dir, data
     assert not (out / "checkpoints").exists()
 
 
+def test_max_steps_equal_to_the_steps_of_whole_epochs_is_the_same_training(tiny_model_dir, data_file, tmp_path):
+    """What lets the equal-steps row copy a study's training that took S steps instead of training max_steps=S
+    again: the same schedule (warmup and cosine over S steps), the same batches in the same order, the same weights."""
+    schedule = {"lr_scheduler_type": "cosine", "warmup_ratio": 0.25}
+    by_epochs = train(base_cfg(tiny_model_dir, data_file, tmp_path / "e", max_steps=-1, num_train_epochs=3,
+                               **schedule))
+    steps = json.loads((by_epochs / "train_summary.json").read_text())["steps"]
+    by_steps = train(base_cfg(tiny_model_dir, data_file, tmp_path / "s", max_steps=steps, **schedule))
+    assert steps % 3 == 0 and json.loads((by_steps / "train_summary.json").read_text())["steps"] == steps
+    a, b = load_file(by_epochs / "model.safetensors"), load_file(by_steps / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ...and one step fewer is another training, as the check is meant to tell
+    fewer = train(base_cfg(tiny_model_dir, data_file, tmp_path / "f", max_steps=steps - 1, **schedule))
+    c = load_file(fewer / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 @contextlib.contextmanager
 def trainer_warnings():
     """The messages transformers' Trainer logs meanwhile."""

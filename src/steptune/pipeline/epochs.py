@@ -7,10 +7,11 @@ every seed pooled); the chosen count is the smallest whose score is within `TIE_
 method of the study then trains that many epochs.
 
 The equal-steps sensitivity row: every method retrained for the same number of optimizer steps S — per seed, the
-largest step count any method took at the chosen epochs (golden D1 ∪ D2's, which has the most data), so no method
-gets fewer updates than in the study itself — on the study's own data (D1, D2, Dr copied from its run: the base
-agent is retrained too, but stage 2 is not rerun, so only the optimizer steps change), evaluated on the study's
-splits without the injected error.
+largest step count any method took at the chosen epochs (that of the method with the most data: golden D1 ∪ D2, or
+STeP where Dr outgrows D2), so no method gets fewer updates than in the study itself — on the study's own data (D1,
+D2, Dr copied from its run: the base agent is retrained too, but stage 2 is not rerun, so only the optimizer steps
+change), evaluated on the study's splits without the injected error. The methods that took S steps in the study are
+not trained again: S steps are whole epochs of their data, the same training, so their models are copied.
 
 Both are resumable like the study: one run directory per setting and seed,
 `<out>/epoch-curve/epochs-<E>/seed-<S>` and `<out>/equal-steps/seed-<S>`. The study and its curve copy each other's
@@ -138,12 +139,17 @@ def with_epochs(cfg: PipelineConfig, epochs: float) -> PipelineConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_train_epochs": epochs, "max_steps": -1})})
 
 
+def _steps(run: Path, method: str) -> int | None:
+    """The optimizer steps `method`'s training took in the run at `run` (None before it finished)."""
+    path = RunLayout(run).train_summary(method)
+    return json.loads(path.read_text()).get("steps") or 0 if path.exists() else None
+
+
 def equal_steps(runs: list[Path], methods: list[str]) -> list[int]:
     """S per seed: the most optimizer steps any method of that seed's study run took."""
     steps = []
     for run in runs:
-        taken = [json.loads(p.read_text()).get("steps") or 0 for m in methods
-                 if (p := RunLayout(run).train_summary(m)).exists()]
+        taken = [n for m in methods if (n := _steps(run, m)) is not None]
         if not taken:
             from steptune.errors import UserError
 
@@ -172,7 +178,10 @@ def run_equal_steps(cfg: PipelineConfig, seeds: list[int], out: Path) -> None:
             shutil.copyfile(path, copy)  # same content, same stage keys: a rerun resumes
         only = {*(["init_model"] if cfg.model.init else []),
                 *(f"{kind}:{m}" for kind in ("train", "eval") for m in cfg.methods)}
-        run_pipeline(run_cfg, target.dir, only=only)
+        # a method whose study training took S steps is trained no differently here (the same data, schedule and
+        # batches: tests/test_training.py), so its study model is copied, not trained again
+        same = {f"train:{m}": source.dir for m in cfg.methods if _steps(source.dir, m) == steps}
+        run_pipeline(run_cfg, target.dir, only=only, same_as=same)
 
 
 def study_sections(out: Path, seeds: list[int]) -> dict[str, Any]:

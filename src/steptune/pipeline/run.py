@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,11 +382,13 @@ def clear(run: Run, stages: list[Stage], name: str, only: set[str] | None = None
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: str | None = None,
                  until_stage: str | None = None, only: set[str] | None = None,
-                 reuse_from: Sequence[Path] = ()) -> Path:
+                 reuse_from: Sequence[Path] = (), same_as: Mapping[str, Path] | None = None) -> Path:
     """Run every stage in order (or up to and including `until_stage`), skipping the up-to-date ones; `only`: just
     these stages (the study's epoch curve and equal-steps runs, whose other inputs exist or are not needed);
     `reuse_from`: other run directories whose finished stages with this run's key are copied instead of rerun (a
-    study and its epoch curve train the same base agent)."""
+    study and its epoch curve train the same base agent); `same_as`: stage name → a run that finished the same work
+    under another key, by the caller's judgement, copied like `reuse_from`'s (an equal-steps training of S steps that
+    the study's own training of whole epochs already took)."""
     run = Run(cfg, Path(run_dir or cfg.output_dir))
     stages = run.stages()
     names = [s.name for s in stages]
@@ -405,14 +407,14 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path | None = None, from_stage: s
         t_start = time.perf_counter()
         todo = [s for s in (stages[: names.index(until_stage) + 1] if until_stage else stages)
                 if only is None or s.name in only]
-        _run_stages(run, stages, todo, reuse_from, only)
+        _run_stages(run, stages, todo, reuse_from, only, same_as or {})
         run.manifest.data["total_seconds"] = round(time.perf_counter() - t_start, 1)
         run.manifest.save()
     return run.dir
 
 
 def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Sequence[Path],
-                only: set[str] | None) -> None:
+                only: set[str] | None, same_as: Mapping[str, Path]) -> None:
     """Run the stages of `todo` that are not up to date or copied from `reuse_from`, in order; consecutive evaluations
     at once where `eval.processes` allows."""
     cfg = run.cfg
@@ -434,6 +436,9 @@ def _run_stages(run: Run, stages: list[Stage], todo: list[Stage], reuse_from: Se
             elif source := _reuse(run, stages, stage, key, reuse_from, only):
                 console.print(f"[green]✓ {stage.name}[/green]: the same stage (same settings and inputs) copied "
                               f"from {source}")
+            elif stage.name in same_as and (source := _reuse(run, stages, stage, key, [same_as[stage.name]], only,
+                                                             any_key=True)):
+                console.print(f"[green]✓ {stage.name}[/green]: the same work, copied from {source}")
             else:
                 retrain_released(run, stages, stage, only)
                 check_budget(run, stage)
@@ -450,9 +455,11 @@ def _key(run: Run, stage: Stage, config: Any) -> str:
 
 
 def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Sequence[Path],
-           only: set[str] | None) -> Path | None:
-    """Copy `stage`'s outputs from the first of `sources` that finished it with the same key; that run, or None.
-    Copies, not links: a later rerun of either run must not change the other's files."""
+           only: set[str] | None, any_key: bool = False) -> Path | None:
+    """Copy `stage`'s outputs from the first of `sources` that finished it with the same key (with any key where
+    `any_key`: the caller knows the work is the same); that run, or None. The copy is recorded under this run's key,
+    so a rerun finds it up to date. Copies, not links: a later rerun of either run must not change the other's
+    files."""
     try:
         inside = [p.relative_to(run.dir) for p in stage.outputs]
     except ValueError:  # an output outside the run directory: nothing to copy it from
@@ -461,7 +468,8 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
         if source.resolve() == run.dir.resolve():
             continue
         theirs, manifest = [source / p for p in inside], Manifest(source)
-        if not manifest.is_done(stage.name, key, theirs) or any(manifest.released(p) for p in theirs):
+        their_key = manifest.key(stage.name) if any_key else key
+        if not manifest.is_done(stage.name, their_key, theirs) or any(manifest.released(p) for p in theirs):
             continue
         record = manifest.data["stages"][stage.name]
         clear(run, stages, stage.name, only)
@@ -472,8 +480,8 @@ def _reuse(run: Run, stages: list[Stage], stage: Stage, key: str, sources: Seque
             else:
                 shutil.copy2(src, dst, follow_symlinks=False)
         run.manifest.data["stages"][stage.name] = {
-            **record, "outputs": {str(p): file_digest(p) for p in stage.outputs if p.exists()},
-            "reused_from": str(source)}
+            **record, "key": key, "outputs": {str(p): file_digest(p) for p in stage.outputs if p.exists()},
+            "reused_from": str(source), **({"its_key": record.get("key")} if any_key else {})}
         run.manifest.save()
         return source
     return None
