@@ -106,6 +106,12 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert "- seed 1, Golden SFT on D1 (base agent): **its losses differ** (first logged 1.0901947 then, 1.0902009 " \
            "now: another machine or library version)" in " ".join(md.split())
     assert (tmp_path / "study.html").stat().st_size > 5000
+    # a seed whose evaluation has not played its plain games yet (a report while the study runs): "–", not 0 won
+    (tmp_path / "seed-1" / "eval" / "step_unmasked" / "episodes.jsonl").unlink()
+    write_study(tmp_path, [0, 1], "steptune study test")
+    row = next(line for line in (tmp_path / "study.md").read_text().splitlines()
+               if line.startswith("| STeP without masking | 50.0"))
+    assert row.endswith("| 50; – |")
 
 
 def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task(tmp_path):

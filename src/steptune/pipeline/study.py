@@ -263,7 +263,9 @@ def study_markdown(s: dict, command: str | None = None) -> str:
     md += ["## Success rate (%)", "", "| method | " + " | ".join(splits) + " | per seed (" + " / ".join(splits) + ") |",
            "|---|" + "---:|" * len(splits) + "---|"]
     for m, label in s["methods"].items():
-        per_seed = "; ".join(" / ".join(f"{d.get(sp, 0):.0f}" for sp in splits) for d in s["per_seed_success"][m])
+        # "–": a seed whose evaluation of the method has not played that split yet (an interim report), not 0% won
+        per_seed = "; ".join(" / ".join(f"{d[sp]:.0f}" if sp in d else "–" for sp in splits)
+                             for d in s["per_seed_success"][m])
         md.append(f"| {label} | " + " | ".join(_pct(s["success"][m][sp]) for sp in splits) + f" | {per_seed} |")
     md += ["", "## Paired differences (percentage points)", "", "| comparison | " + " | ".join(splits) + " |",
            "|---|" + "---:|" * len(splits)]
