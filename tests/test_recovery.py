@@ -202,6 +202,13 @@ def test_reflections_at_test_time_tell_the_agents_own_mistakes_from_the_injected
     assert (r["episodes"], r["with_reflection"], r["succeeded"], r["reflection_steps"]) == (4, 3, 2, 3)
     assert [(e["id"], e["own_mistake"], e["before"]["action"]) for e in r["examples"]] == \
         [("e2", True, "move 2"), ("e0", False, "move 1")]
+    assert r["repeated_after_reflection"] == 0  # every action of these episodes is new
+    # a reflection that did not stick: the agent later takes the action it reflected on; an injected step that
+    # happens to be that action is not the agent's
+    again, injected_again = episode(4, None, 1, False), episode(5, None, 1, False)
+    again.steps[3].action = injected_again.steps[3].action = "move 0"
+    injected_again.steps[3].kind = "injected"
+    assert reflections_at_test_time([*eps, again, injected_again])["repeated_after_reflection"] == 1
 
 
 def test_every_twc_episode_meets_its_injected_error_before_the_game_is_won():

@@ -56,9 +56,10 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
                 plain[1].steps = [Step(thought="", action="move west", observation="You cannot go that way."),
                                   Step(thought="I tried to move west, but that is not something I can do here."
                                        + " I take the coin." * seed, action="take coin", observation="Taken.")]
-            if m == "step" and seed == 1:  # and seed 1 once more in the words of seed 0: shown once
-                plain[2].steps = plain[1].steps[:1] + [plain[1].steps[1].model_copy(
-                    update={"thought": "I tried to move west, but that is not something I can do here."})]
+            if m == "step" and seed == 1:  # and seed 1 once more in the words of seed 0: shown once; this time
+                plain[2].steps = plain[1].steps[:1] + [plain[1].steps[1].model_copy(  # it moves west again anyway
+                    update={"thought": "I tried to move west, but that is not something I can do here."}),
+                    Step(action="move west", observation="You cannot go that way.")]
             if m == "golden_d1":  # lost the last episode repeating an invalid action, as greedy agents do
                 plain[3].steps = [Step(action="move west", observation="You cannot go that way.")] * REPEATED
             if m == "step_unmasked":  # a reply cut before its action, in the last episode of each seed
@@ -83,8 +84,9 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     assert s["recovery_golden_d1"]["mean"] == 1.0
     assert s["base_agent_success_u2"] == {"per_seed": [40.0, 40.0], "mean": 40.0}
     refl = s["reflections_at_test_time"]
-    assert {k: refl["step"]["plain"][k] for k in ("episodes", "with_reflection", "succeeded")} == \
-        {"episodes": 8, "with_reflection": 3, "succeeded": 3}
+    assert {k: refl["step"]["plain"][k] for k in ("episodes", "with_reflection", "succeeded",
+                                                  "repeated_after_reflection")} == \
+        {"episodes": 8, "with_reflection": 3, "succeeded": 3, "repeated_after_reflection": 1}
     assert refl["golden_d1"]["plain"]["with_reflection"] == 0 and refl["step"]["injected"]["with_reflection"] == 0
     assert [(e["run"], e["id"]) for e in refl["step"]["plain"]["examples"]] == \
         [("seed-0", "unseen:twx/coin/1"), ("seed-1", "unseen:twx/coin/1")]
@@ -95,13 +97,13 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
     md = (tmp_path / "study.md").read_text()
-    assert "STeP − golden D1" in md and "| 3 / 8 (3 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 0 / 11; 0 / 8 |" in md
+    assert "STeP − golden D1" in md and "| 3 / 8 (3 won, 1 again) | 0 / 8 (0 won, 0 again) | 0 / 8 | 0 / 8 | 0 / 12; 0 / 8 |" in md
     assert ('- `unseen:twx/coin/1` (seed-1, unseen, step 2 of 2, after its own mistake): it did `move west` → "You '
             'cannot go that way.", then thought "I tried to move west, but that is not something I can do here. I take '
             'the coin." '
             'and did `take coin` → "Taken.".') in md
-    assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won) | 0 / 8 (0 won) | 2 / 8 | 0 / 8 |" in md
-    assert "| STeP without masking | 0 / 8 (0 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
+    assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won, 0 again) | 0 / 8 (0 won, 0 again) | 2 / 8 | 0 / 8 |" in md
+    assert "| STeP without masking | 0 / 8 (0 won, 0 again) | 0 / 8 (0 won, 0 again) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
     assert s["retrained_in_place"] == [{"seed": 1, "model": "golden_d1", **again["golden_d1"]}]
     assert "- seed 1, Golden SFT on D1 (base agent): **its losses differ** (first logged 1.0901947 then, 1.0902009 " \
            "now: another machine or library version)" in " ".join(md.split())

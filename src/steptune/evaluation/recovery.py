@@ -88,14 +88,18 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     ones (the step before the reflection, the reflection and what the agent did next), its own mistakes first: an
     injected step (the recovery benchmark) is not the agent's. Also counts the episodes lost repeating one action
     (`ends_repeating`): mistakes the agent did not repair, and the agent's steps whose reply had no `Action:`
-    (`steps_without_action`, of `agent_steps`): a turn cut by the token budget is one."""
-    found, shown = [], []
+    (`steps_without_action`, of `agent_steps`): a turn cut by the token budget is one. `repeated_after_reflection`:
+    the episodes in which the agent took again an action it had reflected on, at the reflection's step or later
+    (a reflection that did not stick: partial masking is meant to keep the agent from learning its wrong steps)."""
+    found, shown, repeated = [], [], 0
     for t in trajs:
         injected_at = (t.meta.get("injection") or {}).get("step")  # 1-based
         hits = [i for i, st in enumerate(t.steps) if i > 0 and _reflects(st.thought)]
         if not hits:
             continue
         found.append(t)
+        repeated += any(t.steps[i - 1].action and any(st.action == t.steps[i - 1].action and st.kind != "injected"
+                                                      for st in t.steps[i:]) for i in hits)
         if t.success:
             i = hits[0]
             prev, st = t.steps[i - 1], t.steps[i]
@@ -106,7 +110,7 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
     shown.sort(key=lambda e: not e["own_mistake"])  # stable: the agent's own mistakes first, in episode order
     return {"episodes": len(trajs), "with_reflection": len(found), "succeeded": sum(t.success for t in found),
             "reflection_steps": sum(_reflects(st.thought) for t in found for st in t.steps[1:]),
-            "ended_repeating": sum(map(ends_repeating, trajs)),
+            "ended_repeating": sum(map(ends_repeating, trajs)), "repeated_after_reflection": repeated,
             **dict(zip(("steps_without_action", "agent_steps"), steps_without_action(trajs))),
             "examples": shown[:examples]}
 

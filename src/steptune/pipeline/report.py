@@ -113,8 +113,8 @@ def reflection_counts(runs: list[Path], method: str) -> dict[str, Any]:
         found = [(r.name, reflections_at_test_time(load_trajectories(p)))
                  for r in runs if (p := RunLayout(r).episodes(method, injected)).exists()]
         out[kind] = {k: sum(f[k] for _, f in found) for k in ("episodes", "with_reflection", "succeeded",
-                                                             "ended_repeating", "agent_steps",
-                                                             "steps_without_action")}
+                                                             "repeated_after_reflection", "ended_repeating",
+                                                             "agent_steps", "steps_without_action")}
         # the agent's own mistakes first, from any run; one example per reflection text (a tiny model writes the
         # same few reflections in every run)
         pooled = sorted(({**e, "run": name} for name, f in found for e in f["examples"]),
@@ -184,8 +184,9 @@ def reflection_examples(counts: dict[str, dict[str, Any]], runs: bool = False) -
 
 def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
     """A markdown table of `reflection_counts` per method (rows of the methods that were evaluated)."""
-    def cell(c: dict[str, Any]) -> str:
-        return f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won)" if c["episodes"] else "–"
+    def cell(c: dict[str, Any]) -> str:  # a study.json written before the repeat count has none
+        again = f", {c['repeated_after_reflection']} again" if "repeated_after_reflection" in c else ""
+        return f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won{again})" if c["episodes"] else "–"
 
     def repeating(c: dict[str, Any]) -> str:  # a study.json written before the count has none
         return f"{c['ended_repeating']} / {c['episodes']}" if c["episodes"] and "ended_repeating" in c else "–"
@@ -202,8 +203,10 @@ def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -
     return [*header, *rows] if rows else []
 
 
-# how the reports describe `reflection_rows`' last three columns
-REPEATING_COLUMNS = (f"the episodes it lost repeating one action over its last {REPEATED} steps (a mistake it "
+# how the reports describe `reflection_rows`' columns after the first two
+REPEATING_COLUMNS = ("\"again\": those in which it later took the very action it had reflected on (a reflection "
+                     "that did not stick); "
+                     f"the episodes it lost repeating one action over its last {REPEATED} steps (a mistake it "
                      "never repaired), and its steps whose reply had no `Action:` (a turn cut by the token budget is "
                      "one; the environment answers \"Invalid format\").")
 
