@@ -142,7 +142,7 @@ def with_epochs(cfg: PipelineConfig, epochs: float) -> PipelineConfig:
 def _steps(run: Path, method: str) -> int | None:
     """The optimizer steps `method`'s training took in the run at `run` (None before it finished)."""
     path = RunLayout(run).train_summary(method)
-    return json.loads(path.read_text()).get("steps") or 0 if path.exists() else None
+    return (json.loads(path.read_text()).get("steps") or 0) if path.exists() else None
 
 
 def equal_steps(runs: list[Path], methods: list[str]) -> list[int]:
