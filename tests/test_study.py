@@ -156,6 +156,44 @@ def test_recovery_by_the_kind_of_injected_action_pools_seeds_and_pairs_each_task
     assert rows == ["| put | 4 | 0 / 4 | 2 / 4 |", "| invalid | 2 | 0 / 2 | 2 / 2 |", "| open | 2 | 2 / 2 | 0 / 0 |",
                     "| none | 2 | 0 / 0 | 2 / 2 |"]
 
+
+def test_what_agents_do_after_a_wrong_put_in_a_twc_game(tmp_path):
+    """scripts/twc_wrong_puts.py on a hand-made run: an accepted put that does not end a one-item TWC game is a
+    wrong one; whether the agent takes the item back, and puts it in the same wrong place again. An injected put is
+    not the agent's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from steptune.data.trajectory import save_trajectories
+
+    def ep(i: int, actions: list[str], won: bool, injected_at: int | None = None) -> Trajectory:
+        answer = {"take": "You take the apple.", "put": "You put the apple in the {}.", "move": "You are in the hall."}
+        steps = [Step(action=a, observation=answer[a.split()[0]].format(a.split(" in ")[-1]),
+                      kind="injected" if k == injected_at else "student") for k, a in enumerate(actions)]
+        steps[-1].observation = "Unknown action: I'm not sure what you mean." if not won else steps[-1].observation
+        return Trajectory(id=f"seen:twx/twc/{i}", env="twx", task_id=f"twx/twc/{i}", split="seen", task="t",
+                          steps=steps, success=won, reward=float(won))
+
+    wrong, right, take = "put apple in desk", "put apple in trash can", "take apple"
+    run = tmp_path / "seed-0"
+    (run / "manifest.json").parent.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"config": {"methods": ["golden_all", "step_unmasked"]}}))
+    save_trajectories([ep(0, [take, wrong, wrong], False)], run / "eval" / "golden_all" / "episodes.jsonl")
+    save_trajectories([ep(0, [take, wrong, take, wrong, "move west"], False),  # back, and to the same wrong place
+                       ep(1, [take, wrong, take, right], True),  # back, and to the right one: won
+                       ep(2, [take, right], True)],  # no wrong put
+                      run / "eval" / "step_unmasked" / "episodes.jsonl")
+    save_trajectories([ep(3, [take, wrong, take, right], True, injected_at=1)],  # the wrong put was injected
+                      run / "eval" / "step_unmasked" / "injected.jsonl")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "twc_wrong_puts.py"
+    out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True).stdout
+    assert "| golden_all | 1 | 1 | 0 | 0 | 0 |" in out and "| step_unmasked | 3 | 2 | 2 | 1 | 1 |" in out
+    injected = subprocess.run([sys.executable, str(script), str(run), "--injected"], capture_output=True, text=True,
+                              check=True).stdout
+    assert json.loads(injected.splitlines()[-1]) == {"step_unmasked": {"episodes": 1}}
+
+
 def test_two_studies_side_by_side_show_each_paired_difference_with_its_ci():
     import subprocess
     import sys
