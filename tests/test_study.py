@@ -97,13 +97,13 @@ def test_study_aggregates_paired_differences_over_seeds(tmp_path):
     on_disk = json.loads((tmp_path / "study.json").read_text())
     assert on_disk["step_minus_golden_d1_unseen"] == diff
     md = (tmp_path / "study.md").read_text()
-    assert "STeP − golden D1" in md and "| 3 / 8 (3 won, 1 again) | 0 / 8 (0 won, 0 again) | 0 / 8 | 0 / 8 | 0 / 12; 0 / 8 |" in md
+    assert "STeP − golden D1" in md and "| 3 / 8 (3 won, 1 again) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 0 / 12; 0 / 8 |" in md
     assert ('- `unseen:twx/coin/1` (seed-1, unseen, step 2 of 2, after its own mistake): it did `move west` → "You '
             'cannot go that way.", then thought "I tried to move west, but that is not something I can do here. I take '
             'the coin." '
             'and did `take coin` → "Taken.".') in md
-    assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won, 0 again) | 0 / 8 (0 won, 0 again) | 2 / 8 | 0 / 8 |" in md
-    assert "| STeP without masking | 0 / 8 (0 won, 0 again) | 0 / 8 (0 won, 0 again) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
+    assert "| Golden SFT on D1 (base agent) | 0 / 8 (0 won) | 0 / 8 (0 won) | 2 / 8 | 0 / 8 |" in md
+    assert "| STeP without masking | 0 / 8 (0 won) | 0 / 8 (0 won) | 0 / 8 | 0 / 8 | 2 / 8; 0 / 8 |" in md
     assert s["retrained_in_place"] == [{"seed": 1, "model": "golden_d1", **again["golden_d1"]}]
     assert "- seed 1, Golden SFT on D1 (base agent): **its losses differ** (first logged 1.0901947 then, 1.0902009 " \
            "now: another machine or library version)" in " ".join(md.split())

@@ -185,7 +185,8 @@ def reflection_examples(counts: dict[str, dict[str, Any]], runs: bool = False) -
 def reflection_rows(counts: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
     """A markdown table of `reflection_counts` per method (rows of the methods that were evaluated)."""
     def cell(c: dict[str, Any]) -> str:  # a study.json written before the repeat count has none
-        again = f", {c['repeated_after_reflection']} again" if "repeated_after_reflection" in c else ""
+        again = f", {c['repeated_after_reflection']} again" if c.get("with_reflection") and \
+            "repeated_after_reflection" in c else ""
         return f"{c['with_reflection']} / {c['episodes']} ({c['succeeded']} won{again})" if c["episodes"] else "–"
 
     def repeating(c: dict[str, Any]) -> str:  # a study.json written before the count has none
