@@ -98,8 +98,7 @@ def reflections_at_test_time(trajs: list, examples: int = 3) -> dict[str, Any]:
         if not hits:
             continue
         found.append(t)
-        repeated += any(t.steps[i - 1].action and any(st.action == t.steps[i - 1].action and st.kind != "injected"
-                                                      for st in t.steps[i:]) for i in hits)
+        repeated += any(_takes_again(t.steps, i) for i in hits)
         if t.success:
             i = hits[0]
             prev, st = t.steps[i - 1], t.steps[i]
@@ -120,6 +119,13 @@ def steps_without_action(trajs: list) -> tuple[int, int]:
     and a turn cut by the token budget is one without."""
     steps = [st for t in trajs for st in t.steps if st.kind != "injected"]
     return sum(st.observation == INVALID_FORMAT_OBSERVATION for st in steps), len(steps)
+
+
+def _takes_again(steps: list, i: int) -> bool:
+    """Whether the agent, reflecting at step `i` on step i-1's action, takes that action again at `i` or later (an
+    injected step is not the agent's)."""
+    action = steps[i - 1].action
+    return bool(action) and any(st.action == action and st.kind != "injected" for st in steps[i:])
 
 
 def _reflects(thought: str | None) -> bool:
